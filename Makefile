@@ -1,0 +1,37 @@
+# The two commands of the README. Both install what is missing first (apt and pip).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint unit e2e lab-down bench clean
+
+setup:
+	@bash scripts/setup.sh $(VENV)
+
+## demo: bring the local lab up (3 hosts) and show it.
+demo: setup
+	$(BIN)/fab lab-up
+	$(BIN)/fab lab-status
+
+## test: the full suite, as CI runs it: lint, types, unit and end-to-end tests.
+test: setup lint
+	$(BIN)/pytest -v -ra
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+e2e: setup
+	$(BIN)/pytest -v -ra tests/e2e
+
+lab-down: setup
+	$(BIN)/fab lab-down
+
+bench: setup
+	$(BIN)/python bench/lab_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

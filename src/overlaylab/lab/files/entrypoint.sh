@@ -1,0 +1,49 @@
+#!/bin/sh
+# overlaylab lab host: PID 1 before systemd. Each function fixes one thing that a
+# container lacks compared with a VM, then systemd takes over (kind does the same).
+set -u
+
+fix_mounts() {
+    # Without --privileged, /sys and the cgroup hierarchies arrive read-only;
+    # systemd and dockerd both need to write there.
+    # The cgroup mounts are read-only per mount point: remount,bind clears that.
+    mount -o remount,rw /sys 2>/dev/null || true
+    for dir in /sys/fs/cgroup /sys/fs/cgroup/*; do
+        mount -o remount,rw,bind "$dir" 2>/dev/null || mount -o remount,rw "$dir" 2>/dev/null || true
+    done
+}
+
+unbind_etc_file() {
+    # Docker bind-mounts /etc/hostname, /etc/hosts and /etc/resolv.conf; on a
+    # bind mount hostnamectl fails "Device or resource busy". Keep the wanted
+    # content ($2) in a plain file instead.
+    file=$1 content=$2
+    umount "$file" 2>/dev/null || true
+    rm -f "$file"
+    printf '%s\n' "$content" > "$file"
+}
+
+fix_etc_files() {
+    name=$(cat /etc/hostname)
+    hosts=$(cat /etc/overlaylab/hosts 2>/dev/null || printf '127.0.0.1 localhost\n127.0.1.1 %s' "$name")
+    unbind_etc_file /etc/hostname "$name"
+    unbind_etc_file /etc/hosts "$hosts"
+    # No DNS server: nothing in a lab host may reach outside the lab.
+    unbind_etc_file /etc/resolv.conf "# overlaylab lab host: no DNS server outside the lab"
+}
+
+isolate() {
+    # No default route: traffic can only go to the lab's own networks.
+    ip route del default 2>/dev/null || true
+}
+
+fix_ssh_key_owner() {
+    [ -d /home/admin/.ssh ] && chown -R admin:admin /home/admin/.ssh && chmod 700 /home/admin/.ssh
+    return 0
+}
+
+fix_mounts
+fix_etc_files
+isolate
+fix_ssh_key_owner
+exec /sbin/init "$@"

@@ -1,0 +1,265 @@
+"""lab-up, lab-down and lab-status: read what exists, then change only what differs."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from overlaylab.errors import OverlaylabError
+from overlaylab.lab import engine, firewall, hosts, images, keys, preflight
+from overlaylab.lab.docker import Docker
+from overlaylab.lab.spec import ENGINE_SUITE, LabSpec, build_spec
+from overlaylab.report import Steps
+
+MAX_PARALLEL = 6
+
+
+@dataclass
+class UpResult:
+    """What lab-up did, for the summary line and the tests."""
+
+    created: list[str] = field(default_factory=list)
+    replaced: dict[str, str] = field(default_factory=dict)  # host -> reason
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    images: dict[str, str] = field(default_factory=dict)  # kind -> ok/imported/built
+    files_written: list[str] = field(default_factory=list)
+    other_changes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(
+            self.created
+            or self.replaced
+            or self.removed
+            or self.files_written
+            or self.other_changes
+            or any(how != "ok" for how in self.images.values())
+        )
+
+
+def inventory_text(spec: LabSpec) -> str:
+    """The lab's inventory, in the format a user writes by hand for real hosts."""
+    state = keys.state_dir(spec.name)
+    lines = [
+        "# Written by `fab lab-up`; rewritten on each lab-up, removed by lab-down.",
+        f"cluster: {{name: {spec.name}}}",
+        f"ssh: {{user: admin, key: {state / 'id_ed25519'}, known_hosts: {state / 'known_hosts'}, port: 22}}",
+        "consul: {image: progrium/consul, flavor: progrium, port: 8500}",
+        f"network: {{name: ov_net1, subnet: {spec.overlay_subnet}}}",
+        "dockerd: {extra_flags: []}",
+        "hosts:",
+    ]
+    lines += [f"  {h.name}: {{address: {h.mgmt_ip}, role: {h.role}, advertise: eth1}}" for h in spec.hosts]
+    return "\n".join(lines) + "\n"
+
+
+def _write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
+    if path.exists() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    tmp.replace(path)
+    return True
+
+
+def _ensure_network(docker: Docker, spec: LabSpec, name: str, bridge: str, subnet: str) -> bool:
+    data = docker.inspect("network", name)
+    if data is not None:
+        subnets = [c.get("Subnet") for c in (data.get("IPAM") or {}).get("Config") or []]
+        if subnets == [subnet]:
+            return False
+        raise OverlaylabError(
+            f"network {name} exists with subnets {subnets}, wanted {subnet}: run `fab lab-down` first"
+        )
+    docker.run(
+        "network", "create", "--driver", "bridge", "--internal",
+        "--subnet", subnet, "--gateway", str(ipaddress.IPv4Network(subnet).network_address + 1),
+        "-o", f"com.docker.network.bridge.name={bridge}",
+        "--label", f"{hosts.LABEL_LAB}={spec.name}",
+        name,
+    )  # fmt: skip
+    return True
+
+
+def up(
+    name: str = "lab",
+    count: int | None = None,
+    engine_opt: str | None = None,
+    inventory: Path | None = None,
+    addr_range: str | None = None,
+    steps: Steps | None = None,
+) -> UpResult:
+    steps = steps or Steps()
+    result = UpResult()
+    preflight.require_root()
+    build_spec(name, engine_opt, count, {}, **({"addr_range": addr_range} if addr_range else {}))  # options valid?
+    preflight.require_tools(building=True)
+    with steps.step("Finding the outer Docker engine") as note:
+        eng = engine.find(start=True)
+        assert eng is not None
+        docker = eng.docker
+        note.append("private dockerd" if eng.private else "this machine's engine")
+    existing = hosts.observe(docker, name)
+    spec = build_spec(
+        name, engine_opt, count, {h: o.engine for h, o in existing.items()},
+        **({"addr_range": addr_range} if addr_range else {}),
+    )  # fmt: skip
+    preflight.require_free_range(spec, docker)
+
+    node_recipes = {e: images.node_recipe(ENGINE_SUITE[e]) for e in sorted({h.engine for h in spec.hosts})}
+    inner = [images.busybox_recipe(), images.consul_recipe()]
+    to_build = [r for r in (*node_recipes.values(), *inner) if not r.cache_file.exists()]
+    preflight.require_disk(str(images.CACHE), 1.0 + 1.5 * len(to_build))
+    for recipe in (*node_recipes.values(), *inner):
+        with steps.step(f"Image {recipe.tag}") as note:
+            result.images[recipe.kind] = images.ensure(docker, recipe, steps.line)
+            note.append(result.images[recipe.kind])
+    bundle = images.inner_bundle(docker, inner)
+    inner_tags = {inner[0].tag: images.INNER_TAGS["busybox"], inner[1].tag: images.INNER_TAGS["consul"]}
+
+    with steps.step("Lab networks and firewall rules") as note:
+        for net, bridge, subnet in (
+            (spec.network_mgmt, spec.bridge_mgmt, spec.mgmt_net),
+            (spec.network_cluster, spec.bridge_cluster, spec.cluster_net),
+        ):
+            if _ensure_network(docker, spec, net, bridge, str(subnet)):
+                result.other_changes.append(f"network {net}")
+        if firewall.ensure(name, [spec.bridge_mgmt, spec.bridge_cluster]):
+            result.other_changes.append("firewall rules")
+        note.append("changed" if result.other_changes else "no change")
+
+    keys.client_key(spec)
+    for extra in sorted(set(existing) - {h.name for h in spec.hosts}):
+        with steps.step(f"Removing {extra} (beyond --count)"):
+            hosts.remove(docker, spec, extra)
+            result.removed.append(extra)
+
+    def reconcile(host_name: str) -> None:
+        host = spec.host(host_name)
+        image = node_recipes[host.engine].tag
+        obs = existing.get(host.name)
+        why = hosts.mismatch(spec, host, obs, image) if obs else "missing"
+        if why is None and hosts.system_state(docker, spec.container(host)) not in ("running", "degraded"):
+            why = "systemd not running"
+        with steps.step(f"Host {host.name} ({host.engine}, {host.mgmt_ip})") as note:
+            if why is not None:
+                if obs is not None:
+                    hosts.remove(docker, spec, host.name)
+                    result.replaced[host.name] = why
+                    note.append(f"replaced: {why}")
+                else:
+                    result.created.append(host.name)
+                    note.append("created")
+                hosts.create(docker, spec, host, image)
+            hosts.wait_ready(docker, spec, host)
+            if hosts.load_images(docker, spec, host, bundle, inner_tags):
+                note.append("images loaded")
+                if why is None:
+                    result.other_changes.append(f"{host.name} images")
+            if why is None and len(note) == 0:
+                result.unchanged.append(host.name)
+                note.append("no change")
+
+    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(spec.hosts))) as pool:
+        for fut in [pool.submit(reconcile, h.name) for h in spec.hosts]:
+            fut.result()
+
+    state = keys.state_dir(name)
+    if _write_if_changed(state / "known_hosts", keys.known_hosts_text(spec)):
+        result.files_written.append(str(state / "known_hosts"))
+    if inventory is not None and _write_if_changed(inventory, inventory_text(spec)):
+        result.files_written.append(str(inventory))
+    steps.line(" lab is up: " + ("changed" if result.changed else "no change") + f" ({len(spec.hosts)} hosts)")
+    return result
+
+
+def down(name: str = "lab", inventory: Path | None = None, steps: Steps | None = None) -> list[str]:
+    """Remove every object of the lab, then the private engine if no other lab uses it."""
+    steps = steps or Steps()
+    preflight.require_root()
+    removed: list[str] = []
+    eng = engine.find(start=False)
+    started_here = False
+    if eng is None and engine.has_stored_containers():
+        # A private engine that died (session end, machine restart) still holds
+        # containers on disk: start it to remove the lab's properly.
+        eng, started_here = engine.find(start=True), True
+    label = f"{hosts.LABEL_LAB}={name}"
+    if eng is not None:
+        docker = eng.docker
+        with steps.step(f"Removing lab {name!r}") as note:
+            for container in docker.ids("container", label):
+                docker.run("rm", "-f", "-v", container)
+                removed.append(f"container {container}")
+            for volume in docker.ids("volume", label):
+                docker.run("volume", "rm", "-f", volume)
+                removed.append(f"volume {volume}")
+            for network in docker.ids("network", label):
+                docker.run("network", "rm", network)
+                removed.append(f"network {network}")
+            note.append(f"{len(removed)} objects" if removed else "nothing to remove")
+        if eng.private and not docker.ids("container", hosts.LABEL_LAB):
+            with steps.step("Stopping the private dockerd"):
+                engine.stop_private()
+                if not started_here:
+                    removed.append("private dockerd")
+    elif engine.private_pid() is None:
+        engine.stop_private()  # clears leftovers of a daemon that died
+    n = firewall.remove(name)
+    if n:
+        removed.append(f"{n} firewall rules")
+    state = keys.state_dir(name)
+    if state.exists():
+        shutil.rmtree(state)
+        removed.append(f"state {state}")
+    if inventory is not None and inventory.exists():
+        inventory.unlink()
+        removed.append(f"inventory {inventory}")
+    steps.line(" lab is down: " + (f"removed {len(removed)} things" if removed else "nothing to remove"))
+    return removed
+
+
+@dataclass
+class HostStatus:
+    name: str
+    container: str
+    state: str
+    engine: str
+    engine_version: str
+    mgmt_ip: str
+    cluster_ip: str
+    system: str
+
+
+def status(name: str = "lab") -> list[HostStatus]:
+    eng = engine.find(start=False)
+    if eng is None:
+        return []
+    docker = eng.docker
+    found = hosts.observe(docker, name)
+    out = []
+    for host_name, obs in sorted(found.items()):
+        running = obs.running
+        out.append(
+            HostStatus(
+                name=host_name,
+                container=obs.container,
+                state="running" if running else "stopped",
+                engine=obs.engine,
+                engine_version=hosts.engine_version(docker, obs.container) if running else "",
+                mgmt_ip=obs.addresses.get(f"olab-{name}-mgmt", ""),
+                cluster_ip=obs.addresses.get(f"olab-{name}-cluster", ""),
+                system=hosts.system_state(docker, obs.container) if running else "",
+            )
+        )
+    return out
+
+
+def status_dicts(name: str = "lab") -> list[dict[str, str]]:
+    return [asdict(s) for s in status(name)]
