@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import json as jsonlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any, TypeVar
 from fabric import task
 from invoke.exceptions import Exit
 
+from overlaylab import inventory as inventory_mod
+from overlaylab import provision, remote
 from overlaylab.errors import OverlaylabError
 from overlaylab.lab import lifecycle
 from overlaylab.report import Steps
@@ -19,12 +23,147 @@ ROOT = Path(__file__).resolve().parent
 LAB_INVENTORY = ROOT / "inventory" / "lab.yaml"
 T = TypeVar("T")
 
+COMMON_HELP = {
+    "inventory": "inventory file (default: $OVERLAYLAB_INVENTORY, fabric config overlaylab.inventory, "
+    "inventory/lab.yaml)",
+    "json": "print one JSON document on stdout (progress goes to stderr)",
+    "accept_new_host_keys": "accept and record unknown host keys (never changed ones), "
+    "like StrictHostKeyChecking=accept-new",
+    "ask_sudo_password": "prompt for the sudo password (or set OVERLAYLAB_SUDO_PASSWORD); never printed",
+}
+
 
 def _run(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except OverlaylabError as exc:
         raise Exit(f"error: {exc}", code=exc.exit_code) from None
+
+
+def _inventory_path(c: Any, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    if os.environ.get("OVERLAYLAB_INVENTORY"):
+        return Path(os.environ["OVERLAYLAB_INVENTORY"])
+    configured = c.config.get("overlaylab", {}).get("inventory") if hasattr(c, "config") else None
+    return Path(configured) if configured else LAB_INVENTORY
+
+
+def _provision(
+    c: Any, fn: Callable[..., int], inventory: str | None, ask_sudo_password: bool, *args: Any, **kw: Any
+) -> None:
+    def go() -> int:
+        inv = inventory_mod.load(_inventory_path(c, inventory))
+        password = getpass.getpass("sudo password: ") if ask_sudo_password else remote.environ_sudo_password()
+        return fn(inv, provision.Options(sudo_password=password, **kw), *args)
+
+    code = _run(go)
+    if code:
+        raise Exit(code=code)
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        **COMMON_HELP,
+        "dry_run": "show per-host diffs and what would restart; change nothing",
+        "force_leave_swarm": "leave a swarm even where this node manages services",
+        "allow_restart": "restart dockerd even where containers that are not overlaylab's run",
+    },
+)
+def bootstrap_cluster(
+    c: Any,
+    inventory: str | None = None,
+    dry_run: bool = False,
+    json: bool = False,
+    accept_new_host_keys: bool = False,
+    force_leave_swarm: bool = False,
+    allow_restart: bool = False,
+    ask_sudo_password: bool = False,
+) -> None:
+    """Consul on the manager, the cluster-store drop-in on every host, the overlay network, the ping matrix."""
+    _provision(
+        c, provision.bootstrap, inventory, ask_sudo_password, dry_run=dry_run, json=json,
+        accept_new_host_keys=accept_new_host_keys, force_leave_swarm=force_leave_swarm, allow_restart=allow_restart,
+    )  # fmt: skip
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        **COMMON_HELP,
+        "node": "the worker to join",
+        "dry_run": "show the diff; change nothing",
+        "force_leave_swarm": "leave a swarm even where this node manages services",
+        "allow_restart": "restart dockerd even where containers that are not overlaylab's run",
+    },
+)
+def join_node(
+    c: Any,
+    node: str,
+    inventory: str | None = None,
+    dry_run: bool = False,
+    json: bool = False,
+    accept_new_host_keys: bool = False,
+    force_leave_swarm: bool = False,
+    allow_restart: bool = False,
+    ask_sudo_password: bool = False,
+) -> None:
+    """Bring one worker into an existing cluster; re-running it changes nothing."""
+    _provision(
+        c, provision.join_node, inventory, ask_sudo_password, node, dry_run=dry_run, json=json,
+        accept_new_host_keys=accept_new_host_keys, force_leave_swarm=force_leave_swarm, allow_restart=allow_restart,
+    )  # fmt: skip
+
+
+@task(auto_shortflags=False, help=COMMON_HELP)
+def verify(
+    c: Any,
+    inventory: str | None = None,
+    json: bool = False,
+    accept_new_host_keys: bool = False,
+    ask_sudo_password: bool = False,
+) -> None:
+    """The ping matrix alone: every ordered pair of hosts, by IP and by name."""
+    _provision(
+        c, provision.verify_only, inventory, ask_sudo_password, json=json, accept_new_host_keys=accept_new_host_keys
+    )
+
+
+@task(auto_shortflags=False, help=COMMON_HELP)
+def status(
+    c: Any,
+    inventory: str | None = None,
+    json: bool = False,
+    accept_new_host_keys: bool = False,
+    ask_sudo_password: bool = False,
+) -> None:
+    """Per host: engine version, cluster flags in effect, Consul registration, overlay networks."""
+    _provision(c, provision.status, inventory, ask_sudo_password, json=json, accept_new_host_keys=accept_new_host_keys)
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        **COMMON_HELP,
+        "dry_run": "say what would be undone; change nothing",
+        "allow_restart": "restart dockerd even where containers that are not overlaylab's run",
+    },
+)
+def teardown(
+    c: Any,
+    inventory: str | None = None,
+    json: bool = False,
+    dry_run: bool = False,
+    allow_restart: bool = False,
+    accept_new_host_keys: bool = False,
+    ask_sudo_password: bool = False,
+) -> None:
+    """Put every host back as before overlaylab: original drop-in, no Consul, no network. Safe twice."""
+    _provision(
+        c, provision.teardown, inventory, ask_sudo_password, json=json, dry_run=dry_run,
+        allow_restart=allow_restart, accept_new_host_keys=accept_new_host_keys,
+    )  # fmt: skip
 
 
 @task(

@@ -35,3 +35,72 @@ class Steps:
         took = time.monotonic() - start
         suffix = f" ({', '.join(outcome)})" if outcome else ""
         self.line(f" ✓ {title}{suffix} [{took:.1f}s]")
+
+
+STATUSES = ("changed", "ok", "failed", "skipped")
+
+
+class RunReport:
+    """Per host and step: changed / ok / failed (with a reason), printed as it happens.
+
+    With ``json_mode`` the lines go to stderr and stdout gets one JSON document at
+    the end, so a machine reading stdout sees nothing else.
+    """
+
+    def __init__(self, task: str, hosts: list[str], json_mode: bool = False, stream: TextIO | None = None) -> None:
+        self.task = task
+        self.hosts = hosts
+        self.json_mode = json_mode
+        self.stream = stream or (sys.stderr if json_mode else sys.stdout)
+        self.outcomes: list[dict[str, str]] = []
+        self.extra: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def record(self, host: str, step: str, status: str, detail: str = "") -> None:
+        assert status in STATUSES, status
+        mark = {"changed": "~", "ok": "✓", "failed": "✗", "skipped": "-"}[status]
+        with self._lock:
+            self.outcomes.append({"host": host, "step": step, "status": status, "detail": detail})
+            text = f" {mark} {host:<14} {step:<10} {status}" + (f": {detail}" if detail else "")
+            print(text, file=self.stream, flush=True)
+
+    def note(self, text: str) -> None:
+        with self._lock:
+            print(text, file=self.stream, flush=True)
+
+    @property
+    def changes(self) -> int:
+        return sum(1 for o in self.outcomes if o["status"] == "changed")
+
+    @property
+    def failed(self) -> bool:
+        return any(o["status"] == "failed" for o in self.outcomes)
+
+    def table(self) -> str:
+        steps: list[str] = []
+        for o in self.outcomes:
+            if o["step"] not in steps:
+                steps.append(o["step"])
+        cell: dict[tuple[str, str], str] = {}
+        for o in self.outcomes:
+            cell[(o["host"], o["step"])] = o["status"]
+        width = max([len("HOST"), *(len(h) for h in self.hosts)])
+        lines = ["HOST".ljust(width) + "  " + "  ".join(s.upper().ljust(9) for s in steps)]
+        for host in self.hosts:
+            lines.append(host.ljust(width) + "  " + "  ".join(cell.get((host, s), "").ljust(9) for s in steps))
+        verdict = "FAILED" if self.failed else ("changed" if self.changes else "no change")
+        lines.append(f"{self.task}: {verdict} ({self.changes} changes)")
+        return "\n".join(lines)
+
+    def document(self, exit_code: int) -> dict[str, object]:
+        per_host: dict[str, dict[str, dict[str, str]]] = {h: {} for h in self.hosts}
+        for o in self.outcomes:
+            per_host.setdefault(o["host"], {})[o["step"]] = {"status": o["status"], "detail": o["detail"]}
+        return {
+            "task": self.task,
+            "changes": self.changes,
+            "failed": self.failed,
+            "exit_code": exit_code,
+            "hosts": per_host,
+            **self.extra,
+        }

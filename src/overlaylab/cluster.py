@@ -1,0 +1,153 @@
+"""A run's view of the cluster: one verified SSH connection per host, reused for every
+step, and the facts read through it. Hosts are handled in parallel, boundedly."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import consul
+from fabric import Connection
+
+from overlaylab import facts, remote
+from overlaylab.errors import InputError, OverlaylabError
+from overlaylab.inventory import Host, Inventory
+
+MAX_PARALLEL = 8
+T = TypeVar("T")
+
+
+@dataclass
+class Node:
+    host: Host
+    conn: Connection
+    facts: facts.HostFacts = field(default_factory=facts.HostFacts)
+    commands: int = 0  # remote commands run for this host in this run (for the bench)
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    @property
+    def advertise_ip(self) -> str:
+        return self.facts.advertise_ips[0] if self.facts.advertise_ips else ""
+
+    def sh(self, command: str, check: bool = True) -> str:
+        self.commands += 1
+        return str(remote.run(self.conn, command, sudo=True, check=check, host=self.name).stdout)
+
+    def result(self, command: str) -> tuple[int, str, str]:
+        self.commands += 1
+        res = remote.run(self.conn, command, sudo=True, check=False, host=self.name)
+        return int(res.exited), str(res.stdout), str(res.stderr)
+
+
+def parallel(items: list[T], fn: Callable[[T], object], limit: int = MAX_PARALLEL) -> dict[int, BaseException]:
+    """Run fn on every item; per-item exceptions are returned (by index), never lost."""
+    errors: dict[int, BaseException] = {}
+    if not items:
+        return errors
+    with ThreadPoolExecutor(max_workers=min(limit, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        for i, fut in enumerate(futures):
+            exc = fut.exception()
+            if exc is not None:
+                errors[i] = exc
+    return errors
+
+
+def target(inv: Inventory, host: Host, accept_new: bool, sudo_password: str | None) -> remote.SshTarget:
+    return remote.SshTarget(
+        name=host.name,
+        address=host.address,
+        user=host.user or inv.ssh_user,
+        port=host.port or inv.ssh_port,
+        key=inv.ssh_key,
+        known_hosts=inv.known_hosts,
+        accept_new=accept_new,
+        sudo_password=sudo_password,
+    )
+
+
+def connect_all(
+    inv: Inventory, hosts: list[Host], accept_new: bool = False, sudo_password: str | None = None
+) -> list[Node]:
+    """Connect to every host in parallel; any failure (key, unreachable) is an InputError naming all."""
+    nodes: list[Node | None] = [None] * len(hosts)
+
+    def one(i: int) -> None:
+        nodes[i] = Node(hosts[i], remote.connect(target(inv, hosts[i], accept_new, sudo_password)))
+
+    errors = parallel(list(range(len(hosts))), one)
+    if errors:
+        for node in nodes:
+            if node is not None:
+                node.conn.close()
+        raise InputError("\n".join(str(e) for e in errors.values()))
+    return [n for n in nodes if n is not None]
+
+
+def close_all(nodes: list[Node]) -> None:
+    for node in nodes:
+        with contextlib.suppress(Exception):
+            node.conn.close()
+
+
+def read_facts(inv: Inventory, nodes: list[Node]) -> None:
+    """Facts for every node, in parallel, one remote command each; sudo failures are input errors."""
+
+    def one(node: Node) -> None:
+        consul_name = inv.consul_name if node.host.is_manager else None
+        _, out, err = node.result(facts.script(node.host.advertise, consul_name, inv.network))
+        if facts.MARK + "end" not in out:
+            raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
+        node.facts = facts.parse(out, node.host.advertise)
+
+    errors = parallel(nodes, one)
+    if errors:
+        raise InputError("\n".join(str(e) for e in errors.values()))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def consul_client(manager: Node, ip: str, port: int) -> Iterator[consul.Consul]:
+    """Consul's API through an SSH forward to the manager: the laptop need not reach the cluster network."""
+    local = free_port()
+    with manager.conn.forward_local(local_port=local, remote_port=port, remote_host=ip, local_host="127.0.0.1"):
+        # Fabric binds the forward's listener in a thread: wait until it accepts.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", local), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise OverlaylabError(f"{manager.name}: SSH forward to {ip}:{port} did not open") from None
+                time.sleep(0.05)
+        yield consul.Consul(host="127.0.0.1", port=local, connections_timeout=5)
+
+
+def journal(node: Node, lines: int = 20) -> str:
+    try:
+        return node.sh(f"journalctl -u docker.service -n {lines} --no-pager -o short-iso", check=False).strip()
+    except OverlaylabError as exc:
+        return f"(journal unavailable: {exc})"
+
+
+def write_file_command(path: str, content: str) -> str:
+    """A shell fragment that writes content atomically (no sftp round trip, no temp file on the laptop)."""
+    data = base64.b64encode(content.encode()).decode()
+    tmp = f"{path}.overlaylab-tmp"
+    return f"mkdir -p {Path(path).parent} && echo {data} | base64 -d > {tmp} && chmod 0644 {tmp} && mv -f {tmp} {path}"

@@ -1,0 +1,208 @@
+"""Read-only host facts, gathered in ONE remote command per host and parsed here.
+
+A re-run with nothing to change should cost one round trip per host, so every
+fact the plan needs comes from a single shell script whose sections are parsed
+by small pure functions (unit-tested on recorded output).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+DROPIN_DIR = "/etc/systemd/system/docker.service.d"
+DROPIN = f"{DROPIN_DIR}/10-machine.conf"
+BACKUP_DIR = "/var/lib/overlaylab/backup"
+BACKUP = f"{BACKUP_DIR}/10-machine.conf"
+BACKUP_ABSENT = f"{BACKUP_DIR}/10-machine.conf.absent"
+ROLE_LABEL = "overlaylab.role"
+MARK = "@@overlaylab:"
+
+
+def script(advertise: str, consul_name: str | None, network: str) -> str:
+    """The facts script; runs under sudo. Each section may fail without stopping the rest."""
+    q = shlex.quote
+    consul = f"docker inspect {q(consul_name)} 2>/dev/null" if consul_name else "true"
+    return "\n".join(
+        [
+            "export LC_ALL=C",
+            f"s() {{ echo '{MARK}'\"$1\"; }}",
+            "s hostname; hostname",
+            "s active; systemctl is-active docker.service 2>&1",
+            "s mainpid; systemctl show -p MainPID --value docker.service 2>&1",
+            "s unit; systemctl cat docker.service 2>&1",
+            "s info; timeout 20 docker info --format '{{json .}}' 2>&1",
+            f"s dropin; test -e {DROPIN} && {{ echo present; base64 -w0 {DROPIN}; echo; }}",
+            f"s backup; ls {BACKUP_DIR} 2>/dev/null",
+            "s daemon_json; cat /etc/docker/daemon.json 2>/dev/null",
+            f"s addrs; ip -j -4 addr show dev {q(advertise)} 2>/dev/null || ip -j -4 addr 2>/dev/null",
+            "s containers; timeout 20 docker ps --format '{{.Names}}\t{{.Label \"" + ROLE_LABEL + "\"}}' 2>/dev/null",
+            f"s consul; {consul}",
+            f"s network; timeout 20 docker network inspect {q(network)} 2>/dev/null",
+            "s gossip; ss -Hltn 'sport = :7946' 2>/dev/null",
+            "s consul_backend; d=$(command -v dockerd || echo /usr/sbin/dockerd); "
+            'grep -q -a libkv/store/consul "$d" && echo yes',
+            "s services; timeout 20 docker service ls -q 2>/dev/null | wc -l",
+            "s overlays; timeout 20 docker network ls --filter driver=overlay --format '{{.Name}}' 2>/dev/null",
+            "s end",
+        ]
+    )
+
+
+def sections(output: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    name = None
+    buf: list[str] = []
+    for line in output.splitlines():
+        if line.startswith(MARK):
+            if name is not None:
+                out[name] = "\n".join(buf).strip("\n")
+            name, buf = line[len(MARK) :].strip(), []
+        else:
+            buf.append(line)
+    return out
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return None
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    match = re.match(r"^(\d+)\.(\d+)\.(\d+)", text.strip())
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def exec_start(unit_text: str) -> str | None:
+    """The effective ExecStart of `systemctl cat` output: later files override, `ExecStart=` resets."""
+    value: str | None = None
+    section = ""
+    pending = ""
+    for raw in unit_text.splitlines():
+        line = pending + raw
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        stripped = line.strip()
+        if stripped.startswith("# /"):
+            section = ""
+            continue
+        if not stripped or stripped.startswith(("#", ";")):
+            continue
+        if stripped.startswith("["):
+            section = stripped
+            continue
+        if section == "[Service]" and stripped.startswith("ExecStart="):
+            value = stripped[len("ExecStart=") :].strip() or None
+    return value
+
+
+def addresses(addrs_json: str, advertise: str) -> list[str]:
+    """IPv4 addresses behind the advertise setting: an interface name, or an IP the host has."""
+    links = _json(addrs_json) or []
+    found = []
+    for link in links:
+        for info in link.get("addr_info", []):
+            if info.get("family") == "inet" and advertise in (link.get("ifname"), info["local"]):
+                found.append(info["local"])
+    return found
+
+
+@dataclass
+class HostFacts:
+    """What one host looks like now. Parsing never fails: missing parts are None/empty."""
+
+    hostname: str = ""
+    docker_active: str = ""
+    docker_pid: int = 0
+    exec_start: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    info_error: str = ""
+    dropin: str | None = None
+    backup: list[str] = field(default_factory=list)
+    daemon_json: dict[str, Any] | None = None
+    daemon_json_error: str = ""
+    advertise_ips: list[str] = field(default_factory=list)
+    containers: dict[str, str] = field(default_factory=dict)  # running name -> our role label
+    consul: dict[str, Any] | None = None
+    network: dict[str, Any] | None = None
+    gossip: bool = False
+    consul_backend: bool = False
+    services: int = 0
+    overlays: list[str] = field(default_factory=list)
+
+    @property
+    def version(self) -> str:
+        return str(self.info.get("ServerVersion") or "")
+
+    @property
+    def version_tuple(self) -> tuple[int, int, int] | None:
+        return parse_version(self.version)
+
+    @property
+    def cluster_store(self) -> str:
+        return str(self.info.get("ClusterStore") or "")
+
+    @property
+    def cluster_advertise(self) -> str:
+        return str(self.info.get("ClusterAdvertise") or "")
+
+    @property
+    def swarm_state(self) -> str:
+        return str((self.info.get("Swarm") or {}).get("LocalNodeState") or "inactive")
+
+    @property
+    def swarm_manager(self) -> bool:
+        return bool((self.info.get("Swarm") or {}).get("ControlAvailable"))
+
+    @property
+    def foreign_containers(self) -> list[str]:
+        return sorted(name for name, role in self.containers.items() if not role)
+
+
+def parse(output: str, advertise: str) -> HostFacts:
+    sec = sections(output)
+    facts = HostFacts()
+    facts.hostname = sec.get("hostname", "").strip()
+    facts.docker_active = sec.get("active", "").strip()
+    pid = sec.get("mainpid", "").strip()
+    facts.docker_pid = int(pid) if pid.isdigit() else 0
+    facts.exec_start = exec_start(sec.get("unit", ""))
+    info = _json(sec.get("info", ""))
+    if isinstance(info, dict):
+        facts.info = info
+    else:
+        facts.info_error = sec.get("info", "").strip()[-300:]
+    dropin = sec.get("dropin", "").split("\n")
+    if dropin[0].strip() == "present":
+        facts.dropin = base64.b64decode(dropin[1].strip() if len(dropin) > 1 else "").decode(errors="replace")
+    facts.backup = sec.get("backup", "").split()
+    raw_json = sec.get("daemon_json", "")
+    if raw_json.strip():
+        parsed = _json(raw_json)
+        if isinstance(parsed, dict):
+            facts.daemon_json = parsed
+        else:
+            facts.daemon_json_error = "not valid JSON"
+    facts.advertise_ips = addresses(sec.get("addrs", ""), advertise)
+    for line in sec.get("containers", "").splitlines():
+        if line.strip():
+            name, _, role = line.partition("\t")
+            facts.containers[name.strip()] = role.strip()
+    consul = _json(sec.get("consul", ""))
+    facts.consul = consul[0] if isinstance(consul, list) and consul else None
+    network = _json(sec.get("network", ""))
+    facts.network = network[0] if isinstance(network, list) and network else None
+    facts.gossip = bool(sec.get("gossip", "").strip())
+    facts.consul_backend = sec.get("consul_backend", "").strip() == "yes"
+    services = sec.get("services", "0").strip()
+    facts.services = int(services) if services.isdigit() else 0
+    facts.overlays = sec.get("overlays", "").split()
+    return facts

@@ -1,0 +1,258 @@
+"""The inventory: YAML in, a validated model out, before any host is touched.
+
+Every error names the file, the field and (from the YAML parser's marks) the line,
+and is an InputError (exit 2). Duplicate keys, which PyYAML would silently merge,
+are errors too: a duplicated host name must not hide a host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from overlaylab.errors import InputError
+
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*$")
+IFACE_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,15}$")
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+FLAVORS = {
+    # args after the image; {ip} is the manager's cluster address, {port} the HTTP port
+    "progrium": ["-server", "-bootstrap", "-bind={ip}", "-advertise={ip}", "-client={ip}", "-http-port={port}"],
+    "hashicorp": [
+        "agent", "-server", "-bootstrap-expect=1", "-ui", "-bind={ip}", "-advertise={ip}", "-client={ip}",
+        "-http-port={port}",
+    ],
+}  # fmt: skip
+FLAVOR_DATA_DIR = {"progrium": "/data", "hashicorp": "/consul/data"}
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    role: str
+    advertise: str
+    user: str | None = None
+    port: int | None = None
+
+    @property
+    def is_manager(self) -> bool:
+        return self.role == "manager"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    cluster: str
+    hosts: tuple[Host, ...]
+    ssh_user: str | None = None
+    ssh_key: Path | None = None
+    known_hosts: Path = Path("~/.ssh/known_hosts")
+    ssh_port: int | None = None
+    consul_image: str = "progrium/consul"
+    consul_flavor: str = "progrium"
+    consul_port: int = 8500
+    consul_name: str = "overlaylab-consul"
+    network: str = "ov_net1"
+    subnet: str | None = None
+    extra_flags: tuple[str, ...] = ()
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def manager(self) -> Host:
+        return next(h for h in self.hosts if h.is_manager)
+
+    @property
+    def workers(self) -> list[Host]:
+        return [h for h in self.hosts if not h.is_manager]
+
+    def host(self, name: str) -> Host:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise InputError(f"{self.path}: no host named {name!r} (hosts: {', '.join(h.name for h in self.hosts)})")
+
+
+class _Reader:
+    """Turns a composed YAML node tree into plain data, keeping a line for every field path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: dict[str, int] = {}
+
+    def fail(self, where: str, message: str) -> InputError:
+        line = self.lines.get(where)
+        at = f":{line}" if line else ""
+        return InputError(f"{self.path}{at}: {where}: {message}" if where else f"{self.path}{at}: {message}")
+
+    def data(self, node: yaml.Node, where: str) -> Any:
+        self.lines.setdefault(where, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                sub = f"{where}.{key}" if where else key
+                if key in out:
+                    self.lines[sub] = key_node.start_mark.line + 1
+                    raise self.fail(sub, "duplicate key")
+                self.lines[sub] = key_node.start_mark.line + 1
+                out[key] = self.data(value_node, sub)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.data(item, f"{where}[{i}]") for i, item in enumerate(node.value)]
+        return yaml.safe_load(yaml.serialize(node))
+
+
+def _mapping(r: _Reader, value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise r.fail(where, f"must be a mapping, got {type(value).__name__}")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise r.fail(
+            f"{where}.{unknown[0]}" if where else unknown[0], f"unknown key (allowed: {', '.join(sorted(allowed))})"
+        )
+    return value
+
+
+def _typed(r: _Reader, section: dict[str, Any], key: str, where: str, kind: type, default: Any = None) -> Any:
+    if key not in section or section[key] is None:
+        return default
+    value = section[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise r.fail(f"{where}.{key}", f"must be an integer, got {type(value).__name__} {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise r.fail(f"{where}.{key}", f"must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _port(r: _Reader, value: int | None, where: str) -> int | None:
+    if value is not None and not 1 <= value <= 65535:
+        raise r.fail(where, f"port {value} is out of range 1-65535")
+    return value
+
+
+def _address(r: _Reader, value: str, where: str) -> str:
+    """An IP, a DNS name or an ~/.ssh/config alias; anything else is not an address."""
+    if re.fullmatch(r"[0-9.]+", value):
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise r.fail(where, f"{value!r} is not a valid IPv4 address") from None
+        return value
+    if ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            raise r.fail(where, f"{value!r} is not a valid IPv6 address") from None
+        return value
+    if not HOSTNAME_RE.match(value):
+        raise r.fail(where, f"{value!r} is not an IP address, DNS name or ssh alias")
+    return value
+
+
+def load(path: str | Path) -> Inventory:
+    path = Path(path)
+    r = _Reader(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read inventory: {exc.strerror or exc}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InputError(f"{path}{at}: YAML error: {problem}") from None
+    if root is None:
+        raise InputError(f"{path}: the inventory is empty")
+    doc = _mapping(r, r.data(root, ""), "", {"cluster", "ssh", "consul", "network", "dockerd", "hosts"})
+
+    cluster = _mapping(r, doc.get("cluster"), "cluster", {"name"})
+    ssh = _mapping(r, doc.get("ssh"), "ssh", {"user", "key", "known_hosts", "port"})
+    consul = _mapping(r, doc.get("consul"), "consul", {"image", "flavor", "port", "name"})
+    network = _mapping(r, doc.get("network"), "network", {"name", "subnet"})
+    dockerd = _mapping(r, doc.get("dockerd"), "dockerd", {"extra_flags"})
+
+    flavor = _typed(r, consul, "flavor", "consul", str, "progrium")
+    if flavor not in FLAVORS:
+        raise r.fail("consul.flavor", f"{flavor!r} is not one of: {', '.join(FLAVORS)}")
+    consul_name = _typed(r, consul, "name", "consul", str, "overlaylab-consul")
+    if not NODE_NAME_RE.match(consul_name):
+        raise r.fail("consul.name", f"{consul_name!r} is not a valid container name")
+    net_name = _typed(r, network, "name", "network", str, "ov_net1")
+    if not NODE_NAME_RE.match(net_name):
+        raise r.fail("network.name", f"{net_name!r} is not a valid network name")
+    subnet = _typed(r, network, "subnet", "network", str)
+    if subnet is not None:
+        try:
+            subnet = str(ipaddress.ip_network(subnet))
+        except ValueError:
+            raise r.fail("network.subnet", f"{subnet!r} is not a network in CIDR form (e.g. 10.0.9.0/24)") from None
+    flags = dockerd.get("extra_flags") or []
+    if not isinstance(flags, list) or not all(isinstance(f, str) and f.startswith("-") for f in flags):
+        raise r.fail("dockerd.extra_flags", "must be a list of dockerd flags, each starting with '-'")
+    if any(f.startswith("--cluster-") for f in flags):
+        raise r.fail("dockerd.extra_flags", "--cluster-* flags are written by overlaylab itself; remove them here")
+
+    hosts_raw = doc.get("hosts")
+    if not isinstance(hosts_raw, dict) or not hosts_raw:
+        raise r.fail("hosts", "must be a mapping of host names to {address, role, advertise}")
+    hosts: list[Host] = []
+    seen_addr: dict[str, str] = {}
+    for name, spec in hosts_raw.items():
+        where = f"hosts.{name}"
+        if not NODE_NAME_RE.match(name):
+            raise r.fail(where, f"{name!r} is not a valid host name")
+        spec = _mapping(r, spec, where, {"address", "role", "advertise", "user", "port"})
+        for required in ("address", "role", "advertise"):
+            if required not in spec:
+                raise r.fail(where, f"missing {required!r}")
+        address = _address(r, _typed(r, spec, "address", where, str), f"{where}.address")
+        if address in seen_addr:
+            raise r.fail(f"{where}.address", f"{address} is also the address of {seen_addr[address]}")
+        seen_addr[address] = name
+        role = _typed(r, spec, "role", where, str)
+        if role not in ("manager", "worker"):
+            raise r.fail(f"{where}.role", f"{role!r} must be manager or worker")
+        advertise = _typed(r, spec, "advertise", where, str)
+        if not IFACE_RE.match(advertise):
+            raise r.fail(f"{where}.advertise", f"{advertise!r} is not an interface name or IP address")
+        hosts.append(
+            Host(
+                name=name, address=address, role=role, advertise=advertise,
+                user=_typed(r, spec, "user", where, str),
+                port=_port(r, _typed(r, spec, "port", where, int), f"{where}.port"),
+            )
+        )  # fmt: skip
+    managers = [h.name for h in hosts if h.is_manager]
+    if not managers:
+        raise r.fail("hosts", "no host has role: manager (exactly one is needed)")
+    if len(managers) > 1:
+        raise r.fail(f"hosts.{managers[1]}.role", f"a second manager ({', '.join(managers)}): exactly one is allowed")
+
+    key = _typed(r, ssh, "key", "ssh", str)
+    return Inventory(
+        path=path,
+        cluster=str(_typed(r, cluster, "name", "cluster", str, "overlaylab")),
+        hosts=tuple(sorted(hosts, key=lambda h: (not h.is_manager, h.name))),
+        ssh_user=_typed(r, ssh, "user", "ssh", str),
+        ssh_key=Path(key).expanduser() if key else None,
+        known_hosts=Path(_typed(r, ssh, "known_hosts", "ssh", str, "~/.ssh/known_hosts")).expanduser(),
+        ssh_port=_port(r, _typed(r, ssh, "port", "ssh", int), "ssh.port"),
+        consul_image=_typed(r, consul, "image", "consul", str, "progrium/consul"),
+        consul_flavor=flavor,
+        consul_port=int(_port(r, _typed(r, consul, "port", "consul", int, 8500), "consul.port") or 8500),
+        consul_name=consul_name,
+        network=net_name,
+        subnet=subnet,
+        extra_flags=tuple(flags),
+        lines=dict(r.lines),
+    )

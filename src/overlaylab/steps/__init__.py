@@ -1,0 +1,1 @@
+"""Provisioning steps, one module each: read facts, plan what differs, apply only that."""

@@ -1,0 +1,138 @@
+"""Step 8: prove the overlay. One busybox per host; every ordered pair pings by IP
+and by container name; the matrix is printed; the probes are removed, also on failure.
+
+Only a ping proves the overlay (name lookup can succeed while traffic fails). Probes
+get a short window to converge (the overlay's gossip is eventually consistent), then
+they are judged.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+from dataclasses import dataclass, field
+
+from overlaylab.cluster import Node, parallel
+from overlaylab.facts import ROLE_LABEL
+
+CONVERGE_SECONDS = 20
+
+
+RUN_ID = secrets.token_hex(3)
+
+
+def probe_name(node: Node) -> str:
+    """Unique per run: a name removed and re-created seconds later can leave the legacy
+    overlay's name records of other hosts stale."""
+    return f"olab-probe-{node.name}-{RUN_ID}"
+
+
+@dataclass
+class Matrix:
+    hosts: list[str]
+    expected: set[tuple[str, str, str]]  # (src, dst, by) pairs this run must prove
+    results: dict[tuple[str, str, str], tuple[bool, str]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(self.results.get(key, (False, ""))[0] for key in self.expected)
+
+    def failures(self) -> list[str]:
+        out = [f"{host}: {err}" for host, err in self.errors.items()]
+        for key in sorted(self.expected):
+            ok, detail = self.results.get(key, (False, "not tested"))
+            if not ok:
+                out.append(f"{key[0]} -> {key[1]} by {key[2]}: {detail or 'failed'}")
+        return out
+
+    def render(self) -> str:
+        width = max(len(h) for h in self.hosts)
+        lines = [
+            "ping matrix (row pings column; ip/name):",
+            " " * width + "  " + "  ".join(h.ljust(9) for h in self.hosts),
+        ]
+        for src in self.hosts:
+            cells = []
+            for dst in self.hosts:
+                if src == dst:
+                    cells.append("-".ljust(9))
+                    continue
+                marks = []
+                for by in ("ip", "name"):
+                    res = self.results.get((src, dst, by))
+                    marks.append("?" if res is None else ("✓" if res[0] else "✗"))
+                cells.append("/".join(marks).ljust(9))
+            lines.append(src.ljust(width) + "  " + "  ".join(cells))
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "pairs": [
+                {"from": s, "to": d, "by": b, "ok": ok, "detail": detail}
+                for (s, d, b), (ok, detail) in sorted(self.results.items())
+            ],
+            "errors": self.errors,
+        }
+
+
+def _ping_script(probe: str, targets: list[tuple[str, str, str]]) -> str:
+    """targets: (host, by, address). Prints `R host by ok|fail detail` per target."""
+    lines = [f"end=$(( $(date +%s) + {CONVERGE_SECONDS} ))"]
+    for host, by, addr in targets:
+        q = shlex.quote(addr)
+        lines.append(
+            f"while :; do out=$(docker exec {probe} ping -c 1 -W 1 {q} 2>&1) && {{ echo 'R {host} {by} ok'; break; }}; "
+            f'if [ $(date +%s) -ge $end ]; then echo "R {host} {by} fail $(echo "$out" | tail -n 1)"; break; fi; '
+            "sleep 0.5; done"
+        )
+    return "\n".join(lines)
+
+
+def run(network: str, nodes: list[Node], sources: list[Node] | None = None) -> Matrix:
+    """Ping matrix over ``nodes``; with ``sources``, only pairs that involve one of them."""
+    ips: dict[str, str] = {}
+    involved = {n.name for n in (sources or nodes)}
+    names = [n.name for n in nodes]
+    expected = {
+        (s, d, by) for s in names for d in names if s != d and (s in involved or d in involved) for by in ("ip", "name")
+    }
+    matrix = Matrix(names, expected)
+
+    def start(node: Node) -> None:
+        probe = probe_name(node)
+        fmt = "'{{(index .NetworkSettings.Networks " + f'"{network}"' + ").IPAddress}}'"
+        out = node.sh(
+            f"docker rm -f {probe} >/dev/null 2>&1; docker run -d --name {probe} --label {ROLE_LABEL}=probe "
+            f"--network {shlex.quote(network)} busybox sleep 600 >/dev/null && docker inspect -f {fmt} {probe}"
+        )
+        ips[node.name] = out.strip()
+
+    def ping(node: Node) -> None:
+        targets = [
+            (other.name, by, ips[other.name] if by == "ip" else probe_name(other))
+            for other in nodes
+            if other is not node and other.name in ips and (node.name in involved or other.name in involved)
+            for by in ("ip", "name")
+        ]
+        if not targets:
+            return
+        out = node.sh(_ping_script(probe_name(node), targets), check=False)
+        for line in out.splitlines():
+            parts = line.split(" ", 4)
+            if len(parts) >= 4 and parts[0] == "R":
+                matrix.results[(node.name, parts[1], parts[2])] = (parts[3] == "ok", parts[4] if len(parts) > 4 else "")
+
+    def stop(node: Node) -> None:
+        node.sh(f"docker rm -f {probe_name(node)} >/dev/null 2>&1; true", check=False)
+
+    try:
+        for i, exc in parallel(nodes, start).items():
+            matrix.errors[nodes[i].name] = f"probe did not start: {exc}"
+        ready = [n for n in nodes if n.name in ips]
+        for i, exc in parallel(ready, ping).items():
+            matrix.errors[ready[i].name] = f"ping failed: {exc}"
+    finally:
+        parallel(nodes, stop)
+    return matrix

@@ -1,0 +1,193 @@
+"""Unit tests (no hosts): facts parsed from recorded output of real lab hosts, the
+drop-in rendered against golden files, and the preflight judgements."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overlaylab import facts, render
+from overlaylab.cluster import Node
+from overlaylab.inventory import Host, Inventory
+from overlaylab.steps import preflight, swarm
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = Path(__file__).parent / "golden"
+DEBIAN_EXEC = "/usr/sbin/dockerd -H fd:// --containerd=/run/containerd/containerd.sock $DOCKER_OPTS"
+
+
+def recorded(name: str) -> facts.HostFacts:
+    return facts.parse((DATA / name).read_text(), "eth1")
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_facts_of_a_bootstrapped_worker() -> None:
+    f = recorded("facts-worker-kv.txt")
+    assert f.hostname == "bm-docker-02" and f.docker_active == "active" and f.docker_pid > 0
+    assert f.version == "20.10.5+dfsg1" and f.version_tuple == (20, 10, 5)
+    assert f.cluster_store == "consul://10.210.1.11:8500" and f.cluster_advertise == "10.210.1.12:2376"
+    assert f.advertise_ips == ["10.210.1.12"]
+    assert f.consul_backend and f.gossip and f.swarm_state == "inactive"
+    assert render.is_ours(f.dropin) and f.dropin is not None and f.dropin.endswith("\n")
+    assert f.backup == ["10-machine.conf.absent"]
+    assert f.daemon_json is not None and "bip" in f.daemon_json
+    assert f.network is not None and f.network["Scope"] == "global"
+    assert f.consul is None  # only read on the manager
+
+
+def test_facts_of_the_manager_include_consul() -> None:
+    f = recorded("facts-manager-kv.txt")
+    assert f.consul is not None and f.consul["Config"]["Labels"]["overlaylab.role"] == "consul"
+    assert f.containers.get("overlaylab-consul") == "consul" and f.foreign_containers == []
+    assert f.overlays == ["ov_net1"]
+
+
+def test_missing_sections_parse_to_empty_facts() -> None:
+    f = facts.parse("@@overlaylab:hostname\nh\n@@overlaylab:end\n", "eth1")
+    assert f.hostname == "h" and f.version == "" and f.dropin is None and f.exec_start is None
+
+
+def test_effective_exec_start_follows_systemd_override_rules() -> None:
+    unit = (
+        "# /lib/systemd/system/docker.service\n[Service]\nExecStart=/usr/bin/dockerd -H fd://\n"
+        "# /etc/systemd/system/docker.service.d/10-machine.conf\n[Service]\nExecStart=\n"
+        "ExecStart=/usr/bin/dockerd \\\n  -H fd:// --label a=b\n"
+        "# /etc/systemd/system/docker.service.d/20-env.conf\n[Service]\nEnvironment=X=1\n"
+    )
+    assert facts.exec_start(unit) == "/usr/bin/dockerd    -H fd:// --label a=b"
+    assert facts.exec_start(unit.replace("ExecStart=/usr/bin/dockerd \\\n  -H fd:// --label a=b\n", "")) is None
+
+
+def test_base_command_drops_earlier_cluster_flags_in_both_spellings() -> None:
+    current = DEBIAN_EXEC + " --cluster-store consul://1.2.3.4:8500 --cluster-advertise=eth0:2376 --label x=1"
+    assert render.base_command(current, None) == [*render.split(DEBIAN_EXEC), "--label", "x=1"]
+
+
+def test_base_command_comes_from_our_drop_in_once_it_is_there() -> None:
+    first = render.render("lab", render.split(DEBIAN_EXEC), ["/usr/sbin/dockerd", "--cluster-store=x"], "/b")
+    # what systemd runs now is our line; the base recorded in the file wins
+    assert render.base_command("/usr/sbin/dockerd --cluster-store=x --label old=1", first) == render.split(DEBIAN_EXEC)
+
+
+def test_rendered_drop_in_for_debian_engine_matches_golden() -> None:
+    base = render.base_command(DEBIAN_EXEC, None)
+    argv = render.cluster_argv(base, "10.210.1.11", 8500, "eth1", ())
+    golden("10-machine.conf.debian", render.render("lab", base, argv, "/var/lib/overlaylab/backup"))
+
+
+def test_rendered_drop_in_keeps_docker_machine_tls_flags_and_adds_extra_flags() -> None:
+    machine = (
+        "/usr/bin/dockerd -H tcp://0.0.0.0:2376 -H unix:///var/run/docker.sock --storage-driver overlay2 "
+        "--tlsverify --tlscacert /etc/docker/ca.pem --tlscert /etc/docker/server.pem "
+        '--tlskey /etc/docker/server-key.pem --label provider=generic --label "team=net ops" '
+        "--cluster-store=consul://old:8500 --cluster-advertise=eth0:2376"
+    )
+    base = render.base_command(machine, "[Service]\nExecStart=\nExecStart=" + machine + "\n")
+    assert render.insecure_tcp(base) is None  # TLS verified: allowed
+    argv = render.cluster_argv(base, "192.168.2.55", 8501, "eth1", ("--log-level=warn",))
+    text = render.render("prod", base, argv, "/var/lib/overlaylab/backup")
+    golden("10-machine.conf.docker-machine", text)
+    assert "consul://old" not in text.split("# overlaylab-base:")[1]
+    assert '"team=net ops"' in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "found"),
+    [
+        (["dockerd", "-H", "tcp://0.0.0.0:2375"], "tcp://0.0.0.0:2375"),
+        (["dockerd", "--host=tcp://0.0.0.0:2375"], "tcp://0.0.0.0:2375"),
+        (["dockerd", "-Htcp://1.2.3.4:2375"], "tcp://1.2.3.4:2375"),
+        (["dockerd", "-H", "fd://"], None),
+        (["dockerd", "-H", "tcp://0.0.0.0:2376", "--tlsverify"], None),
+    ],
+)
+def test_an_unauthenticated_tcp_socket_is_found(argv: list[str], found: str | None) -> None:
+    assert render.insecure_tcp(argv) == found
+
+
+def test_systemd_quoting_round_trips() -> None:
+    args = ["/usr/bin/dockerd", "--label", "a b", 'q"uote', "$DOCKER_OPTS", "back\\slash"]
+    line = " ".join(render.systemd_quote(a) for a in args)
+    assert render.split(line) == args
+
+
+class FakeConn:
+    """Stands in for a fabric Connection where a step only reads facts."""
+
+    host = "fake"
+
+
+def node(name: str, f: facts.HostFacts, role: str = "worker") -> Node:
+    return Node(Host(name, f"{name}.example", role, "eth1"), FakeConn(), f)
+
+
+def inv(*hosts: Host) -> Inventory:
+    return Inventory(path=Path("inv.yaml"), cluster="t", hosts=hosts)
+
+
+def test_preflight_accepts_the_recorded_bullseye_hosts() -> None:
+    nodes = [node("a", recorded("facts-manager-kv.txt"), "manager"), node("b", recorded("facts-worker-kv.txt"))]
+    assert preflight.check(inv(*(n.host for n in nodes)), nodes) == {}
+
+
+def with_info(f: facts.HostFacts, **info: Any) -> facts.HostFacts:
+    f.info = {**f.info, **info}
+    return f
+
+
+def patched(f: facts.HostFacts, **attrs: Any) -> facts.HostFacts:
+    for key, value in attrs.items():
+        setattr(f, key, value)
+    return f
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: with_info(f, ServerVersion="26.1.5+dfsg1"), "Docker 26.1.5\\+dfsg1 has no --cluster-store"),
+        (lambda f: patched(f, consul_backend=False), "built without the Consul cluster store"),
+        (lambda f: patched(f, docker_active="inactive"), "docker.service is inactive"),
+        (lambda f: patched(f, advertise_ips=[]), "advertise 'eth1': no such interface"),
+        (lambda f: patched(f, daemon_json={"cluster-store": "x"}), "daemon.json sets cluster-store"),
+        (
+            lambda f: patched(f, dropin=None, exec_start="/usr/bin/dockerd -H tcp://0.0.0.0:2375"),
+            "without --tlsverify",
+        ),
+    ],
+)
+def test_preflight_refusals_name_the_host_and_the_reason(change: Any, message: str) -> None:
+    good = node("a", recorded("facts-manager-kv.txt"), "manager")
+    bad = node("b", change(recorded("facts-worker-kv.txt")))
+    problems = preflight.check(inv(good.host, bad.host), [good, bad])
+    assert list(problems) == ["b"]
+    assert any(re.search(message, p) for p in problems["b"]), problems
+
+
+def test_preflight_refuses_duplicate_hostnames_and_advertise_addresses() -> None:
+    a = node("a", recorded("facts-manager-kv.txt"), "manager")
+    b = node("b", recorded("facts-worker-kv.txt"))
+    b.facts.hostname = a.facts.hostname
+    b.facts.advertise_ips = list(a.facts.advertise_ips)
+    problems = preflight.check(inv(a.host, b.host), [a, b])
+    assert set(problems) == {"a", "b"}
+    assert any("is also the hostname of b" in p for p in problems["a"])
+    assert any("advertise address 10.210.1.11 is shared with a" in p for p in problems["b"])
+
+
+def test_a_swarm_manager_with_services_is_not_left_silently() -> None:
+    f = with_info(recorded("facts-worker-kv.txt"), Swarm={"LocalNodeState": "active", "ControlAvailable": True})
+    f.services = 2
+    n = node("a", f)
+    assert swarm.needed(n)
+    assert "2 service(s)" in (swarm.refusal(n, force=False) or "")
+    assert swarm.refusal(n, force=True) is None
