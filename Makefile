@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 setup:
 	@bash scripts/setup.sh $(VENV)
 
-## demo: bring the local lab up (3 hosts) and show it.
+## demo: bring the local lab up (3 hosts) and provision the overlay on it; ends with the ping matrix.
 demo: setup
 	$(BIN)/fab lab-up
-	$(BIN)/fab lab-status
+	$(BIN)/fab bootstrap-cluster --inventory inventory/lab.yaml
 
 ## test: the full suite, as CI runs it: lint, types, unit and end-to-end tests.
 test: setup lint

@@ -47,6 +47,12 @@ def script(advertise: str, consul_name: str | None, network: str) -> str:
             "s consul_backend; d=$(command -v dockerd || echo /usr/sbin/dockerd); "
             'grep -q -a libkv/store/consul "$d" && echo yes',
             "s services; timeout 20 docker service ls -q 2>/dev/null | wc -l",
+            # dockerd threads left in a deleted network namespace (see steps/anchor.py)
+            "s stray_threads; pid=$(systemctl show -p MainPID --value docker.service); "
+            'if [ "$pid" -gt 0 ] 2>/dev/null; then own=$(readlink /proc/$pid/ns/net); '
+            "live=$(for f in /run/docker/netns/*; do stat -L -c 'net:[%i]' \"$f\" 2>/dev/null; done); n=0; "
+            "for t in /proc/$pid/task/*; do x=$(readlink $t/ns/net 2>/dev/null) || continue; "
+            '[ "$x" = "$own" ] && continue; echo "$live" | grep -qxF "$x" || n=$((n+1)); done; echo $n; fi',
             "s overlays; timeout 20 docker network ls --filter driver=overlay --format '{{.Name}}' 2>/dev/null",
             "s end",
         ]
@@ -137,6 +143,7 @@ class HostFacts:
     consul_backend: bool = False
     services: int = 0
     overlays: list[str] = field(default_factory=list)
+    stray_threads: int = 0
 
     @property
     def version(self) -> str:
@@ -205,4 +212,6 @@ def parse(output: str, advertise: str) -> HostFacts:
     services = sec.get("services", "0").strip()
     facts.services = int(services) if services.isdigit() else 0
     facts.overlays = sec.get("overlays", "").split()
+    stray = sec.get("stray_threads", "0").strip()
+    facts.stray_threads = int(stray) if stray.isdigit() else 0
     return facts

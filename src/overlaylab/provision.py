@@ -8,6 +8,7 @@ refused preflight/plan, in which case nothing was changed anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from overlaylab.cluster import Node, parallel
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Inventory
 from overlaylab.report import RunReport
-from overlaylab.steps import consul, dockerd, network, preflight, swarm, verify
+from overlaylab.steps import anchor, consul, dockerd, network, preflight, swarm, verify
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,7 @@ def _bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepo
         refusals[manager.name] = f"Consul is not running as wanted ({consul_why}): run bootstrap-cluster first"
     plans = {n.name: dockerd.plan(inv, n, manager.advertise_ip) for n in targets}
     wanted_store = f"consul://{manager.advertise_ip}:{inv.consul_port}"
-    restart = {
-        n.name: plans[n.name].changed or n.facts.cluster_store != wanted_store or n.facts.docker_active != "active"
-        for n in targets
-    }
+    restart = {n.name: _restart_reason(n, plans[n.name], wanted_store) for n in targets}
     for node in targets:
         why = swarm.refusal(node, opts.force_leave_swarm)
         if why:
@@ -155,14 +153,16 @@ def _bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepo
         return 1
 
     # Steps 4-5: drop-ins; the manager first, Consul again, then the workers.
+    restarted: set[str] = set()
+
     def converge(node: Node) -> None:
         plan = plans[node.name]
         try:
-            if restart[node.name]:
-                detail = dockerd.apply(plan)
-                if not plan.changed:
-                    detail = "drop-in unchanged; dockerd restarted (its running flags differed)"
-                report.record(node.name, "dockerd", "changed", detail)
+            reason = restart[node.name]
+            if reason:
+                restarted.add(node.name)
+                detail = dockerd.apply(plan, before_restart=anchor.stop_command(node))
+                report.record(node.name, "dockerd", "changed", detail if plan.changed else reason)
             else:
                 if not node.facts.gossip:
                     dockerd.wait_ready(node)
@@ -170,6 +170,11 @@ def _bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepo
         except OverlaylabError as exc:
             report.record(node.name, "dockerd", "failed", str(exc))
             failed.add(node.name)
+            if anchor.present(node):
+                # The rollback restarted dockerd and it is ready again: its anchor, stopped
+                # with the daemon, comes back only now (see steps/anchor.py).
+                with contextlib.suppress(OverlaylabError):
+                    anchor.ensure(node, inv.network, force=True)
 
     if manager in targets and manager.name not in failed:
         converge(manager)
@@ -209,15 +214,45 @@ def _bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepo
     else:
         return 1
 
+    # Step 7b: an anchor container per host keeps the overlay sandbox alive (see steps/anchor.py).
+    live = [n for n in nodes if n.name not in failed]
+
+    def anchored(node: Node) -> None:
+        created = anchor.ensure(node, inv.network, force=node.name in restarted)
+        report.record(node.name, "anchor", "changed" if created else "ok", "created" if created else "running")
+
+    for i, error in parallel(live, anchored).items():
+        report.record(live[i].name, "anchor", "failed", str(error))
+        failed.add(live[i].name)
+
     # Step 8: the ping matrix (probes are not changes).
     live = [n for n in nodes if n.name not in failed]
     _verify(inv, live, report, [n for n in targets if n in live] if only else None)
     return 1 if report.failed else 0
 
 
+def _restart_reason(node: Node, plan: dockerd.Plan, wanted_store: str) -> str | None:
+    """Why dockerd must restart, or None: only a changed drop-in or a daemon not running as wanted."""
+    f = node.facts
+    if plan.changed:
+        return "drop-in changed"
+    if f.docker_active != "active":
+        return f"docker.service is {f.docker_active}"
+    if f.cluster_store != wanted_store:
+        return f"dockerd runs with cluster store {f.cluster_store or 'none'}, the drop-in says {wanted_store}"
+    if f.stray_threads:
+        return (
+            f"dockerd has {f.stray_threads} thread(s) left in a deleted network namespace (Docker 20.10 overlay "
+            "defect, see steps/anchor.py): restarted to clear them"
+        )
+    return None
+
+
 def _verify(inv: Inventory, nodes: list[Node], report: RunReport, sources: list[Node] | None = None) -> bool:
     matrix = verify.run(inv.network, nodes, sources)
     report.note(matrix.render())
+    for host, lines in sorted(matrix.journals.items()):
+        report.note(f"--- {host}: dockerd journal (last lines) ---\n{lines}")
     report.extra["ping_matrix"] = matrix.as_dict()
     failures = matrix.failures()
     for node in nodes:
@@ -237,7 +272,7 @@ def _dry_run(
     manager: Node,
     targets: list[Node],
     plans: dict[str, dockerd.Plan],
-    restart: dict[str, bool],
+    restart: dict[str, str | None],
     consul_state: str,
     consul_why: str,
     refusals: dict[str, str],
@@ -253,9 +288,11 @@ def _dry_run(
         plan = plans[node.name]
         if restart[node.name]:
             stops = node.facts.foreign_containers
-            detail = ("would write the drop-in and restart dockerd" if plan.changed else "would restart dockerd") + (
-                f"; the restart stops: {', '.join(stops)}" if stops else ""
-            )
+            detail = (
+                "would write the drop-in and restart dockerd"
+                if plan.changed
+                else f"would restart: {restart[node.name]}"
+            ) + (f"; the restart stops: {', '.join(stops)}" if stops else "")
             report.record(node.name, "dockerd", "changed", detail)
             if plan.changed and not report.json_mode:
                 report.note(plan.diff().rstrip())
@@ -316,11 +353,22 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
                 "registered": None if registered is None else f"{node.advertise_ip}:2376" in registered,
                 "overlay_networks": f.overlays,
                 "swarm": f.swarm_state,
+                "stray_threads": f.stray_threads,
             }
         )
     report.extra["status"] = rows
     if not report.json_mode:
-        cols = ["host", "role", "engine", "docker", "cluster_store", "cluster_advertise", "dropin", "registered"]
+        cols = [
+            "host",
+            "role",
+            "engine",
+            "docker",
+            "cluster_store",
+            "cluster_advertise",
+            "dropin",
+            "registered",
+            "stray_threads",
+        ]
         table = [[str(r[c]) for c in cols] + [",".join(r["overlay_networks"]) or "-"] for r in rows]  # type: ignore[arg-type]
         head = [c.upper() for c in cols] + ["OVERLAYS"]
         widths = [max(len(x) for x in col) for col in zip(head, *table, strict=True)]
@@ -358,6 +406,12 @@ def _teardown(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
             report.record(node.name, "probes", "changed", f"removed {', '.join(ours)}")
 
     parallel(nodes, probes)
+
+    def unanchor(node: Node) -> None:
+        if anchor.remove(node):
+            report.record(node.name, "anchor", "changed", "removed")
+
+    parallel(nodes, unanchor)
     try:
         result = network.remove(inv, manager)
         if result == "removed":

@@ -89,7 +89,11 @@ class RunReport:
         for host in self.hosts:
             lines.append(host.ljust(width) + "  " + "  ".join(cell.get((host, s), "").ljust(9) for s in steps))
         verdict = "FAILED" if self.failed else ("changed" if self.changes else "no change")
-        lines.append(f"{self.task}: {verdict} ({self.changes} changes)")
+        if self.extra.get("dry_run"):
+            verdict = "dry run, nothing changed" + (", refused" if self.failed else "")
+            lines.append(f"{self.task}: {verdict} ({self.changes} changes planned)")
+        else:
+            lines.append(f"{self.task}: {verdict} ({self.changes} changes)")
         return "\n".join(lines)
 
     def document(self, exit_code: int) -> dict[str, object]:

@@ -70,16 +70,21 @@ def _restore_command(previous: str | None) -> str:
     )
 
 
-def apply(p: Plan) -> str:
+def apply(p: Plan, before_restart: str = "true") -> str:
     """Write, reload, restart, wait; on failure roll back and raise with the journal."""
     node = p.node
-    node.sh(f"{_backup_command()} && {write_file_command(DROPIN, p.wanted)} && systemctl daemon-reload")
+    node.sh(
+        f"{_backup_command()} && {write_file_command(DROPIN, p.wanted)} && systemctl daemon-reload && {before_restart}"
+    )
     code, out, err = node.result(f"systemctl restart docker.service && {_ready_command(READY_TIMEOUT)}")
     if code == 0:
         return "drop-in written, dockerd restarted"
     lines = journal(node)
-    restored = node.result(_restore_command(p.current))
-    active = restored[1].strip().splitlines()[-1:] == ["active"]
+    restore = _restore_command(p.current)
+    if render.is_ours(p.current):  # the previous state was in the cluster: wait until it is again
+        restore += f" && {_ready_command(READY_TIMEOUT)}"
+    restored = node.result(restore)
+    active = "active" in restored[1].split()
     raise OverlaylabError(
         f"dockerd did not come up with the new drop-in ({(err or out).strip()[-200:] or 'not ready'}); "
         + ("rolled back to the previous drop-in, dockerd runs again" if active else "ROLLBACK FAILED: dockerd is down")

@@ -54,7 +54,7 @@ def remove(inv: Inventory, manager: Node) -> str | None:
         "'{{range $id, $c := .Containers}}{{$c.Name}} {{end}}'",
         check=False,
     ).split()
-    users = [u for u in users if not u.startswith("olab-probe-")]
+    users = [u for u in users if not u.startswith(("olab-probe-", "overlaylab-anchor-"))]
     if users:
         return f"{inv.network} kept: containers of yours are on it ({', '.join(users)})"
     manager.sh(f"docker network rm {shlex.quote(inv.network)} >/dev/null")

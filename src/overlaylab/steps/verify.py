@@ -12,7 +12,7 @@ import secrets
 import shlex
 from dataclasses import dataclass, field
 
-from overlaylab.cluster import Node, parallel
+from overlaylab.cluster import Node, journal, parallel
 from overlaylab.facts import ROLE_LABEL
 
 CONVERGE_SECONDS = 20
@@ -33,6 +33,7 @@ class Matrix:
     expected: set[tuple[str, str, str]]  # (src, dst, by) pairs this run must prove
     results: dict[tuple[str, str, str], tuple[bool, str]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    journals: dict[str, str] = field(default_factory=dict)  # dockerd's last lines, for failed hosts
 
     @property
     def ok(self) -> bool:
@@ -74,6 +75,7 @@ class Matrix:
                 for (s, d, b), (ok, detail) in sorted(self.results.items())
             ],
             "errors": self.errors,
+            "journals": self.journals,
         }
 
 
@@ -133,6 +135,15 @@ def run(network: str, nodes: list[Node], sources: list[Node] | None = None) -> M
         ready = [n for n in nodes if n.name in ips]
         for i, exc in parallel(ready, ping).items():
             matrix.errors[ready[i].name] = f"ping failed: {exc}"
+        if not matrix.ok:  # the journals, read before anything is cleaned up
+            involved_in_failure = {f.split(" ", 1)[0].rstrip(":") for f in matrix.failures()}
+            involved_in_failure |= {d for (_, d, _), (ok, _) in matrix.results.items() if not ok}
+            bad = [n for n in nodes if n.name in involved_in_failure]
+
+            def read_journal(node: Node) -> None:
+                matrix.journals[node.name] = journal(node, 15)
+
+            parallel(bad, read_journal)
     finally:
         parallel(nodes, stop)
     return matrix

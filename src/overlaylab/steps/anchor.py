@@ -1,0 +1,65 @@
+"""Step 7b: one small anchor container per host on the overlay network (KV mode).
+
+Why: Docker 20.10's legacy overlay runs a `watchMiss` goroutine per overlay
+sandbox on a thread locked into the sandbox's network namespace. When the last
+local container leaves the network, the sandbox is deleted and the goroutine
+returns with `UnlockOSThread` without switching the thread back: the thread goes
+back to Go's pool inside a dead namespace. Any goroutine later scheduled on it
+(Consul KV writes and watches, gossip push/pull) fails with "network is
+unreachable", so a host can miss the names of remote containers for good
+(measured on the lab: the first containers after an idle period, ~1 run in 3).
+Keeping one container on the network keeps the sandbox, and so the thread,
+alive. A daemon that already has such threads is restarted by the dockerd step.
+
+No restart policy: after a dockerd restart the anchor must not join the network
+before the daemon's gossip has joined the cluster (a sandbox created earlier never
+learns its peers; on the manager, whose dockerd also hosts Consul, that is ~10 s
+after start). overlaylab recreates it after every restart it makes, once the
+daemon is ready.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from overlaylab.cluster import Node
+from overlaylab.facts import ROLE_LABEL
+
+PREFIX = "overlaylab-anchor-"
+# PID 1 must exit on SIGTERM, or every dockerd restart waits the 10 s stop timeout.
+COMMAND = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"
+
+
+def name(node: Node) -> str:
+    """Per host: on a KV-backed overlay, endpoint (container) names are global to the network."""
+    return PREFIX + node.name
+
+
+def present(node: Node) -> bool:
+    return node.facts.containers.get(name(node)) == "anchor"
+
+
+def ensure(node: Node, network: str, force: bool = False, image: str = "busybox:latest") -> bool:
+    """True when the anchor was (re)created; ``force`` after this run restarted the daemon."""
+    if present(node) and not force:
+        return False
+    q = shlex.quote
+    # A record of our own name that outlived its container (its daemon stopped while
+    # the store was away) would block the name: `disconnect -f` clears exactly that.
+    node.sh(
+        f"{stop_command(node)}; docker network disconnect -f {q(network)} {name(node)} >/dev/null 2>&1; "
+        f"docker run -d --name {name(node)} --restart no "
+        f"--label {ROLE_LABEL}=anchor --network {q(network)} {q(image)} sh -c {q(COMMAND)} >/dev/null"
+    )
+    return True
+
+
+def stop_command(node: Node) -> str:
+    """Removes the anchor; run before overlaylab restarts the daemon, while the store still answers."""
+    return f"docker rm -f {name(node)} >/dev/null 2>&1; true"
+
+
+def remove(node: Node) -> bool:
+    """True when an anchor was there (running or not) and is now gone."""
+    code, _, _ = node.result(f"docker inspect {name(node)} >/dev/null 2>&1 && docker rm -f {name(node)} >/dev/null")
+    return code == 0

@@ -1,0 +1,261 @@
+"""End to end, real components (sshd, systemd, dockerd 20.10, Consul, busybox): the
+Consul-backed overlay provisioned by `fab bootstrap-cluster` on a lab of its own.
+One lab serves the module; tests run in order and each leaves the lab as the next
+expects. Hosts 1-3 form the cluster, host 4 joins later, host 5 runs a modern engine
+and only appears in inventories that must be refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from overlaylab.lab import keys, lifecycle
+from overlaylab.lab.spec import LabSpec, build_spec
+from tests.e2e.labtools import require_lab, sh, ssh
+
+NAME, RANGE = "e2ekv", "10.213.0.0/16"
+ENGINES = "legacy,legacy,legacy,legacy,modern"
+DROPIN = "/etc/systemd/system/docker.service.d/10-machine.conf"
+PREEXISTING = (
+    "[Service]\nExecStart=\n"
+    "ExecStart=/usr/sbin/dockerd -H fd:// --containerd=/run/containerd/containerd.sock --label preexisting=yes\n"
+)
+FAB = str(Path(sys.executable).parent / "fab")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Lab:
+    spec: LabSpec
+    dir: Path
+    base: dict[str, Any]  # the lab's own inventory, all five hosts
+
+    def inventory(self, name: str, hosts: list[int], **changes: Any) -> Path:
+        doc = json.loads(json.dumps(self.base))
+        doc["hosts"] = {h: v for h, v in doc["hosts"].items() if int(h[-2:]) in hosts}
+        for section, values in changes.items():
+            doc[section] = {**doc.get(section, {}), **values}
+        path = self.dir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    def conn(self, index: int) -> Any:
+        return ssh(self.spec, self.spec.hosts[index - 1])
+
+
+def fab(*args: str) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run(
+        [FAB, "-r", str(ROOT), *args, "--json"], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    try:
+        doc = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"stdout is not one JSON document:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc.returncode, doc, proc.stderr
+
+
+def statuses(doc: dict[str, Any], step: str) -> dict[str, str]:
+    return {h: s[step]["status"] for h, s in doc["hosts"].items() if step in s}
+
+
+def host_state(lab: Lab, hosts: list[int]) -> dict[int, tuple[str, str, str]]:
+    """(dockerd PID, drop-in bytes or '-', running containers) per host."""
+    state = {}
+    for i in hosts:
+        conn = lab.conn(i)
+        state[i] = (
+            sh(conn, "systemctl show -p MainPID --value docker"),
+            sh(conn, f"cat {DROPIN} 2>/dev/null || echo -"),
+            sh(conn, "docker ps -a --format '{{.Names}}' | sort | tr '\\n' ' '"),
+        )
+        conn.close()
+    return state
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    require_lab()
+    directory = tmp_path_factory.mktemp("kv")
+    lifecycle.down(NAME)
+    inventory = directory / "lab.yaml"
+    lifecycle.up(NAME, engine_opt=ENGINES, inventory=inventory, addr_range=RANGE)
+    spec = build_spec(NAME, ENGINES, addr_range=RANGE)
+    # bm-docker-02 has a drop-in of its own before overlaylab ever touches it
+    conn = ssh(spec, spec.hosts[1])
+    sh(conn, f"mkdir -p /etc/systemd/system/docker.service.d && printf '%s' '{PREEXISTING}' > {DROPIN}")
+    sh(conn, "systemctl daemon-reload && systemctl restart docker")
+    conn.close()
+    yield Lab(spec, directory, yaml.safe_load(inventory.read_text()))
+    if not os.environ.get("OVERLAYLAB_KEEP_LAB"):  # keep it to debug a failure
+        lifecycle.down(NAME)
+
+
+def test_dry_run_on_a_clean_lab_shows_diffs_and_changes_nothing(lab: Lab) -> None:
+    before = host_state(lab, [1, 2, 3])
+    code, doc, _ = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])), "--dry-run")
+    assert code == 0 and doc["dry_run"] is True
+    assert set(doc["diffs"]) == {"bm-docker-01", "bm-docker-02", "bm-docker-03"}
+    assert "+ExecStart=" in doc["diffs"]["bm-docker-01"]
+    assert (
+        "-ExecStart=/usr/sbin/dockerd -H fd:// --containerd=/run/containerd/containerd.sock --label preexisting=yes"
+        in doc["diffs"]["bm-docker-02"]
+    )
+    assert host_state(lab, [1, 2, 3]) == before
+
+
+def test_a_modern_engine_is_refused_and_nothing_is_written_anywhere(lab: Lab) -> None:
+    before = host_state(lab, [1, 2, 5])
+    code, doc, _ = fab("bootstrap-cluster", "--inventory", str(lab.inventory("mixed", [1, 2, 5])))
+    assert code == 2
+    assert statuses(doc, "preflight")["bm-docker-05"] == "failed"
+    assert re.search(r"Docker 26\.1\.\S+ has no --cluster-store", doc["hosts"]["bm-docker-05"]["preflight"]["detail"])
+    assert host_state(lab, [1, 2, 5]) == before
+
+
+def test_duplicate_hostnames_are_refused_and_nothing_is_written_anywhere(lab: Lab) -> None:
+    conn = lab.conn(3)
+    sh(conn, "hostnamectl set-hostname bm-docker-02")
+    try:
+        before = host_state(lab, [1, 2, 3])
+        code, doc, _ = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
+        assert code == 2
+        assert "is also the hostname of bm-docker-03" in doc["hosts"]["bm-docker-02"]["preflight"]["detail"]
+        assert host_state(lab, [1, 2, 3]) == before
+    finally:
+        sh(conn, "hostnamectl set-hostname bm-docker-03")
+        conn.close()
+
+
+def test_unknown_and_changed_host_keys_are_refused(lab: Lab) -> None:
+    empty = lab.dir / "empty_known_hosts"
+    empty.write_text("")
+    code, _, err = fab(
+        "status", "--inventory", str(lab.inventory("nokeys", [1, 2, 3], ssh={"known_hosts": str(empty)}))
+    )
+    assert code == 2 and "unknown host key ssh-ed25519 SHA256:" in err
+    # a known_hosts where bm-docker-01's entry carries another host's key
+    real = keys.known_hosts_text(lab.spec).splitlines()
+    swapped = lab.dir / "swapped_known_hosts"
+    swapped.write_text("\n".join([real[0].split()[0] + " " + " ".join(real[1].split()[1:]), *real[1:]]) + "\n")
+    code, _, err = fab(
+        "status", "--inventory", str(lab.inventory("swapped", [1, 2, 3], ssh={"known_hosts": str(swapped)}))
+    )
+    assert code == 2 and "bm-docker-01" in err and "host key CHANGED" in err
+    code, _, err = fab(
+        "status",
+        "--accept-new-host-keys",
+        "--inventory",
+        str(lab.inventory("nokeys", [1, 2, 3], ssh={"known_hosts": str(empty)})),
+    )
+    assert code == 0 and len(empty.read_text().splitlines()) == 3  # recorded, as accept-new does
+    code, _doc, err = fab(
+        "status",
+        "--accept-new-host-keys",
+        "--inventory",
+        str(lab.inventory("swapped", [1, 2, 3], ssh={"known_hosts": str(swapped)})),
+    )
+    assert code == 2 and "host key CHANGED" in err  # never accepted
+
+
+def ping_pairs(doc: dict[str, Any]) -> dict[tuple[str, str, str], bool]:
+    return {(p["from"], p["to"], p["by"]): p["ok"] for p in doc["ping_matrix"]["pairs"]}
+
+
+def test_bootstrap_from_a_clean_lab_and_every_pair_pings_by_ip_and_name(lab: Lab) -> None:
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
+    assert code == 0, err
+    assert doc["changes"] >= 5
+    pairs = ping_pairs(doc)
+    names = ["bm-docker-01", "bm-docker-02", "bm-docker-03"]
+    assert pairs == {(a, b, by): True for a in names for b in names if a != b for by in ("ip", "name")}
+    conn = lab.conn(2)  # the earlier drop-in's flags are kept
+    assert "--label preexisting=yes" in sh(conn, "ps -o args= -C dockerd")
+    assert sh(conn, "docker info --format '{{.ClusterStore}}'") == f"consul://{lab.spec.hosts[0].cluster_ip}:8500"
+    conn.close()
+
+
+def test_a_second_run_changes_nothing_and_restarts_nothing(lab: Lab) -> None:
+    before = host_state(lab, [1, 2, 3])
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
+    assert code == 0, err
+    assert doc["changes"] == 0
+    assert set(statuses(doc, "dockerd").values()) == {"ok"}
+    assert host_state(lab, [1, 2, 3]) == before  # same dockerd PIDs, drop-ins, containers
+    assert set(statuses(doc, "anchor").values()) == {"ok"}
+
+
+def test_the_rendered_unit_passes_systemd_analyze_verify(lab: Lab) -> None:
+    conn = lab.conn(1)
+    result = sh(conn, "systemd-analyze verify docker.service 2>&1; echo rc=$?")
+    assert result.splitlines()[-1] == "rc=0", result
+    assert "10-machine.conf" not in result
+    conn.close()
+
+
+def test_join_node_brings_a_fresh_worker_in_and_a_rerun_changes_nothing(lab: Lab) -> None:
+    inventory = str(lab.inventory("abcd", [1, 2, 3, 4]))
+    code, doc, err = fab("join-node", "--node", "bm-docker-04", "--inventory", inventory)
+    assert code == 0, err
+    assert statuses(doc, "dockerd") == {"bm-docker-04": "changed"}
+    pairs = ping_pairs(doc)
+    assert pairs and all(pairs.values()) and all("bm-docker-04" in (a, b) for a, b, _ in pairs)
+    assert len(pairs) == 3 * 2 * 2
+    code, doc, err = fab("join-node", "--node", "bm-docker-04", "--inventory", inventory)
+    assert code == 0 and doc["changes"] == 0, err
+
+
+def test_a_flag_that_stops_dockerd_is_rolled_back_and_reported(lab: Lab) -> None:
+    before = host_state(lab, [1, 2, 3, 4])
+    bad = lab.inventory("bad", [1, 2, 3, 4], dockerd={"extra_flags": ["--no-such-flag"]})
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(bad))
+    assert code == 1
+    failed = {
+        h: s["dockerd"]["detail"] for h, s in doc["hosts"].items() if s.get("dockerd", {}).get("status") == "failed"
+    }
+    assert list(failed) == ["bm-docker-01"]  # the manager goes first; no worker was restarted
+    assert "rolled back" in failed["bm-docker-01"] and "journal:" in failed["bm-docker-01"]
+    assert "unknown flag: --no-such-flag" in failed["bm-docker-01"]
+    after = host_state(lab, [1, 2, 3, 4])
+    assert {i: s[1:] for i, s in after.items()} == {i: s[1:] for i, s in before.items()}  # drop-ins, containers
+    assert all(after[i][0] == before[i][0] for i in (2, 3, 4))  # workers untouched
+    conn = lab.conn(1)
+    assert sh(conn, "systemctl is-active docker") == "active"
+    assert "--no-such-flag" not in sh(conn, "ps -o args= -C dockerd")
+    conn.close()
+    code, _, err = fab("verify", "--inventory", str(lab.inventory("abcd", [1, 2, 3, 4])))
+    assert code == 0, err
+
+
+def test_a_changed_inventory_then_teardown_brings_back_the_original_state(lab: Lab) -> None:
+    moved = lab.inventory("port", [1, 2, 3, 4], consul={"port": 8501})
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(moved))
+    assert code == 0, err
+    conn = lab.conn(3)
+    assert sh(conn, "docker info --format '{{.ClusterStore}}'").endswith(":8501")
+    conn.close()
+    code, doc, err = fab("teardown", "--inventory", str(moved))
+    assert code == 0, err
+    for i in (1, 2, 3, 4):
+        conn = lab.conn(i)
+        assert sh(conn, "systemctl is-active docker") == "active"
+        dropin = sh(conn, f"cat {DROPIN} 2>/dev/null || echo -")
+        assert dropin == (PREEXISTING.strip() if i == 2 else "-"), i
+        assert sh(conn, "docker ps -a --format '{{.Names}}'") == ""
+        assert sh(conn, "docker info --format '{{.ClusterStore}}'") == ""
+        assert "ov_net1" not in sh(conn, "docker network ls --format '{{.Name}}'")
+        conn.close()
+    conn = lab.conn(2)
+    assert "--label preexisting=yes" in sh(conn, "ps -o args= -C dockerd")
+    conn.close()
+    code, doc, err = fab("teardown", "--inventory", str(moved))
+    assert code == 0 and doc["changes"] == 0, err
