@@ -54,6 +54,7 @@ class RunReport:
         self.stream = stream or (sys.stderr if json_mode else sys.stdout)
         self.outcomes: list[dict[str, str]] = []
         self.extra: dict[str, object] = {}
+        self.started = time.monotonic()  # before connecting: timings include SSH set-up
         self._lock = threading.Lock()
 
     def record(self, host: str, step: str, status: str, detail: str = "") -> None:

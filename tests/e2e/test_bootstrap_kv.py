@@ -11,10 +11,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 import yaml
@@ -62,6 +64,30 @@ def fab(*args: str) -> tuple[int, dict[str, Any], str]:
     except json.JSONDecodeError:
         pytest.fail(f"stdout is not one JSON document:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc.returncode, doc, proc.stderr
+
+
+def run_smoke(inventory: Path, junit: Path) -> tuple[int, dict[str, str], float]:
+    """The packaged smoke suite, as a user runs it: (passed, {failed test id: message}, seconds)."""
+    start = time.monotonic()
+    env = {**os.environ, "CI": "true"}  # a skipped smoke test must fail here
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--pyargs", "overlaylab.smoke",
+         "--inventory", str(inventory), f"--junitxml={junit}", "-q"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, cwd=str(junit.parent),
+    )  # fmt: skip
+    took = time.monotonic() - start
+    assert junit.exists(), proc.stdout[-3000:] + proc.stderr[-2000:]
+    root = ElementTree.parse(junit).getroot()
+    passed, failures = 0, {}
+    for case in root.iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        skipped = case.find("skipped")
+        name = case.get("name", "")
+        if bad is not None:
+            failures[name] = bad.get("message", "")
+        elif skipped is None:
+            passed += 1
+    return passed, failures, took
 
 
 def statuses(doc: dict[str, Any], step: str) -> dict[str, str]:
@@ -192,6 +218,14 @@ def test_a_second_run_changes_nothing_and_restarts_nothing(lab: Lab) -> None:
     assert set(statuses(doc, "dockerd").values()) == {"ok"}
     assert host_state(lab, [1, 2, 3]) == before  # same dockerd PIDs, drop-ins, containers
     assert set(statuses(doc, "anchor").values()) == {"ok"}
+
+
+def test_the_smoke_suite_passes_on_the_bootstrapped_cluster(lab: Lab) -> None:
+    junit = lab.dir / "smoke.xml"
+    passed, failures, took = run_smoke(lab.inventory("abc", [1, 2, 3]), junit)
+    print(f"smoke suite on 3 hosts: {passed} passed in {took:.1f}s")
+    assert failures == {}, failures
+    assert passed >= 40  # per host, per pair and single-host checks all ran
 
 
 def test_the_rendered_unit_passes_systemd_analyze_verify(lab: Lab) -> None:

@@ -51,15 +51,34 @@ def _backup_command() -> str:
     )
 
 
-def _ready_command(timeout: int) -> str:
-    """Waits until dockerd answers with a cluster store and its gossip port listens."""
+JOIN_FAILED = "Failed to join the cluster"
+
+
+def _ready_command(timeout: int, expect_peers: bool = False) -> str:
+    """Waits until dockerd answers with a cluster store and its gossip port listens.
+
+    With ``expect_peers`` (peers are known to be up), a gossip join that failed since
+    the restart (dockerd joins through one neighbor and never retries: the node stays
+    in a cluster of its own while its port listens) is reported as `join-failed`.
+    """
+    check_join = (
+        f'if journalctl -u docker.service --since "@$start" -o cat 2>/dev/null | grep -q "{JOIN_FAILED}"; '
+        "then echo join-failed; exit 3; fi; "
+        if expect_peers
+        else ""
+    )
     return (
         f"end=$(( $(date +%s) + {timeout} )); "
         "while [ $(date +%s) -lt $end ]; do "
         "store=$(timeout 5 docker info --format '{{.ClusterStore}}' 2>/dev/null); "
-        "if [ -n \"$store\" ] && ss -Hltn 'sport = :7946' | grep -q .; then echo ready; exit 0; fi; "
+        "if [ -n \"$store\" ] && ss -Hltn 'sport = :7946' | grep -q .; then "
+        f"{check_join}echo ready; exit 0; fi; "
         "sleep 0.5; done; echo not-ready; exit 1"
     )
+
+
+def _restart_command(expect_peers: bool) -> str:
+    return f"start=$(date +%s); systemctl restart docker.service && {_ready_command(READY_TIMEOUT, expect_peers)}"
 
 
 def _restore_command(previous: str | None) -> str:
@@ -70,15 +89,19 @@ def _restore_command(previous: str | None) -> str:
     )
 
 
-def apply(p: Plan, before_restart: str = "true") -> str:
+def apply(p: Plan, before_restart: str = "true", expect_peers: bool = False) -> str:
     """Write, reload, restart, wait; on failure roll back and raise with the journal."""
     node = p.node
     node.sh(
         f"{_backup_command()} && {write_file_command(DROPIN, p.wanted)} && systemctl daemon-reload && {before_restart}"
     )
-    code, out, err = node.result(f"systemctl restart docker.service && {_ready_command(READY_TIMEOUT)}")
+    code, out, err = node.result(_restart_command(expect_peers))
     if code == 0:
         return "drop-in written, dockerd restarted"
+    if "join-failed" in out:  # a transient gossip join failure: one more restart
+        code, out, err = node.result(_restart_command(expect_peers))
+        if code == 0:
+            return "drop-in written, dockerd restarted (twice: its first gossip join failed)"
     lines = journal(node)
     restore = _restore_command(p.current)
     if render.is_ours(p.current):  # the previous state was in the cluster: wait until it is again

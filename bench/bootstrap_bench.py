@@ -1,0 +1,126 @@
+"""Prints bootstrap-cluster figures on the lab, for 3 and 6 hosts: from clean; a
+re-run with nothing to change (steps 1-7 and verify on their own lines, remote
+commands per host); and, as the floor, the tutorial's own commands scripted over
+plain ssh in an order that works, with no checks. Figures only: nothing passes or
+fails here. Run as root: `make bench`. Uses a lab named "bench" and removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from overlaylab.lab import keys, lifecycle
+from overlaylab.lab.spec import build_spec
+from overlaylab.report import Steps
+
+NAME, RANGE = "bench", "10.212.0.0/16"
+ROOT = Path(__file__).resolve().parents[1]
+FAB = str(Path(sys.executable).parent / "fab")
+
+
+class Quiet(Steps):
+    def line(self, text: str) -> None:
+        pass
+
+
+def fresh_lab(count: int, inventory: Path) -> None:
+    lifecycle.down(NAME, steps=Quiet())
+    lifecycle.up(NAME, count=count, engine_opt="legacy", inventory=inventory, addr_range=RANGE, steps=Quiet())
+
+
+def fab(*args: str) -> tuple[float, dict[str, object]]:
+    start = time.monotonic()
+    proc = subprocess.run(
+        [FAB, "-r", str(ROOT), *args, "--json"], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    took = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{args[0]} failed:\n{proc.stderr[-2000:]}")
+    return took, json.loads(proc.stdout)
+
+
+def floor(count: int) -> float:
+    """The tutorial by hand, scripted: no facts, no checks, the order that works."""
+    spec = build_spec(NAME, "legacy", count, addr_range=RANGE)
+    state = keys.state_dir(NAME)
+    ssh = [
+        "ssh",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        f"UserKnownHostsFile={state / 'known_hosts'}",
+        "-i",
+        str(state / "id_ed25519"),
+    ]
+    manager, ip = spec.hosts[0], spec.hosts[0].cluster_ip
+
+    def on(host: str, command: str) -> None:
+        subprocess.run([*ssh, f"admin@{host}", command], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+
+    def parallel(command: str, hosts: list[str]) -> None:
+        procs = [
+            subprocess.Popen([*ssh, f"admin@{h}", command], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            for h in hosts
+        ]
+        assert all(p.wait() == 0 for p in procs)
+
+    leader = f"until sudo docker exec consul wget -qO- http://{ip}:8500/v1/status/leader 2>/dev/null | grep -q 8300; do sleep 0.5; done"
+    gossip = "until ss -Hltn 'sport = :7946' | grep -q .; do sleep 0.5; done"
+    dropin = (
+        "sudo mkdir -p /etc/systemd/system/docker.service.d && printf '[Service]\\nExecStart=\\nExecStart=/usr/sbin/dockerd "
+        "-H fd:// --containerd=/run/containerd/containerd.sock --cluster-store=consul://%s:8500 --cluster-advertise=eth1:2376\\n' "
+        f"{ip} | sudo tee /etc/systemd/system/docker.service.d/10-machine.conf >/dev/null && sudo systemctl daemon-reload"
+    )
+    workers = [h.mgmt_ip for h in spec.hosts[1:]]
+    start = time.monotonic()
+    parallel("sudo docker swarm leave --force 2>/dev/null; true", [h.mgmt_ip for h in spec.hosts])
+    on(
+        manager.mgmt_ip,
+        f"sudo docker run -d --name consul --network host --restart always progrium/consul -server -bootstrap -bind={ip} -advertise={ip} -client={ip} >/dev/null && {leader}",
+    )
+    parallel(dropin, [h.mgmt_ip for h in spec.hosts])
+    on(manager.mgmt_ip, f"sudo systemctl restart docker && {leader} && {gossip}")
+    parallel(f"sudo systemctl restart docker && {gossip}", workers)
+    on(manager.mgmt_ip, "sudo docker network create -d overlay ov_net1 >/dev/null")
+    parallel(
+        "sudo docker run -d --name bbox-$(hostname) --network ov_net1 busybox sleep 600 >/dev/null",
+        [h.mgmt_ip for h in spec.hosts],
+    )
+    for src in spec.hosts:
+        for dst in spec.hosts:
+            if src is not dst:
+                on(src.mgmt_ip, f"sudo docker exec bbox-{src.name} ping -c 1 -W 2 bbox-{dst.name} >/dev/null")
+    return time.monotonic() - start
+
+
+def main() -> None:
+    inventory = Path("/tmp/overlaylab-bench.yaml")
+    print(
+        f"{'hosts':>5}  {'floor':>7}  {'bootstrap':>9}  {'ratio':>5}  {'re-run 1-7':>10}  {'verify':>6}  {'cmds/host (1-7+verify)':>22}"
+    )
+    results = {}
+    for count in (3, 6):
+        fresh_lab(count, inventory)
+        bottom = floor(count)
+        fresh_lab(count, inventory)
+        first, _ = fab("bootstrap-cluster", "--inventory", str(inventory))
+        _, again = fab("bootstrap-cluster", "--inventory", str(inventory))
+        cmds = again["remote_commands"]
+        assert isinstance(cmds, dict)
+        per_host = max(cmds.values())
+        results[count] = first
+        print(
+            f"{count:>5}  {bottom:>6.1f}s  {first:>8.1f}s  {first / bottom:>5.2f}  {again['seconds_to_verify']:>9}s  "
+            f"{again['seconds_verify']:>5}s  {per_host:>22}",
+            flush=True,
+        )
+    print(f"6 hosts / 3 hosts bootstrap: {results[6] / results[3]:.2f}x")
+    lifecycle.down(NAME, steps=Quiet())
+
+
+if __name__ == "__main__":
+    main()

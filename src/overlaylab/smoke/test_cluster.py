@@ -1,0 +1,335 @@
+"""The cluster smoke checks. Each test is named after what it proves and runs per host
+or per ordered pair of hosts; every container and network a test creates has a
+unique name and the label overlaylab.role=smoke, and is removed even on failure.
+
+Run: pytest --pyargs overlaylab.smoke --inventory FILE  (from a clone: pytest tests/smoke --inventory FILE)
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from overlaylab import remote, render
+from overlaylab.cluster import consul_client
+from overlaylab.facts import DROPIN, ROLE_LABEL
+from overlaylab.smoke.plugin import Cluster
+from overlaylab.steps import dockerd
+
+LABEL = f"--label {ROLE_LABEL}=smoke"
+MTU_OK, MTU_TOO_BIG = 1422, 1423  # ICMP payload: 1422 + 28 = 1450, the overlay's MTU
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    ip: str
+    pid: str
+
+
+@pytest.fixture(scope="session")
+def probes(smoke_cluster: Cluster) -> Iterator[dict[str, Probe | str]]:
+    """One busybox per host on the overlay network, for the pair checks; a host whose
+    probe cannot start maps to the reason, so only the pairs involving it fail."""
+    c = smoke_cluster
+    net = shlex.quote(c.inv.network)
+    made: dict[str, Probe | str] = {}
+    try:
+        for host in c.nodes:
+            name = c.name(f"probe-{host}")
+            fmt = "'{{(index .NetworkSettings.Networks " + f'"{c.inv.network}"' + ").IPAddress}} {{.State.Pid}}'"
+            code, out, err = c.result(
+                host,
+                f"docker run -d --name {name} {LABEL} --network {net} busybox sleep 900 >/dev/null && docker inspect -f {fmt} {name}",
+            )
+            made[host] = (
+                Probe(name, *out.split())
+                if code == 0
+                else f"{host}: no probe container on {c.inv.network}: {(err or out).strip()[-200:]}"
+            )
+        yield made
+    finally:
+        for host, probe in made.items():
+            if isinstance(probe, Probe):
+                c.sh(host, f"docker rm -f {probe.name} >/dev/null 2>&1; true", check=False)
+
+
+def _probe(probes: dict[str, Probe | str], host: str) -> Probe:
+    probe = probes[host]
+    if isinstance(probe, str):
+        pytest.fail(probe, pytrace=False)
+    return probe
+
+
+# ---- each host --------------------------------------------------------------------
+
+
+def test_ssh_works_with_the_pinned_host_key(smoke_cluster: Cluster, host: str) -> None:
+    node = smoke_cluster.nodes[host]
+    transport = node.conn.client.get_transport()
+    assert transport is not None and transport.is_active(), f"{host}: no SSH session"
+    key = transport.get_remote_server_key()
+    known = node.conn.client.get_host_keys()
+    entry = known.lookup(node.host.address) or known.lookup(f"[{node.host.address}]:{node.conn.port}")
+    assert entry is not None and entry.get(key.get_name()) == key, (
+        f"{host}: host key {remote.fingerprint(key)} is not the one pinned in {smoke_cluster.inv.known_hosts}"
+    )
+
+
+def test_dockerd_runs(smoke_cluster: Cluster, host: str) -> None:
+    state = smoke_cluster.sh(host, "systemctl is-active docker.service", check=False)
+    assert state == "active", f"{host}: docker.service is {state}"
+
+
+def test_engine_version_has_the_cluster_store(smoke_cluster: Cluster, host: str) -> None:
+    version = smoke_cluster.sh(host, "docker version --format '{{.Server.Version}}'", check=False)
+    assert version, f"{host}: dockerd does not answer"
+    major = int(version.split(".")[0])
+    assert major < 23, f"{host}: Docker {version} has no cluster store (removed in 23.0)"
+
+
+@pytest.mark.mode("kv")
+def test_dockerd_runs_with_our_cluster_flags(smoke_cluster: Cluster, host: str) -> None:
+    c = smoke_cluster
+    args = c.sh(host, "ps -o args= -C dockerd", check=False)
+    store = f"--cluster-store=consul://{c.manager.advertise_ip}:{c.inv.consul_port}"
+    advertise = f"--cluster-advertise={c.nodes[host].host.advertise}:2376"
+    assert store in args and advertise in args, (
+        f"{host}: dockerd runs `{args or 'nothing'}`, wanted {store} {advertise}"
+    )
+
+
+@pytest.mark.mode("kv")
+def test_drop_in_on_disk_is_what_the_templates_render(smoke_cluster: Cluster, host: str) -> None:
+    c = smoke_cluster
+    node = c.nodes[host]
+    assert render.is_ours(node.facts.dropin), f"{host}: {DROPIN} is missing or not overlaylab's"
+    wanted = dockerd.plan(c.inv, node, c.manager.advertise_ip)
+    assert not wanted.changed, f"{host}: the drop-in drifted from the templates:\n{wanted.diff()}"
+
+
+# ---- Consul and the overlay network --------------------------------------------------
+
+
+@pytest.mark.mode("kv")
+def test_consul_has_a_leader(smoke_cluster: Cluster) -> None:
+    c = smoke_cluster
+    with consul_client(c.manager, c.manager.advertise_ip, c.inv.consul_port) as client:
+        assert client.status.leader(), f"{c.manager.name}: Consul on {c.manager.advertise_ip} has no leader"
+
+
+@pytest.mark.mode("kv")
+def test_host_is_registered_in_consul(smoke_cluster: Cluster, host: str) -> None:
+    c = smoke_cluster
+    key = f"docker/nodes/{c.nodes[host].advertise_ip}:2376"
+    with consul_client(c.manager, c.manager.advertise_ip, c.inv.consul_port) as client:
+        _, value = client.kv.get(key)
+    assert value is not None, f"{host}: no {key} in Consul"
+
+
+@pytest.mark.mode("kv")
+def test_overlay_network_is_in_the_kv_store(smoke_cluster: Cluster) -> None:
+    c = smoke_cluster
+    net = c.manager.facts.network
+    assert net is not None, f"{c.manager.name}: network {c.inv.network} does not exist"
+    with consul_client(c.manager, c.manager.advertise_ip, c.inv.consul_port) as client:
+        _, keys = client.kv.get("docker/network/v1.0/network/", keys=True)
+    assert any(net["Id"] in k for k in keys or []), f"network {c.inv.network} ({net['Id'][:12]}) is not in Consul's KV"
+
+
+def test_overlay_network_exists_with_one_id_and_global_scope(smoke_cluster: Cluster, host: str) -> None:
+    c = smoke_cluster
+    net = c.nodes[host].facts.network
+    assert net is not None, f"{host}: network {c.inv.network} does not exist"
+    assert net["Driver"] == "overlay" and net["Scope"] in ("global", "swarm"), f"{host}: {net['Driver']}/{net['Scope']}"
+    ids = {n.facts.network["Id"] for n in c.nodes.values() if n.facts.network}
+    assert len(ids) == 1, f"{host}: network {c.inv.network} has different IDs across hosts: {sorted(ids)}"
+
+
+# ---- every ordered pair -------------------------------------------------------------
+
+
+def _ping(c: Cluster, probes: dict[str, Probe | str], src: str, target: str, how: str) -> None:
+    code, out, err = c.result(src, f"docker exec {_probe(probes, src).name} ping -c 2 -W 2 {target}")
+    last = (out.strip() or err.strip()).splitlines()[-1:] or ["no output"]
+    assert code == 0, f"{src} -> {how}: {last[0]}"
+
+
+def test_containers_ping_by_ip(smoke_cluster: Cluster, probes: dict[str, Probe | str], pair: tuple[str, str]) -> None:
+    src, dst = pair
+    _ping(smoke_cluster, probes, src, _probe(probes, dst).ip, f"{dst} by IP")
+
+
+def test_containers_ping_by_name(smoke_cluster: Cluster, probes: dict[str, Probe | str], pair: tuple[str, str]) -> None:
+    src, dst = pair
+    _ping(smoke_cluster, probes, src, _probe(probes, dst).name, f"{dst} by name")
+
+
+def _df_ping(c: Cluster, probes: dict[str, Probe | str], src: str, dst: str, size: int) -> tuple[int, str]:
+    """The host's own ping inside the probe's network namespace: busybox ping cannot set DF."""
+    code, out, err = c.result(
+        src, f"nsenter -t {_probe(probes, src).pid} -n ping -M do -s {size} -c 1 -W 2 {_probe(probes, dst).ip}"
+    )
+    return code, (out + err).strip().splitlines()[-1] if (out + err).strip() else "no output"
+
+
+def test_a_full_size_packet_with_dont_fragment_crosses_the_overlay(
+    smoke_cluster: Cluster, probes: dict[str, Probe | str], pair: tuple[str, str]
+) -> None:
+    src, dst = pair
+    code, last = _df_ping(smoke_cluster, probes, src, dst, MTU_OK)
+    assert code == 0, f"{src} -> {dst}: {MTU_OK}-byte ping with DF failed (MTU trouble on the underlay?): {last}"
+
+
+def test_a_packet_over_the_overlay_mtu_is_refused_with_dont_fragment(
+    smoke_cluster: Cluster, probes: dict[str, Probe | str], pair: tuple[str, str]
+) -> None:
+    src, dst = pair
+    code, _ = _df_ping(smoke_cluster, probes, src, dst, MTU_TOO_BIG)
+    assert code != 0, f"{src} -> {dst}: a {MTU_TOO_BIG}-byte ping with DF passed: the overlay MTU is not 1450"
+
+
+def test_an_overlay_container_has_a_second_nic_on_docker_gwbridge(
+    smoke_cluster: Cluster, probes: dict[str, Probe | str], host: str
+) -> None:
+    c = smoke_cluster
+    subnet = c.sh(host, "docker network inspect docker_gwbridge -f '{{(index .IPAM.Config 0).Subnet}}'", check=False)
+    routes = c.sh(host, f"docker exec {_probe(probes, host).name} ip -4 route", check=False)
+    gateway = c.sh(host, "docker network inspect docker_gwbridge -f '{{(index .IPAM.Config 0).Gateway}}'", check=False)
+    assert subnet and f"default via {gateway}" in routes, (
+        f"{host}: no default route via docker_gwbridge ({subnet}):\n{routes}"
+    )
+
+
+# ---- the tutorial's other lessons, on one host ---------------------------------------
+
+
+@pytest.fixture
+def lesson(smoke_cluster: Cluster) -> Iterator[Cluster]:
+    yield smoke_cluster
+
+
+def _run(c: Cluster, host: str, name: str, args: str, command: str = "sleep 300") -> None:
+    c.sh(host, f"docker run -d --name {name} {LABEL} {args} busybox {command} >/dev/null")
+
+
+def _rm(c: Cluster, host: str, containers: list[str], networks: tuple[str, ...] = ()) -> None:
+    c.sh(host, f"docker rm -f {' '.join(containers)} >/dev/null 2>&1; true", check=False)
+    if networks:
+        c.sh(host, f"docker network rm {' '.join(networks)} >/dev/null 2>&1; true", check=False)
+
+
+def test_names_resolve_on_a_user_defined_bridge_but_not_on_the_default_one(lesson: Cluster) -> None:
+    c, host = lesson, lesson.manager.name
+    net, a, b, d1, d2 = (c.name(x) for x in ("net", "a", "b", "d1", "d2"))
+    try:
+        c.sh(host, f"docker network create {LABEL} {net} >/dev/null")
+        _run(c, host, a, f"--network {net}")
+        _run(c, host, b, f"--network {net}")
+        _run(c, host, d1, "")
+        _run(c, host, d2, "")
+        code, out, err = c.result(host, f"docker exec {b} ping -c 1 -W 2 {a}")
+        assert code == 0, f"{host}: {b} cannot reach {a} by name on a user-defined bridge: {(out + err).strip()}"
+        code, out, err = c.result(host, f"docker exec {d2} ping -c 1 -W 2 {d1}")
+        assert code != 0 and "bad address" in out + err, (
+            f"{host}: a name resolved on the default bridge: {(out + err).strip()}"
+        )
+    finally:
+        _rm(c, host, [a, b, d1, d2], (net,))
+
+
+def test_two_user_defined_bridges_are_isolated_until_network_connect(lesson: Cluster) -> None:
+    c, host = lesson, lesson.manager.name
+    n1, n2, a, b = (c.name(x) for x in ("n1", "n2", "a", "b"))
+    try:
+        c.sh(host, f"docker network create {LABEL} {n1} >/dev/null && docker network create {LABEL} {n2} >/dev/null")
+        _run(c, host, a, f"--network {n1}")
+        _run(c, host, b, f"--network {n2}")
+        b_ip = c.sh(host, f"docker inspect -f '{{{{(index .NetworkSettings.Networks \"{n2}\").IPAddress}}}}' {b}")
+        code, _, _ = c.result(host, f"docker exec {a} ping -c 1 -W 2 {b_ip}")
+        assert code != 0, f"{host}: {a} on {n1} reached {b} on {n2}: the bridges are not isolated"
+        c.sh(host, f"docker network connect {n1} {b}")
+        code, out, err = c.result(host, f"docker exec {a} ping -c 1 -W 2 {b}")
+        assert code == 0, f"{host}: after `docker network connect`, {a} still cannot reach {b}: {(out + err).strip()}"
+    finally:
+        _rm(c, host, [a, b], (n1, n2))
+
+
+def test_network_container_mode_shares_the_other_containers_interface(lesson: Cluster) -> None:
+    c, host = lesson, lesson.manager.name
+    a = c.name("a")
+    try:
+        _run(c, host, a, "")
+        mine = c.sh(host, f"docker exec {a} ip -4 -o addr show eth0")
+        shared = c.sh(host, f"docker run --rm {LABEL} --network container:{a} busybox ip -4 -o addr show eth0")
+        assert mine.split()[3] == shared.split()[3], f"{host}: --network container:{a} sees {shared}, not {mine}"
+    finally:
+        _rm(c, host, [a])
+
+
+def test_a_fixed_ip_needs_a_network_created_with_a_subnet(lesson: Cluster) -> None:
+    c, host = lesson, lesson.manager.name
+    auto, fixed, a, b = (c.name(x) for x in ("auto", "fixed", "a", "b"))
+    try:
+        c.sh(host, f"docker network create {LABEL} {auto} >/dev/null")
+        subnet = c.sh(host, f"docker network inspect {auto} -f '{{{{(index .IPAM.Config 0).Subnet}}}}'")
+        ip = subnet.split("/")[0].rsplit(".", 1)[0] + ".77"
+        code, out, err = c.result(host, f"docker run -d --name {a} {LABEL} --network {auto} --ip {ip} busybox sleep 60")
+        assert code != 0 and "user configured subnets" in out + err, (
+            f"{host}: --ip on a network without --subnet: {(out + err).strip()}"
+        )
+        c.sh(
+            host,
+            f"docker network rm {auto} >/dev/null && docker network create {LABEL} --subnet {subnet} {fixed} >/dev/null",
+        )
+        _run(c, host, b, f"--network {fixed} --ip {ip}")
+        got = c.sh(host, f"docker inspect -f '{{{{(index .NetworkSettings.Networks \"{fixed}\").IPAddress}}}}' {b}")
+        assert got == ip, f"{host}: asked for {ip}, got {got}"
+    finally:
+        _rm(c, host, [a, b], (auto, fixed))
+
+
+def test_a_published_port_answers_from_another_host(lesson: Cluster) -> None:
+    c = lesson
+    if len(c.nodes) < 2:
+        pytest.skip("needs two hosts")
+    server, client = c.manager, next(n for n in c.nodes.values() if n is not c.manager)
+    web = c.name("web")
+    token = c.token
+    try:
+        c.sh(
+            server.name,
+            f"docker run -d --name {web} {LABEL} -p {server.advertise_ip}::80 busybox sh -c "
+            f"{shlex.quote(f'mkdir -p /www && echo {token} > /www/index.html && exec httpd -f -p 80 -h /www')} >/dev/null",
+        )
+        port = c.sh(server.name, f"docker port {web} 80/tcp").splitlines()[0].rsplit(":", 1)[1]
+        got = ""
+        for _ in range(10):
+            code, got, _ = c.result(
+                client.name,
+                f"docker run --rm {LABEL} --network host busybox wget -qO- http://{server.advertise_ip}:{port}/",
+            )
+            if code == 0:
+                break
+        assert got.strip() == token, f"{client.name} -> {server.name}:{port}: published port gave {got.strip()!r}"
+    finally:
+        _rm(c, server.name, [web])
+
+
+def test_network_none_has_only_loopback(lesson: Cluster) -> None:
+    c, host = lesson, lesson.manager.name
+    links = c.sh(host, f"docker run --rm {LABEL} --network none busybox ip -o link").splitlines()
+    names = [line.split(":")[1].strip() for line in links]
+    assert names == ["lo"], f"{host}: --network none has {names}"
+
+
+def test_network_host_sees_the_hosts_interfaces(lesson: Cluster) -> None:
+    c, host = lesson, lesson.manager.name
+    inside = c.sh(host, f"docker run --rm {LABEL} --network host busybox ip -o link")
+    advertise = c.nodes[host].host.advertise
+    assert f": {advertise}" in inside or c.nodes[host].advertise_ip in c.sh(
+        host, f"docker run --rm {LABEL} --network host busybox ip -4 -o addr"
+    ), f"{host}: --network host does not see {advertise}"
