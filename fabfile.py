@@ -67,7 +67,8 @@ def _provision(
     help={
         **COMMON_HELP,
         "dry_run": "show per-host diffs and what would restart; change nothing",
-        "force_leave_swarm": "leave a swarm even where this node manages services",
+        "force_leave_swarm": "kv mode: leave a swarm even where this node manages services",
+        "leave_other_swarm": "swarm mode: a node in another swarm leaves it and joins this one",
         "allow_restart": "restart dockerd even where containers that are not overlaylab's run",
     },
 )
@@ -78,13 +79,15 @@ def bootstrap_cluster(
     json: bool = False,
     accept_new_host_keys: bool = False,
     force_leave_swarm: bool = False,
+    leave_other_swarm: bool = False,
     allow_restart: bool = False,
     ask_sudo_password: bool = False,
 ) -> None:
-    """Consul on the manager, the cluster-store drop-in on every host, the overlay network, the ping matrix."""
+    """kv: Consul, the cluster-store drop-in, the overlay; swarm: init, join, an attachable overlay; then pings."""
     _provision(
         c, provision.bootstrap, inventory, ask_sudo_password, dry_run=dry_run, json=json,
-        accept_new_host_keys=accept_new_host_keys, force_leave_swarm=force_leave_swarm, allow_restart=allow_restart,
+        accept_new_host_keys=accept_new_host_keys, force_leave_swarm=force_leave_swarm,
+        leave_other_swarm=leave_other_swarm, allow_restart=allow_restart,
     )  # fmt: skip
 
 
@@ -94,7 +97,8 @@ def bootstrap_cluster(
         **COMMON_HELP,
         "node": "the worker to join",
         "dry_run": "show the diff; change nothing",
-        "force_leave_swarm": "leave a swarm even where this node manages services",
+        "force_leave_swarm": "kv mode: leave a swarm even where this node manages services",
+        "leave_other_swarm": "swarm mode: a node in another swarm leaves it and joins this one",
         "allow_restart": "restart dockerd even where containers that are not overlaylab's run",
     },
 )
@@ -106,13 +110,15 @@ def join_node(
     json: bool = False,
     accept_new_host_keys: bool = False,
     force_leave_swarm: bool = False,
+    leave_other_swarm: bool = False,
     allow_restart: bool = False,
     ask_sudo_password: bool = False,
 ) -> None:
     """Bring one worker into an existing cluster; re-running it changes nothing."""
     _provision(
         c, provision.join_node, inventory, ask_sudo_password, node, dry_run=dry_run, json=json,
-        accept_new_host_keys=accept_new_host_keys, force_leave_swarm=force_leave_swarm, allow_restart=allow_restart,
+        accept_new_host_keys=accept_new_host_keys, force_leave_swarm=force_leave_swarm,
+        leave_other_swarm=leave_other_swarm, allow_restart=allow_restart,
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import consul
 from fabric import Connection
+from invoke.exceptions import ThreadException
 
 from overlaylab import facts, remote
 from overlaylab.errors import InputError, OverlaylabError
@@ -123,20 +124,32 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def consul_client(manager: Node, ip: str, port: int) -> Iterator[consul.Consul]:
-    """Consul's API through an SSH forward to the manager: the laptop need not reach the cluster network."""
+    """Consul's API through an SSH forward to the manager: the laptop need not reach the cluster network.
+
+    Fabric re-raises, when the forward closes, any connection its tunnel threads
+    could not open. While Consul starts that is expected (the caller retries);
+    such errors count only when the caller's own work failed.
+    """
     local = free_port()
-    with manager.conn.forward_local(local_port=local, remote_port=port, remote_host=ip, local_host="127.0.0.1"):
-        # Fabric binds the forward's listener in a thread: wait until it accepts.
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", local), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise OverlaylabError(f"{manager.name}: SSH forward to {ip}:{port} did not open") from None
-                time.sleep(0.05)
-        yield consul.Consul(host="127.0.0.1", port=local, connections_timeout=5)
+    succeeded = False
+    try:
+        with manager.conn.forward_local(local_port=local, remote_port=port, remote_host=ip, local_host="127.0.0.1"):
+            # Fabric binds the forward's listener in a thread: wait until it accepts.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", local), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise OverlaylabError(f"{manager.name}: SSH forward to {ip}:{port} did not open") from None
+                    time.sleep(0.05)
+            yield consul.Consul(host="127.0.0.1", port=local, connections_timeout=5)
+            succeeded = True
+    except ThreadException as exc:
+        if not succeeded:
+            cause = exc.__context__ or exc
+            raise OverlaylabError(f"{manager.name}: Consul at {ip}:{port} unreachable through SSH: {cause}") from None
 
 
 def journal(node: Node, lines: int = 20) -> str:

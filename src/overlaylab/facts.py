@@ -170,6 +170,19 @@ class HostFacts:
         return bool((self.info.get("Swarm") or {}).get("ControlAvailable"))
 
     @property
+    def swarm_node_addr(self) -> str:
+        return str((self.info.get("Swarm") or {}).get("NodeAddr") or "")
+
+    @property
+    def swarm_cluster_id(self) -> str:
+        return str(((self.info.get("Swarm") or {}).get("Cluster") or {}).get("ID") or "")
+
+    @property
+    def swarm_remote_managers(self) -> list[str]:
+        """`ip:port` of the managers this node knows."""
+        return [str(m.get("Addr", "")) for m in (self.info.get("Swarm") or {}).get("RemoteManagers") or []]
+
+    @property
     def foreign_containers(self) -> list[str]:
         return sorted(name for name, role in self.containers.items() if not role)
 

@@ -29,6 +29,7 @@ FLAVORS = {
     ],
 }  # fmt: skip
 FLAVOR_DATA_DIR = {"progrium": "/data", "hashicorp": "/consul/data"}
+MODES = ("kv", "swarm", "auto")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Inventory:
     network: str = "ov_net1"
     subnet: str | None = None
     extra_flags: tuple[str, ...] = ()
+    mode: str = "kv"
+    swarm_addr_pool: str | None = None
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -125,10 +128,11 @@ def _typed(r: _Reader, section: dict[str, Any], key: str, where: str, kind: type
     if key not in section or section[key] is None:
         return default
     value = section[key]
+    field_name = f"{where}.{key}" if where else key
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise r.fail(f"{where}.{key}", f"must be an integer, got {type(value).__name__} {value!r}")
+        raise r.fail(field_name, f"must be an integer, got {type(value).__name__} {value!r}")
     if kind is str and not isinstance(value, str):
-        raise r.fail(f"{where}.{key}", f"must be a string, got {type(value).__name__} {value!r}")
+        raise r.fail(field_name, f"must be a string, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -173,7 +177,19 @@ def load(path: str | Path) -> Inventory:
         raise InputError(f"{path}{at}: YAML error: {problem}") from None
     if root is None:
         raise InputError(f"{path}: the inventory is empty")
-    doc = _mapping(r, r.data(root, ""), "", {"cluster", "ssh", "consul", "network", "dockerd", "hosts"})
+    doc = _mapping(
+        r, r.data(root, ""), "", {"cluster", "mode", "ssh", "consul", "network", "dockerd", "swarm", "hosts"}
+    )
+    mode = _typed(r, doc, "mode", "", str, "kv")
+    if mode not in MODES:
+        raise r.fail("mode", f"{mode!r} is not one of: {', '.join(MODES)}")
+    swarm = _mapping(r, doc.get("swarm"), "swarm", {"default_addr_pool"})
+    pool = _typed(r, swarm, "default_addr_pool", "swarm", str)
+    if pool is not None:
+        try:
+            pool = str(ipaddress.ip_network(pool))
+        except ValueError:
+            raise r.fail("swarm.default_addr_pool", f"{pool!r} is not a network in CIDR form") from None
 
     cluster = _mapping(r, doc.get("cluster"), "cluster", {"name"})
     ssh = _mapping(r, doc.get("ssh"), "ssh", {"user", "key", "known_hosts", "port"})
@@ -254,5 +270,7 @@ def load(path: str | Path) -> Inventory:
         network=net_name,
         subnet=subnet,
         extra_flags=tuple(flags),
+        mode=mode,
+        swarm_addr_pool=pool,
         lines=dict(r.lines),
     )

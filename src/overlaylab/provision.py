@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 from overlaylab import cluster, render
+from overlaylab import mode as modes
 from overlaylab.cluster import Node, parallel
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Inventory
@@ -28,6 +31,7 @@ class Options:
     json: bool = False
     accept_new_host_keys: bool = False
     force_leave_swarm: bool = False
+    leave_other_swarm: bool = False
     allow_restart: bool = False
     sudo_password: str | None = None
 
@@ -58,8 +62,8 @@ def _manager(nodes: list[Node]) -> Node:
     return next(n for n in nodes if n.host.is_manager)
 
 
-def _preflight(inv: Inventory, nodes: list[Node], report: RunReport) -> None:
-    problems = preflight.check(inv, nodes)
+def _preflight(inv: Inventory, nodes: list[Node], report: RunReport, mode: str = "kv") -> None:
+    problems = preflight.check(inv, nodes, mode)
     for node in nodes:
         if node.name in problems:
             report.record(node.name, "preflight", "failed", "; ".join(problems[node.name]))
@@ -91,18 +95,32 @@ def run_task(task: str, inv: Inventory, opts: Options, fn: object, *args: object
     except OverlaylabError as exc:
         report.note(f"error: {exc}")
         code = 1
+    except Exception as exc:
+        report.note(f"internal error (please report): {type(exc).__name__}: {exc}")
+        if os.environ.get("OVERLAYLAB_DEBUG"):
+            traceback.print_exc()
+        code = 1
     finally:
         report.extra["remote_commands"] = {n.name: n.commands for n in nodes}
         cluster.close_all(nodes)
     return _finish(report, int(code))
 
 
+def _mode(inv: Inventory, nodes: list[Node], report: RunReport) -> str:
+    mode, why = modes.resolve(inv.mode, nodes)
+    report.extra["mode"] = mode
+    report.note(why)
+    return mode
+
+
 def _bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport, only: str | None) -> int:
-    started = report.started
     manager = _manager(nodes)
-    targets = [n for n in nodes if only is None or n.name == only]
-    if only is not None and manager in targets:
+    if only is not None and only == manager.name:
         raise InputError(f"join-node: {only} is the manager; use bootstrap-cluster")
+    if _mode(inv, nodes, report) == "swarm":
+        return _bootstrap_swarm(inv, opts, nodes, report, only)
+    started = report.started
+    targets = [n for n in nodes if only is None or n.name == only]
     _preflight(inv, nodes, report)
 
     # Plan everything before changing anything.
@@ -231,6 +249,97 @@ def _bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepo
         failed.add(live[i].name)
 
     # Step 8: the ping matrix (probes are not changes).
+    report.extra["seconds_to_verify"] = round(time.monotonic() - started, 2)
+    live = [n for n in nodes if n.name not in failed]
+    _verify(inv, live, report, [n for n in targets if n in live] if only else None)
+    report.extra["seconds_verify"] = round(time.monotonic() - started - float(report.extra["seconds_to_verify"]), 2)  # type: ignore[arg-type]
+    return 1 if report.failed else 0
+
+
+def _bootstrap_swarm(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport, only: str | None) -> int:
+    """Swarm mode: no Consul, no cluster flags; swarm init, workers join, an attachable overlay."""
+    started = report.started
+    manager = _manager(nodes)
+    targets = [n for n in nodes if only is None or n.name == only]
+    _preflight(inv, nodes, report, "swarm")
+    refusals: dict[str, str] = {}
+    m_state, m_why = swarm.manager_state(manager, opts.leave_other_swarm)
+    if m_state == "refuse":
+        refusals[manager.name] = m_why
+    if only is not None and m_state != "ok":
+        refusals[manager.name] = f"no swarm managed by {manager.name} ({m_why}): run bootstrap-cluster first"
+    w_state = {n.name: swarm.worker_state(n, manager, opts.leave_other_swarm) for n in targets if n is not manager}
+    for name, (state, why) in w_state.items():
+        if state == "refuse":
+            refusals[name] = why
+    # Cluster flags of ours (a kv cluster before) come out before the swarm forms.
+    unflag = [n for n in targets if render.is_ours(n.facts.dropin)]
+    for node in unflag:
+        if node.facts.foreign_containers and not opts.allow_restart:
+            refusals[node.name] = (
+                "removing the cluster flags restarts dockerd, which stops: "
+                f"{', '.join(node.facts.foreign_containers)}; pass --allow-restart to go ahead"
+            )
+    if opts.dry_run:
+        report.extra["dry_run"] = True
+        for node in unflag:
+            report.record(node.name, "dockerd", "changed", "would restore the original drop-in (no cluster flags)")
+        if manager in targets:
+            report.record(manager.name, "swarm", "ok" if m_state == "ok" else "changed", m_why)
+        for name, (state, why) in w_state.items():
+            report.record(name, "swarm", "ok" if state == "ok" else ("failed" if state == "refuse" else "changed"), why)
+        for name, why in refusals.items():
+            report.record(name, "plan", "failed", why)
+        report.note("dry run: nothing was changed")
+        return 2 if refusals else 0
+    if refusals:
+        for name, why in refusals.items():
+            report.record(name, "plan", "failed", why)
+        raise Refused("; ".join(f"{h}: {w}" for h, w in refusals.items()))
+
+    failed: set[str] = set()
+    for node in sorted(unflag, key=lambda n: n is not manager):
+        try:
+            report.record(node.name, "dockerd", "changed", dockerd.restore_original(node) or "no drop-in of ours")
+            network.refresh(inv, node)
+        except OverlaylabError as exc:
+            report.record(node.name, "dockerd", "failed", str(exc))
+            failed.add(node.name)
+    if manager.name in failed:
+        return 1
+    try:
+        if m_state == "ok":
+            report.record(manager.name, "swarm", "ok", m_why)
+        elif manager in targets:
+            report.record(
+                manager.name, "swarm", "changed", swarm.init(manager, inv.swarm_addr_pool, m_state == "reinit")
+            )
+    except OverlaylabError as exc:
+        report.record(manager.name, "swarm", "failed", str(exc))
+        return 1
+    joining = [n for n in targets if n is not manager and w_state[n.name][0] != "ok" and n.name not in failed]
+    token = swarm.worker_token(manager) if joining else ""
+
+    def join(node: Node) -> None:
+        try:
+            detail = swarm.join(node, manager, token, w_state[node.name][0] == "rejoin")
+            report.record(node.name, "swarm", "changed", detail)
+        except OverlaylabError as exc:
+            report.record(node.name, "swarm", "failed", str(exc))
+            failed.add(node.name)
+
+    for node in targets:
+        if node is not manager and node not in joining and node.name not in failed:
+            report.record(node.name, "swarm", "ok", w_state[node.name][1])
+    parallel(joining, join)
+    if m_state != "ok":
+        network.refresh(inv, manager)
+    try:
+        changed, why = network.ensure(inv, manager, swarm=True)
+        report.record(manager.name, "network", "changed" if changed else "ok", why)
+    except OverlaylabError as exc:
+        report.record(manager.name, "network", "failed", str(exc))
+        return 1
     report.extra["seconds_to_verify"] = round(time.monotonic() - started, 2)
     live = [n for n in nodes if n.name not in failed]
     _verify(inv, live, report, [n for n in targets if n in live] if only else None)
@@ -435,6 +544,15 @@ def _teardown(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
         except OverlaylabError as exc:
             report.record(node.name, "dockerd", "failed", str(exc))
 
+    if _mode(inv, nodes, report) == "swarm":
+        for node in [*(n for n in nodes if n is not manager), manager]:  # workers first, then the manager
+            try:
+                if swarm.leave_swarm(node):
+                    report.record(node.name, "swarm", "changed", "left the swarm")
+                else:
+                    report.record(node.name, "swarm", "ok", "not in a swarm")
+            except OverlaylabError as exc:
+                report.record(node.name, "swarm", "failed", str(exc))
     parallel([n for n in nodes if n is not manager], restore)
     restore(manager)
     try:

@@ -51,6 +51,7 @@ def inventory_text(spec: LabSpec) -> str:
         "consul: {image: progrium/consul, flavor: progrium, port: 8500}",
         f"network: {{name: ov_net1, subnet: {spec.overlay_subnet}}}",
         "dockerd: {extra_flags: []}",
+        f"swarm: {{default_addr_pool: {spec.swarm_pool}}}  # used in mode: swarm",
         "hosts:",
     ]
     lines += [f"  {h.name}: {{address: {h.mgmt_ip}, role: {h.role}, advertise: eth1}}" for h in spec.hosts]
@@ -223,6 +224,28 @@ def down(name: str = "lab", inventory: Path | None = None, steps: Steps | None =
         removed.append(f"inventory {inventory}")
     steps.line(" lab is down: " + (f"removed {len(removed)} things" if removed else "nothing to remove"))
     return removed
+
+
+def lab_names() -> set[str]:
+    """Every lab the outer engine holds objects of (found by label, no state file)."""
+    eng = engine.find(start=False)
+    if eng is None:
+        return set()
+    names = set()
+    for kind in ("container", "network", "volume"):
+        fmt = '{{.Label "overlaylab.lab"}}' if kind != "volume" else "{{.Labels}}"
+        extra = ["-a"] if kind == "container" else []
+        for line in eng.docker.out(
+            kind, "ls", *extra, "--filter", "label=overlaylab.lab", "--format", fmt
+        ).splitlines():
+            for part in line.split(","):
+                if "=" in part:
+                    key, _, value = part.partition("=")
+                    if key.strip() == "overlaylab.lab":
+                        names.add(value.strip())
+                elif part.strip():
+                    names.add(part.strip())
+    return names
 
 
 @dataclass

@@ -64,6 +64,11 @@ class LabSpec:
         return str(self._sub24(9))
 
     @property
+    def swarm_pool(self) -> str:
+        """Swarm's default address pool (ingress and overlays without a subnet), inside the range."""
+        return str(list(self.addr_range.subnets(new_prefix=18))[1])
+
+    @property
     def inner_pool(self) -> str:
         """Inner engines' default-address-pools base (docker_gwbridge, user bridges)."""
         return str(list(self.addr_range.subnets(new_prefix=17))[1])

@@ -46,7 +46,17 @@ def _inv(config: pytest.Config) -> Inventory | None:
 
 
 def cluster_mode(inv: Inventory) -> str:
-    return getattr(inv, "mode", "kv") or "kv"
+    """kv or swarm; `auto` is decided as bootstrap-cluster decides it, from the live engines."""
+    if inv.mode != "auto":
+        return inv.mode
+    nodes = cluster.connect_all(inv, list(inv.hosts))
+    try:
+        cluster.read_facts(inv, nodes)
+        from overlaylab import mode as modes
+
+        return modes.resolve("auto", nodes)[0]
+    finally:
+        cluster.close_all(nodes)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -84,6 +84,7 @@ def test_dockerd_runs(smoke_cluster: Cluster, host: str) -> None:
     assert state == "active", f"{host}: docker.service is {state}"
 
 
+@pytest.mark.mode("kv")
 def test_engine_version_has_the_cluster_store(smoke_cluster: Cluster, host: str) -> None:
     version = smoke_cluster.sh(host, "docker version --format '{{.Server.Version}}'", check=False)
     assert version, f"{host}: dockerd does not answer"
@@ -109,6 +110,26 @@ def test_drop_in_on_disk_is_what_the_templates_render(smoke_cluster: Cluster, ho
     assert render.is_ours(node.facts.dropin), f"{host}: {DROPIN} is missing or not overlaylab's"
     wanted = dockerd.plan(c.inv, node, c.manager.advertise_ip)
     assert not wanted.changed, f"{host}: the drop-in drifted from the templates:\n{wanted.diff()}"
+
+
+@pytest.mark.mode("swarm")
+def test_host_is_an_active_node_of_the_managers_swarm(smoke_cluster: Cluster, host: str) -> None:
+    c = smoke_cluster
+    state = c.sh(host, "docker info --format '{{.Swarm.LocalNodeState}}'", check=False)
+    assert state == "active", f"{host}: swarm state is {state or 'unknown'}"
+    managers = c.sh(host, "docker info --format '{{range .Swarm.RemoteManagers}}{{.Addr}} {{end}}'", check=False)
+    assert f"{c.manager.advertise_ip}:2377" in managers.split(), (
+        f"{host}: not in {c.manager.name}'s swarm (managers: {managers})"
+    )
+
+
+@pytest.mark.mode("swarm")
+def test_the_manager_sees_every_node_ready(smoke_cluster: Cluster) -> None:
+    c = smoke_cluster
+    nodes = c.sh(c.manager.name, "docker node ls --format '{{.Hostname}} {{.Status}} {{.Availability}}'")
+    ready = {line.split()[0] for line in nodes.splitlines() if line.split()[1:] == ["Ready", "Active"]}
+    missing = sorted(n.facts.hostname for n in c.nodes.values() if n.facts.hostname not in ready)
+    assert not missing, f"{c.manager.name}: nodes not Ready/Active in the swarm: {missing}\n{nodes}"
 
 
 # ---- Consul and the overlay network --------------------------------------------------
@@ -140,13 +161,24 @@ def test_overlay_network_is_in_the_kv_store(smoke_cluster: Cluster) -> None:
     assert any(net["Id"] in k for k in keys or []), f"network {c.inv.network} ({net['Id'][:12]}) is not in Consul's KV"
 
 
+@pytest.mark.mode("kv")
 def test_overlay_network_exists_with_one_id_and_global_scope(smoke_cluster: Cluster, host: str) -> None:
     c = smoke_cluster
     net = c.nodes[host].facts.network
     assert net is not None, f"{host}: network {c.inv.network} does not exist"
-    assert net["Driver"] == "overlay" and net["Scope"] in ("global", "swarm"), f"{host}: {net['Driver']}/{net['Scope']}"
+    assert net["Driver"] == "overlay" and net["Scope"] == "global", f"{host}: {net['Driver']}/{net['Scope']}"
     ids = {n.facts.network["Id"] for n in c.nodes.values() if n.facts.network}
     assert len(ids) == 1, f"{host}: network {c.inv.network} has different IDs across hosts: {sorted(ids)}"
+
+
+@pytest.mark.mode("swarm")
+def test_overlay_network_is_an_attachable_swarm_network(smoke_cluster: Cluster) -> None:
+    c = smoke_cluster
+    net = c.manager.facts.network
+    assert net is not None, f"{c.manager.name}: network {c.inv.network} does not exist"
+    assert (net["Driver"], net["Scope"], net.get("Attachable")) == ("overlay", "swarm", True), (
+        f"{c.manager.name}: {c.inv.network} is {net['Driver']}/{net['Scope']}, attachable={net.get('Attachable')}"
+    )
 
 
 # ---- every ordered pair -------------------------------------------------------------

@@ -3,6 +3,7 @@ other settings is reported, never deleted."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from typing import Any
 
@@ -13,11 +14,14 @@ from overlaylab.inventory import Inventory
 
 
 def differences(inv: Inventory, data: dict[str, Any], scope: str = "global") -> list[str]:
+    """What differs from the wanted network; scope "swarm" also wants it attachable."""
     diffs = []
     if data.get("Driver") != "overlay":
         diffs.append(f"driver {data.get('Driver')}, wanted overlay")
     if data.get("Scope") != scope:
         diffs.append(f"scope {data.get('Scope')}, wanted {scope}")
+    if scope == "swarm" and not data.get("Attachable"):
+        diffs.append("not attachable, wanted --attachable")
     if inv.subnet:
         subnets = [c.get("Subnet") for c in (data.get("IPAM") or {}).get("Config") or []]
         if inv.subnet not in subnets:
@@ -25,10 +29,11 @@ def differences(inv: Inventory, data: dict[str, Any], scope: str = "global") -> 
     return diffs
 
 
-def ensure(inv: Inventory, manager: Node, extra: str = "") -> tuple[bool, str]:
+def ensure(inv: Inventory, manager: Node, swarm: bool = False) -> tuple[bool, str]:
     data = manager.facts.network
+    extra = " --attachable" if swarm else ""
     if data is not None:
-        diffs = differences(inv, data)
+        diffs = differences(inv, data, "swarm" if swarm else "global")
         if diffs:
             raise OverlaylabError(
                 f"network {inv.network} exists with other settings ({'; '.join(diffs)}); left as it is, "
@@ -40,6 +45,13 @@ def ensure(inv: Inventory, manager: Node, extra: str = "") -> tuple[bool, str]:
         f"docker network create --driver overlay{extra}{subnet} --label {ROLE_LABEL}=network {shlex.quote(inv.network)}"
     ).strip()
     return True, f"created {inv.network} ({net_id[:12]})"
+
+
+def refresh(inv: Inventory, node: Node) -> None:
+    """Re-read the network after this run changed the daemon (a restart, a new swarm)."""
+    code, out, _ = node.result(f"docker network inspect {shlex.quote(inv.network)} 2>/dev/null")
+    data = json.loads(out) if code == 0 and out.strip() else []
+    node.facts.network = data[0] if data else None
 
 
 def remove(inv: Inventory, manager: Node) -> str | None:

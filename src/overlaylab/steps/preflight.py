@@ -31,16 +31,18 @@ def engine_problem(node: Node) -> str | None:
     return None
 
 
-def host_problems(inv: Inventory, node: Node) -> list[str]:
+def host_problems(inv: Inventory, node: Node, mode: str = "kv") -> list[str]:
     f = node.facts
     problems = []
     if f.docker_active != "active":
         problems.append(f"docker.service is {f.docker_active or 'not installed'}, it must be installed and running")
-    engine = engine_problem(node)
-    if engine:
-        problems.append(engine)
     if not f.advertise_ips:
         problems.append(f"advertise {node.host.advertise!r}: no such interface or address with an IPv4 address")
+    if mode == "swarm":
+        return problems  # swarm mode writes no drop-in: the cluster-store checks do not apply
+    engine = engine_problem(node)
+    if engine:
+        problems.append(engine + " (or set mode: swarm in the inventory)")
     if f.daemon_json_error:
         problems.append(f"/etc/docker/daemon.json is {f.daemon_json_error}")
     clash = sorted(k for k in (f.daemon_json or {}) if k.startswith("cluster-"))
@@ -65,11 +67,11 @@ def host_problems(inv: Inventory, node: Node) -> list[str]:
     return problems
 
 
-def check(inv: Inventory, nodes: list[Node]) -> dict[str, list[str]]:
+def check(inv: Inventory, nodes: list[Node], mode: str = "kv") -> dict[str, list[str]]:
     """Problems by host name (empty when all is well)."""
     problems: dict[str, list[str]] = defaultdict(list)
     for node in nodes:
-        problems[node.name].extend(host_problems(inv, node))
+        problems[node.name].extend(host_problems(inv, node, mode))
     by_hostname: dict[str, list[str]] = defaultdict(list)
     by_ip: dict[str, list[str]] = defaultdict(list)
     for node in nodes:

@@ -1,0 +1,109 @@
+"""End to end, real components (sshd, systemd, dockerd 26.x in swarm mode, busybox):
+the swarm backend on a modern lab of its own. Hosts 1-3 form the cluster, host 4
+joins later. Tests run in order on one lab."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from overlaylab.lab import lifecycle
+from overlaylab.lab.spec import build_spec
+from tests.e2e.labtools import require_lab, sh
+from tests.e2e.test_bootstrap_kv import DROPIN, Lab, fab, host_state, ping_pairs, run_smoke, statuses
+
+NAME, RANGE = "e2esw", "10.215.0.0/16"
+ENGINES = "modern,modern,modern,modern"
+NAMES = ["bm-docker-01", "bm-docker-02", "bm-docker-03"]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    require_lab()
+    directory = tmp_path_factory.mktemp("sw")
+    lifecycle.down(NAME)
+    inventory = directory / "lab.yaml"
+    lifecycle.up(NAME, engine_opt=ENGINES, inventory=inventory, addr_range=RANGE)
+    yield Lab(build_spec(NAME, ENGINES, addr_range=RANGE), directory, yaml.safe_load(inventory.read_text()))
+    if not os.environ.get("OVERLAYLAB_KEEP_LAB"):
+        lifecycle.down(NAME)
+
+
+def with_mode(lab: Lab, name: str, hosts: list[int], mode: str) -> Path:
+    path = lab.inventory(name, hosts)
+    doc = yaml.safe_load(path.read_text())
+    doc["mode"] = mode
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_kv_mode_on_a_modern_lab_is_refused_and_changes_nothing(lab: Lab) -> None:
+    before = host_state(lab, [1, 2, 3])
+    code, doc, _ = fab("bootstrap-cluster", "--inventory", str(with_mode(lab, "kv", [1, 2, 3], "kv")))
+    assert code == 2
+    assert set(statuses(doc, "preflight").values()) == {"failed"}
+    assert all("mode: swarm" in s["preflight"]["detail"] for s in doc["hosts"].values())
+    after = host_state(lab, [1, 2, 3])
+    assert after == before and all(s[1] == "-" for s in after.values())  # no drop-in, same dockerd PIDs
+
+
+def test_auto_mode_picks_swarm_and_every_pair_pings_by_ip_and_name(lab: Lab) -> None:
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(with_mode(lab, "auto", [1, 2, 3], "auto")))
+    assert code == 0, err
+    assert doc["mode"] == "swarm" and "auto picked swarm" in err
+    assert statuses(doc, "swarm") == dict.fromkeys(NAMES, "changed")
+    assert ping_pairs(doc) == {(a, b, by): True for a in NAMES for b in NAMES if a != b for by in ("ip", "name")}
+    conn = lab.conn(1)
+    assert sh(conn, "docker network inspect ov_net1 -f '{{.Scope}} {{.Attachable}}'") == "swarm true"
+    pool = lab.base["swarm"]["default_addr_pool"]
+    assert pool.startswith("10.215.") and pool in sh(
+        conn, "docker info --format '{{json .Swarm.Cluster.DefaultAddrPool}}'"
+    )
+    conn.close()
+
+
+def test_a_second_run_changes_nothing(lab: Lab) -> None:
+    before = host_state(lab, [1, 2, 3])
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(with_mode(lab, "swarm", [1, 2, 3], "swarm")))
+    assert code == 0 and doc["changes"] == 0, err
+    assert set(statuses(doc, "swarm").values()) == {"ok"}
+    assert host_state(lab, [1, 2, 3]) == before
+
+
+def test_the_smoke_suite_passes_in_swarm_mode(lab: Lab) -> None:
+    junit = lab.dir / "smoke-swarm.xml"
+    passed, failures, took = run_smoke(with_mode(lab, "swarm", [1, 2, 3], "swarm"), junit)
+    print(f"smoke suite (swarm) on 3 hosts: {passed} passed in {took:.1f}s")
+    assert failures == {}, failures
+    text = junit.read_text()
+    assert "test_host_is_an_active_node_of_the_managers_swarm" in text
+    assert "test_dockerd_runs_with_our_cluster_flags" not in text  # kv-only checks are deselected, not skipped
+
+
+def test_join_node_of_a_fresh_worker_and_a_rerun_changes_nothing(lab: Lab) -> None:
+    inventory = str(with_mode(lab, "swarm4", [1, 2, 3, 4], "swarm"))
+    code, doc, err = fab("join-node", "--node", "bm-docker-04", "--inventory", inventory)
+    assert code == 0, err
+    assert statuses(doc, "swarm")["bm-docker-04"] == "changed"
+    pairs = ping_pairs(doc)
+    assert len(pairs) == 12 and all(pairs.values()) and all("bm-docker-04" in (a, b) for a, b, _ in pairs)
+    code, doc, err = fab("join-node", "--node", "bm-docker-04", "--inventory", inventory)
+    assert code == 0 and doc["changes"] == 0, err
+
+
+def test_teardown_leaves_no_swarm_and_no_network_and_is_safe_twice(lab: Lab) -> None:
+    inventory = str(with_mode(lab, "swarm4", [1, 2, 3, 4], "swarm"))
+    code, doc, err = fab("teardown", "--inventory", inventory)
+    assert code == 0, err
+    for i in (1, 2, 3, 4):
+        conn = lab.conn(i)
+        assert sh(conn, "docker info --format '{{.Swarm.LocalNodeState}}'") == "inactive"
+        assert "ov_net1" not in sh(conn, "docker network ls --format '{{.Name}}'")
+        assert sh(conn, "docker ps -aq") == "" and sh(conn, f"cat {DROPIN} 2>/dev/null || echo -") == "-"
+        conn.close()
+    code, doc, err = fab("teardown", "--inventory", inventory)
+    assert code == 0 and doc["changes"] == 0, err
