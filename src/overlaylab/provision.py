@@ -300,6 +300,8 @@ def _bootstrap_swarm(inv: Inventory, opts: Options, nodes: list[Node], report: R
     failed: set[str] = set()
     for node in sorted(unflag, key=lambda n: n is not manager):
         try:
+            if anchor.remove(node):  # kv leftovers: swarm mode needs no anchor
+                report.record(node.name, "anchor", "changed", "removed (a kv-mode leftover)")
             report.record(node.name, "dockerd", "changed", dockerd.restore_original(node) or "no drop-in of ours")
             network.refresh(inv, node)
         except OverlaylabError as exc:
@@ -307,6 +309,8 @@ def _bootstrap_swarm(inv: Inventory, opts: Options, nodes: list[Node], report: R
             failed.add(node.name)
     if manager.name in failed:
         return 1
+    if manager in targets and consul.remove(inv, manager):
+        report.record(manager.name, "consul", "changed", "removed (swarm mode needs no Consul)")
     try:
         if m_state == "ok":
             report.record(manager.name, "swarm", "ok", m_why)

@@ -293,3 +293,31 @@ def test_a_changed_inventory_then_teardown_brings_back_the_original_state(lab: L
     conn.close()
     code, doc, err = fab("teardown", "--inventory", str(moved))
     assert code == 0 and doc["changes"] == 0, err
+
+
+def test_switching_the_cluster_from_kv_to_swarm_mode_on_docker_20_10(lab: Lab) -> None:
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
+    assert code == 0, err
+    switched = lab.inventory("abc-swarm", [1, 2, 3])
+    doc_yaml = yaml.safe_load(switched.read_text())
+    doc_yaml["mode"] = "swarm"
+    switched.write_text(yaml.safe_dump(doc_yaml))
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(switched))
+    assert code == 0, err
+    assert set(statuses(doc, "dockerd").values()) == {"changed"}  # cluster flags out first
+    assert statuses(doc, "consul") == {"bm-docker-01": "changed"}  # no Consul in swarm mode
+    names = ["bm-docker-01", "bm-docker-02", "bm-docker-03"]
+    assert ping_pairs(doc) == {(a, b, by): True for a in names for b in names if a != b for by in ("ip", "name")}
+    for i in (1, 2, 3):
+        conn = lab.conn(i)
+        assert "--cluster-store" not in sh(conn, "ps -o args= -C dockerd")
+        assert sh(conn, "docker info --format '{{.Swarm.LocalNodeState}}'") == "active"
+        assert sh(conn, f"cat {DROPIN} 2>/dev/null || echo -") == (PREEXISTING.strip() if i == 2 else "-")
+        conn.close()
+    code, doc, err = fab("teardown", "--inventory", str(switched))
+    assert code == 0, err
+    for i in (1, 2, 3):
+        conn = lab.conn(i)
+        assert sh(conn, "docker info --format '{{.Swarm.LocalNodeState}}'") == "inactive"
+        assert sh(conn, "docker ps -aq") == ""
+        conn.close()

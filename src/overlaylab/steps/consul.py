@@ -76,18 +76,20 @@ def ensure(inv: Inventory, manager: Node) -> tuple[bool, str]:
 
 
 def wait_leader(inv: Inventory, manager: Node, timeout: float = 60) -> str:
+    """A fresh SSH forward per attempt: once one of its connections fails (Consul not
+    listening yet), a Fabric forward accepts no more."""
     deadline = time.monotonic() + timeout
     last = ""
-    with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
-        while time.monotonic() < deadline:
-            try:
+    while time.monotonic() < deadline:
+        try:
+            with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
                 leader = client.status.leader()
-                if leader:
-                    return str(leader)
-                last = "no leader yet"
-            except (requests.RequestException, consul.ConsulException, OSError) as exc:
-                last = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            time.sleep(0.5)
+            if leader:
+                return str(leader)
+            last = "no leader yet"
+        except (OverlaylabError, requests.RequestException, consul.ConsulException, OSError) as exc:
+            last = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        time.sleep(0.5)
     raise OverlaylabError(
         f"Consul on {manager.advertise_ip}:{inv.consul_port} has no leader after {timeout:.0f}s: {last}"
     )
@@ -111,7 +113,10 @@ def wait_registered(inv: Inventory, manager: Node, wanted: dict[str, str], timeo
     deadline = time.monotonic() + timeout
     found: set[str] = set()
     while True:
-        found = registered(inv, manager)
+        try:
+            found = registered(inv, manager)
+        except (OverlaylabError, requests.RequestException, consul.ConsulException, OSError):
+            pass  # a fresh forward next time
         if all(f"{ip}:2376" in found for ip in wanted.values()) or time.monotonic() > deadline:
             break
         time.sleep(1)
