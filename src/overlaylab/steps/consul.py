@@ -4,6 +4,7 @@ through an SSH forward, since the laptop may not reach the cluster network."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shlex
 import time
@@ -113,10 +114,8 @@ def wait_registered(inv: Inventory, manager: Node, wanted: dict[str, str], timeo
     deadline = time.monotonic() + timeout
     found: set[str] = set()
     while True:
-        try:
-            found = registered(inv, manager)
-        except (OverlaylabError, requests.RequestException, consul.ConsulException, OSError):
-            pass  # a fresh forward next time
+        with contextlib.suppress(OverlaylabError, requests.RequestException, consul.ConsulException, OSError):
+            found = registered(inv, manager)  # on failure, a fresh forward next time
         if all(f"{ip}:2376" in found for ip in wanted.values()) or time.monotonic() > deadline:
             break
         time.sleep(1)
