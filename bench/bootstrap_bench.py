@@ -27,9 +27,11 @@ class Quiet(Steps):
         pass
 
 
-def fresh_lab(count: int, inventory: Path) -> None:
+def fresh_lab(count: int, inventory: Path, engine: str = "legacy", mode: str = "kv") -> None:
     lifecycle.down(NAME, steps=Quiet())
-    lifecycle.up(NAME, count=count, engine_opt="legacy", inventory=inventory, addr_range=RANGE, steps=Quiet())
+    lifecycle.up(NAME, count=count, engine_opt=engine, inventory=inventory, addr_range=RANGE, steps=Quiet())
+    if mode != "kv":
+        inventory.write_text(f"mode: {mode}\n" + inventory.read_text())
 
 
 def fab(*args: str) -> tuple[float, dict[str, object]]:
@@ -119,6 +121,15 @@ def main() -> None:
             flush=True,
         )
     print(f"6 hosts / 3 hosts bootstrap: {results[6] / results[3]:.2f}x")
+    print(f"{'mode':>5}  {'engine':>6}  {'bootstrap':>9}  {'re-run 1-7':>10}  {'verify':>6}")
+    for mode, engine in (("kv", "legacy"), ("swarm", "modern"), ("swarm", "legacy")):
+        fresh_lab(3, inventory, engine, mode)
+        first, _ = fab("bootstrap-cluster", "--inventory", str(inventory))
+        _, again = fab("bootstrap-cluster", "--inventory", str(inventory))
+        print(
+            f"{mode:>5}  {engine:>6}  {first:>8.1f}s  {again['seconds_to_verify']:>9}s  {again['seconds_verify']:>5}s",
+            flush=True,
+        )
     lifecycle.down(NAME, steps=Quiet())
 
 

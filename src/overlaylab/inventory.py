@@ -142,6 +142,16 @@ def _port(r: _Reader, value: int | None, where: str) -> int | None:
     return value
 
 
+def _cidr(r: _Reader, section: dict[str, Any], key: str, where: str) -> str | None:
+    value = _typed(r, section, key, where, str)
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_network(value))
+    except ValueError:
+        raise r.fail(f"{where}.{key}", f"{value!r} is not a network in CIDR form (e.g. 10.0.9.0/24)") from None
+
+
 def _address(r: _Reader, value: str, where: str) -> str:
     """An IP, a DNS name or an ~/.ssh/config alias; anything else is not an address."""
     if re.fullmatch(r"[0-9.]+", value):
@@ -184,12 +194,7 @@ def load(path: str | Path) -> Inventory:
     if mode not in MODES:
         raise r.fail("mode", f"{mode!r} is not one of: {', '.join(MODES)}")
     swarm = _mapping(r, doc.get("swarm"), "swarm", {"default_addr_pool"})
-    pool = _typed(r, swarm, "default_addr_pool", "swarm", str)
-    if pool is not None:
-        try:
-            pool = str(ipaddress.ip_network(pool))
-        except ValueError:
-            raise r.fail("swarm.default_addr_pool", f"{pool!r} is not a network in CIDR form") from None
+    pool = _cidr(r, swarm, "default_addr_pool", "swarm")
 
     cluster = _mapping(r, doc.get("cluster"), "cluster", {"name"})
     ssh = _mapping(r, doc.get("ssh"), "ssh", {"user", "key", "known_hosts", "port"})
@@ -206,12 +211,7 @@ def load(path: str | Path) -> Inventory:
     net_name = _typed(r, network, "name", "network", str, "ov_net1")
     if not NODE_NAME_RE.match(net_name):
         raise r.fail("network.name", f"{net_name!r} is not a valid network name")
-    subnet = _typed(r, network, "subnet", "network", str)
-    if subnet is not None:
-        try:
-            subnet = str(ipaddress.ip_network(subnet))
-        except ValueError:
-            raise r.fail("network.subnet", f"{subnet!r} is not a network in CIDR form (e.g. 10.0.9.0/24)") from None
+    subnet = _cidr(r, network, "subnet", "network")
     flags = dockerd.get("extra_flags") or []
     if not isinstance(flags, list) or not all(isinstance(f, str) and f.startswith("-") for f in flags):
         raise r.fail("dockerd.extra_flags", "must be a list of dockerd flags, each starting with '-'")
