@@ -86,16 +86,18 @@ def floor(count: int) -> float:
     )
     parallel(dropin, [h.mgmt_ip for h in spec.hosts])
     on(manager.mgmt_ip, f"sudo systemctl restart docker && {leader} && {gossip}")
-    parallel(f"sudo systemctl restart docker && {gossip}", workers)
+    for worker in workers:  # one at a time: parallel restarts can split gossip (see provision.py)
+        on(worker, f"sudo systemctl restart docker && {gossip}")
     on(manager.mgmt_ip, "sudo docker network create -d overlay ov_net1 >/dev/null")
     parallel(
         "sudo docker run -d --name bbox-$(hostname) --network ov_net1 busybox sleep 600 >/dev/null",
         [h.mgmt_ip for h in spec.hosts],
     )
+    converge = "end=$(( $(date +%s) + 20 )); until sudo docker exec bbox-{0} ping -c 1 -W 1 bbox-{1} >/dev/null 2>&1; do [ $(date +%s) -ge $end ] && exit 1; sleep 0.5; done"
     for src in spec.hosts:
         for dst in spec.hosts:
             if src is not dst:
-                on(src.mgmt_ip, f"sudo docker exec bbox-{src.name} ping -c 1 -W 2 bbox-{dst.name} >/dev/null")
+                on(src.mgmt_ip, converge.format(src.name, dst.name))
     return time.monotonic() - start
 
 

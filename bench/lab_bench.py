@@ -55,8 +55,10 @@ def from_nothing(count: int) -> float:
         try:
             took = timed_up(count)
         finally:
-            lifecycle.down(NAME, steps=Quiet())
+            lifecycle.down(NAME, steps=Quiet())  # may stop a private engine: start it again
             images.CACHE = saved
+            eng = engine.find(start=True)
+            assert eng is not None
             for ref in eng.docker.out("images", "--filter", "label=overlaylab.image", "-q").split():
                 eng.docker.run("rmi", "-f", ref, check=False)
     return took
