@@ -1,0 +1,1 @@
+"""One pipeline per overlay backend: kv (Consul cluster store) and swarm."""

@@ -1,0 +1,130 @@
+"""The frame every task runs in: one verified connection per host, facts read once,
+a report, and the mapping of every outcome to an exit code.
+
+Exit codes: 0 all good; 1 a host failed after changes began; 2 bad input or a
+refused preflight/plan, in which case nothing was changed anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from overlaylab import cluster
+from overlaylab import mode as modes
+from overlaylab.cluster import Node
+from overlaylab.errors import InputError, OverlaylabError
+from overlaylab.inventory import Inventory
+from overlaylab.report import RunReport
+from overlaylab.steps import preflight, verify
+
+Pipeline = Callable[..., int]
+
+
+@dataclass(frozen=True)
+class Options:
+    dry_run: bool = False
+    json: bool = False
+    accept_new_host_keys: bool = False
+    force_leave_swarm: bool = False
+    leave_other_swarm: bool = False
+    allow_restart: bool = False
+    sudo_password: str | None = None
+
+
+class Refused(InputError):
+    """Preflight or plan refused: nothing has been changed on any host."""
+
+
+def open_nodes(inv: Inventory, opts: Options) -> list[Node]:
+    nodes = cluster.connect_all(inv, list(inv.hosts), opts.accept_new_host_keys, opts.sudo_password)
+    try:
+        cluster.read_facts(inv, nodes)
+    except BaseException:
+        cluster.close_all(nodes)
+        raise
+    return nodes
+
+
+def finish(report: RunReport, code: int) -> int:
+    if report.json_mode:
+        print(json.dumps(report.document(code), indent=2))
+    elif report.outcomes:
+        report.note(report.table())
+    return code
+
+
+def manager_of(nodes: list[Node]) -> Node:
+    return next(n for n in nodes if n.host.is_manager)
+
+
+def preflight_step(inv: Inventory, nodes: list[Node], report: RunReport, mode: str = "kv") -> None:
+    problems = preflight.check(inv, nodes, mode)
+    for node in nodes:
+        if node.name in problems:
+            report.record(node.name, "preflight", "failed", "; ".join(problems[node.name]))
+        else:
+            f = node.facts
+            report.record(
+                node.name, "preflight", "ok", f"Docker {f.version}, {node.host.advertise}={node.advertise_ip}"
+            )
+    if problems:
+        raise Refused("preflight refused: " + "; ".join(f"{h}: {'; '.join(p)}" for h, p in problems.items()))
+
+
+def run_task(task: str, inv: Inventory, opts: Options, fn: Pipeline, *args: object) -> int:
+    """Common frame: report, connections, facts; maps every path to an exit code."""
+    report = RunReport(task, [h.name for h in inv.hosts], opts.json)
+    try:
+        nodes = open_nodes(inv, opts)
+    except InputError as exc:
+        report.note(f"error: {exc}")
+        return finish(report, 2)
+    try:
+        code = fn(inv, opts, nodes, report, *args)
+    except Refused as exc:
+        report.note(f"refused, nothing changed: {exc}")
+        code = 2
+    except InputError as exc:
+        report.note(f"error: {exc}")
+        code = 2
+    except OverlaylabError as exc:
+        report.note(f"error: {exc}")
+        code = 1
+    except Exception as exc:
+        report.note(f"internal error (please report): {type(exc).__name__}: {exc}")
+        if os.environ.get("OVERLAYLAB_DEBUG"):
+            traceback.print_exc()
+        code = 1
+    finally:
+        report.extra["remote_commands"] = {n.name: n.commands for n in nodes}
+        cluster.close_all(nodes)
+    return finish(report, int(code))
+
+
+def mode_step(inv: Inventory, nodes: list[Node], report: RunReport) -> str:
+    mode, why = modes.resolve(inv.mode, nodes)
+    report.extra["mode"] = mode
+    report.note(why)
+    return mode
+
+
+def verify_step(inv: Inventory, nodes: list[Node], report: RunReport, sources: list[Node] | None = None) -> bool:
+    matrix = verify.run(inv.network, nodes, sources)
+    report.note(matrix.render())
+    for host, lines in sorted(matrix.journals.items()):
+        report.note(f"--- {host}: dockerd journal (last lines) ---\n{lines}")
+    report.extra["ping_matrix"] = matrix.as_dict()
+    failures = matrix.failures()
+    for node in nodes:
+        if sources is not None and node not in sources and not any(f.startswith(f"{node.name} ") for f in failures):
+            continue
+        mine = [f for f in failures if f.startswith((f"{node.name} ", f"{node.name}:"))]
+        if mine:
+            report.record(node.name, "verify", "failed", "; ".join(mine))
+        else:
+            report.record(node.name, "verify", "ok", "pings every other host by IP and by name")
+    return matrix.ok
