@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import select
 import socket
-import time
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import consul
+import paramiko
 from fabric import Connection
-from invoke.exceptions import ThreadException
 
 from overlaylab import facts, remote
 from overlaylab.errors import InputError, OverlaylabError
@@ -31,6 +32,7 @@ class Node:
     conn: Connection
     facts: facts.HostFacts = field(default_factory=facts.HostFacts)
     commands: int = 0  # remote commands run for this host in this run (for the bench)
+    forwards: dict[tuple[str, int], Forward] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -97,6 +99,8 @@ def connect_all(
 
 def close_all(nodes: list[Node]) -> None:
     for node in nodes:
+        for forward in node.forwards.values():
+            forward.close()
         with contextlib.suppress(Exception):
             node.conn.close()
 
@@ -116,40 +120,68 @@ def read_facts(inv: Inventory, nodes: list[Node]) -> None:
         raise InputError("\n".join(str(e) for e in errors.values()))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class Forward:
+    """A local port forwarded through a host's SSH transport (direct-tcpip), for the whole run.
+
+    Fabric's forward_local waits about a second to close and accepts nothing more once
+    one of its channels failed; this one closes at once, and a channel that cannot open
+    (Consul not listening yet) only drops that connection, so callers simply retry.
+    """
+
+    def __init__(self, transport: paramiko.Transport, ip: str, port: int) -> None:
+        self.transport, self.dest = transport, (ip, port)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, origin = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pipe, args=(client, origin), daemon=True).start()
+
+    def _pipe(self, client: socket.socket, origin: tuple[str, int]) -> None:
+        try:
+            chan = self.transport.open_channel("direct-tcpip", self.dest, origin, timeout=5)
+        except (paramiko.SSHException, OSError):
+            client.close()
+            return
+        try:
+            watched: list[Any] = [client, chan]
+            while not self.closed:
+                ready, _, _ = select.select(watched, [], [], 0.5)
+                for source, sink in ((client, chan), (chan, client)):
+                    if source in ready:
+                        data = source.recv(65536)
+                        if not data:
+                            return
+                        sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            chan.close()
+            client.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
 
 
 @contextlib.contextmanager
 def consul_client(manager: Node, ip: str, port: int) -> Iterator[consul.Consul]:
-    """Consul's API through an SSH forward to the manager: the laptop need not reach the cluster network.
-
-    Fabric re-raises, when the forward closes, any connection its tunnel threads
-    could not open. While Consul starts that is expected (the caller retries);
-    such errors count only when the caller's own work failed.
-    """
-    local = free_port()
-    succeeded = False
-    try:
-        with manager.conn.forward_local(local_port=local, remote_port=port, remote_host=ip, local_host="127.0.0.1"):
-            # Fabric binds the forward's listener in a thread: wait until it accepts.
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", local), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise OverlaylabError(f"{manager.name}: SSH forward to {ip}:{port} did not open") from None
-                    time.sleep(0.05)
-            yield consul.Consul(host="127.0.0.1", port=local, connections_timeout=5)
-            succeeded = True
-    except ThreadException as exc:
-        if not succeeded:
-            cause = exc.__context__ or exc
-            raise OverlaylabError(f"{manager.name}: Consul at {ip}:{port} unreachable through SSH: {cause}") from None
+    """Consul's API through the manager's SSH connection: the laptop need not reach the cluster network."""
+    key = (ip, port)
+    if key not in manager.forwards:
+        transport = manager.conn.client.get_transport()
+        if transport is None:
+            raise OverlaylabError(f"{manager.name}: no SSH transport for the Consul forward")
+        manager.forwards[key] = Forward(transport, ip, port)
+    yield consul.Consul(host="127.0.0.1", port=manager.forwards[key].port, connections_timeout=5)
 
 
 def journal(node: Node, lines: int = 20) -> str:

@@ -62,7 +62,8 @@ class RunReport:
         mark = {"changed": "~", "ok": "✓", "failed": "✗", "skipped": "-"}[status]
         with self._lock:
             self.outcomes.append({"host": host, "step": step, "status": status, "detail": detail})
-            text = f" {mark} {host:<14} {step:<10} {status}" + (f": {detail}" if detail else "")
+            elapsed = time.monotonic() - self.started
+            text = f" {mark} {host:<14} {step:<10} {status}" + (f": {detail}" if detail else "") + f" [{elapsed:.1f}s]"
             print(text, file=self.stream, flush=True)
 
     def note(self, text: str) -> None:

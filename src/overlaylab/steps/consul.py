@@ -77,8 +77,7 @@ def ensure(inv: Inventory, manager: Node) -> tuple[bool, str]:
 
 
 def wait_leader(inv: Inventory, manager: Node, timeout: float = 60) -> str:
-    """A fresh SSH forward per attempt: once one of its connections fails (Consul not
-    listening yet), a Fabric forward accepts no more."""
+    """Until Consul names a leader; connections refused while it starts are retried."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -115,7 +114,7 @@ def wait_registered(inv: Inventory, manager: Node, wanted: dict[str, str], timeo
     found: set[str] = set()
     while True:
         with contextlib.suppress(OverlaylabError, requests.RequestException, consul.ConsulException, OSError):
-            found = registered(inv, manager)  # on failure, a fresh forward next time
+            found = registered(inv, manager)  # Consul may still be starting: try again
         if all(f"{ip}:2376" in found for ip in wanted.values()) or time.monotonic() > deadline:
             break
         time.sleep(1)
