@@ -170,10 +170,6 @@ class HostFacts:
         return bool((self.info.get("Swarm") or {}).get("ControlAvailable"))
 
     @property
-    def swarm_node_addr(self) -> str:
-        return str((self.info.get("Swarm") or {}).get("NodeAddr") or "")
-
-    @property
     def swarm_cluster_id(self) -> str:
         return str(((self.info.get("Swarm") or {}).get("Cluster") or {}).get("ID") or "")
 

@@ -102,12 +102,6 @@ def registered(inv: Inventory, manager: Node) -> set[str]:
     return {k.rsplit("/", 1)[-1] for k in keys or []}
 
 
-def kv_has(inv: Inventory, manager: Node, prefix: str) -> list[str]:
-    with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
-        _, keys = client.kv.get(prefix, keys=True)
-    return list(keys or [])
-
-
 def wait_registered(inv: Inventory, manager: Node, wanted: dict[str, str], timeout: float = 45) -> dict[str, bool]:
     """host name -> registered, waiting until all are (dockerd registers shortly after start)."""
     deadline = time.monotonic() + timeout
