@@ -12,7 +12,7 @@ from overlaylab.inventory import Inventory
 from overlaylab.pipelines import kv
 from overlaylab.pipelines import swarm as swarm_pipeline
 from overlaylab.report import RunReport
-from overlaylab.run import Options, Refused, manager_of, mode_step, run_task, verify_step
+from overlaylab.run import Options, manager_of, mode_step, refuse, run_task, verify_step
 from overlaylab.steps import anchor, consul, dockerd, network, swarm
 
 __all__ = ["Options", "bootstrap", "join_node", "status", "teardown", "verify_only"]
@@ -106,10 +106,7 @@ def _teardown(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
                 f"restoring the drop-in restarts dockerd, which stops: {', '.join(node.facts.foreign_containers)}; "
                 "pass --allow-restart to go ahead"
             )
-    if blockers:
-        for name, why in blockers.items():
-            report.record(name, "plan", "failed", why)
-        raise Refused("; ".join(f"{h}: {w}" for h, w in blockers.items()))
+    refuse(report, blockers)
     if opts.dry_run:
         report.note("dry run: teardown would restore the original drop-ins, remove Consul and the network")
         return 0

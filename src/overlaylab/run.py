@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,8 +113,20 @@ def mode_step(inv: Inventory, nodes: list[Node], report: RunReport) -> str:
     return mode
 
 
+def refuse(report: RunReport, refusals: dict[str, str]) -> None:
+    """A refused plan: each host's reason in the report, then exit 2 with nothing changed."""
+    if refusals:
+        for name, why in refusals.items():
+            report.record(name, "plan", "failed", why)
+        raise Refused("; ".join(f"{h}: {w}" for h, w in refusals.items()))
+
+
 def verify_step(inv: Inventory, nodes: list[Node], report: RunReport, sources: list[Node] | None = None) -> bool:
+    """The ping matrix; its time and the time before it are figures of the report (bench/)."""
+    before = time.monotonic()
+    report.extra["seconds_to_verify"] = round(before - report.started, 2)
     matrix = verify.run(inv.network, nodes, sources)
+    report.extra["seconds_verify"] = round(time.monotonic() - before, 2)
     report.note(matrix.render())
     for host, lines in sorted(matrix.journals.items()):
         report.note(f"--- {host}: dockerd journal (last lines) ---\n{lines}")

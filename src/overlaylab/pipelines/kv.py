@@ -4,20 +4,18 @@ again; then the workers one at a time; gossip up before any container joins the 
 from __future__ import annotations
 
 import contextlib
-import time
 
 from overlaylab.cluster import Node, parallel
 from overlaylab.errors import OverlaylabError
 from overlaylab.inventory import Inventory
 from overlaylab.report import RunReport
-from overlaylab.run import Options, Refused, manager_of, preflight_step, verify_step
+from overlaylab.run import Options, manager_of, preflight_step, refuse, verify_step
 from overlaylab.steps import anchor, consul, dockerd, network, swarm
 
 
 def bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport, only: str | None) -> int:
     """kv mode; with ``only``, join-node of that worker."""
     manager = manager_of(nodes)
-    started = report.started
     targets = [n for n in nodes if only is None or n.name == only]
     preflight_step(inv, nodes, report)
 
@@ -44,10 +42,7 @@ def bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
                 )
     if opts.dry_run:
         return dry_run(inv, report, manager, targets, plans, restart, consul_state, consul_why, refusals)
-    if refusals:
-        for name, why in refusals.items():
-            report.record(name, "plan", "failed", why)
-        raise Refused("; ".join(f"{h}: {w}" for h, w in refusals.items()))
+    refuse(report, refusals)
 
     # Step 2: leave any swarm.
     def leave(node: Node) -> None:
@@ -147,10 +142,8 @@ def bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
         failed.add(live[i].name)
 
     # Step 8: the ping matrix (probes are not changes).
-    report.extra["seconds_to_verify"] = round(time.monotonic() - started, 2)
     live = [n for n in nodes if n.name not in failed]
     verify_step(inv, live, report, [n for n in targets if n in live] if only else None)
-    report.extra["seconds_verify"] = round(time.monotonic() - started - float(report.extra["seconds_to_verify"]), 2)  # type: ignore[arg-type]
     return 1 if report.failed else 0
 
 

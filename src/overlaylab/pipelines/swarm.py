@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import time
-
 from overlaylab import render
 from overlaylab.cluster import Node, parallel
 from overlaylab.errors import OverlaylabError
 from overlaylab.inventory import Inventory
 from overlaylab.report import RunReport
-from overlaylab.run import Options, Refused, manager_of, preflight_step, verify_step
+from overlaylab.run import Options, manager_of, preflight_step, refuse, verify_step
 from overlaylab.steps import anchor, consul, dockerd, network, swarm
 
 
 def bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport, only: str | None) -> int:
     """Swarm mode: no Consul, no cluster flags; swarm init, workers join, an attachable overlay."""
-    started = report.started
     manager = manager_of(nodes)
     targets = [n for n in nodes if only is None or n.name == only]
     preflight_step(inv, nodes, report, "swarm")
@@ -49,10 +46,7 @@ def bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
             report.record(name, "plan", "failed", why)
         report.note("dry run: nothing was changed")
         return 2 if refusals else 0
-    if refusals:
-        for name, why in refusals.items():
-            report.record(name, "plan", "failed", why)
-        raise Refused("; ".join(f"{h}: {w}" for h, w in refusals.items()))
+    refuse(report, refusals)
 
     failed: set[str] = set()
     for node in sorted(unflag, key=lambda n: n is not manager):
@@ -101,8 +95,6 @@ def bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
     except OverlaylabError as exc:
         report.record(manager.name, "network", "failed", str(exc))
         return 1
-    report.extra["seconds_to_verify"] = round(time.monotonic() - started, 2)
     live = [n for n in nodes if n.name not in failed]
     verify_step(inv, live, report, [n for n in targets if n in live] if only else None)
-    report.extra["seconds_verify"] = round(time.monotonic() - started - float(report.extra["seconds_to_verify"]), 2)  # type: ignore[arg-type]
     return 1 if report.failed else 0
