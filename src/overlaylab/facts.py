@@ -47,15 +47,33 @@ def script(advertise: str, consul_name: str | None, network: str) -> str:
             "s consul_backend; d=$(command -v dockerd || echo /usr/sbin/dockerd); "
             'grep -q -a libkv/store/consul "$d" && echo yes',
             "s services; timeout 20 docker service ls -q 2>/dev/null | wc -l",
-            # dockerd threads left in a deleted network namespace (see steps/anchor.py)
-            "s stray_threads; pid=$(systemctl show -p MainPID --value docker.service); "
-            'if [ "$pid" -gt 0 ] 2>/dev/null; then own=$(readlink /proc/$pid/ns/net); '
-            "live=$(for f in /run/docker/netns/*; do stat -L -c 'net:[%i]' \"$f\" 2>/dev/null; done); n=0; "
-            "for t in /proc/$pid/task/*; do x=$(readlink $t/ns/net 2>/dev/null) || continue; "
-            '[ "$x" = "$own" ] && continue; echo "$live" | grep -qxF "$x" || n=$((n+1)); done; echo $n; fi',
+            f"s stray_threads; {stray_threads_script()}",
             "s overlays; timeout 20 docker network ls --filter driver=overlay --format '{{.Name}}' 2>/dev/null",
             "s end",
         ]
+    )
+
+
+def stray_threads_script(
+    proc: str = "/proc",
+    netns_dir: str = "/run/docker/netns",
+    pid: str = "$(systemctl show -p MainPID --value docker.service)",
+) -> str:
+    """Counts dockerd threads left in a deleted network namespace (see steps/anchor.py).
+
+    A thread is stray when its namespace is neither the host's nor a live sandbox's. The
+    host's is PID 1's, not that of dockerd's main thread: Go may run the overlay's
+    watchMiss goroutine on the main thread, which then sits, locked, in a live sandbox,
+    and measured against it every healthy thread looked stray (CI: "10 thread(s)" on a
+    fresh worker whose daemon had 11, and a needless restart). A daemon with no thread
+    in the host's namespace runs where this check does not apply: 0.
+    """
+    return (
+        f'pid={pid}; if [ "$pid" -gt 0 ] 2>/dev/null; then host=$(readlink {proc}/1/ns/net); '
+        f"live=$(for f in {netns_dir}/*; do stat -L -c 'net:[%i]' \"$f\" 2>/dev/null; done); n=0; home=0; "
+        f"for t in {proc}/$pid/task/*; do x=$(readlink $t/ns/net 2>/dev/null) || continue; "
+        'if [ "$x" = "$host" ]; then home=1; continue; fi; echo "$live" | grep -qxF "$x" || n=$((n+1)); done; '
+        "if [ $home = 1 ]; then echo $n; else echo 0; fi; fi"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +192,38 @@ def test_a_swarm_manager_with_services_is_not_left_silently() -> None:
     assert swarm.needed(n)
     assert "2 service(s)" in (swarm.refusal(n, force=False) or "")
     assert swarm.refusal(n, force=True) is None
+
+
+def _fake_daemon(root: Path, threads: dict[str, str]) -> str:
+    """A fake /proc and /run/docker/netns: PID 1 in the host namespace, one live sandbox."""
+    sandboxes = root / "netns"
+    sandboxes.mkdir()
+    live = sandboxes / "1-abcdef"
+    live.touch()
+    names = {"host": "net:[4026531840]", "sandbox": f"net:[{live.stat().st_ino}]", "dead": "net:[4026539999]"}
+    (root / "proc/1/ns").mkdir(parents=True)
+    (root / "proc/1/ns/net").symlink_to(names["host"])
+    for tid, where in threads.items():
+        (root / f"proc/42/task/{tid}/ns").mkdir(parents=True)
+        (root / f"proc/42/task/{tid}/ns/net").symlink_to(names[where])
+    return facts.stray_threads_script(proc=str(root / "proc"), netns_dir=str(sandboxes), pid="42")
+
+
+@pytest.mark.parametrize(
+    ("threads", "stray"),
+    [
+        # The CI false alarm: Go ran watchMiss on the main thread, so the main thread sits in the sandbox.
+        ({"42": "sandbox", "43": "host", "44": "host", "45": "host"}, 0),
+        ({"42": "host", "43": "sandbox", "44": "host"}, 0),
+        ({"42": "host", "43": "sandbox", "44": "dead", "45": "dead"}, 2),
+        ({"42": "sandbox", "43": "dead", "44": "host"}, 1),
+        # No thread in the host's namespace: a daemon this check does not model.
+        ({"42": "sandbox", "43": "dead"}, 0),
+    ],
+)
+def test_stray_threads_are_counted_against_the_hosts_namespace(
+    tmp_path: Path, threads: dict[str, str], stray: int
+) -> None:
+    """Runs the real facts snippet under bash against a fake /proc (a unit test: no dockerd)."""
+    out = subprocess.run(["bash", "-c", _fake_daemon(tmp_path, threads)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(stray)
