@@ -249,6 +249,41 @@ def test_join_node_brings_a_fresh_worker_in_and_a_rerun_changes_nothing(lab: Lab
     assert code == 0 and doc["changes"] == 0, err
 
 
+def stray_threads(lab: Lab, inventory: Path) -> dict[str, int]:
+    code, doc, err = fab("status", "--inventory", str(inventory))
+    assert code == 0, err
+    return {row["host"]: row["stray_threads"] for row in doc["status"]}
+
+
+def test_stranded_dockerd_threads_are_found_and_cleared_by_a_restart_of_that_host_only(lab: Lab) -> None:
+    """Docker 20.10's real defect (steps/anchor.py), made on purpose: the last container on a
+    second overlay network of bm-docker-03 leaves, its sandbox goes, and a thread stays in it."""
+    inventory = lab.inventory("abcd", [1, 2, 3, 4])
+    assert set(stray_threads(lab, inventory).values()) == {0}
+    subnet = ".".join(lab.spec.hosts[0].cluster_ip.split(".")[:2]) + ".30.0/24"
+    conn = lab.conn(3)
+    sh(conn, f"docker network create -d overlay --subnet {subnet} users_net >/dev/null")
+    try:
+        sh(conn, "docker run --rm --network users_net busybox true")
+        found = stray_threads(lab, inventory)
+        assert found["bm-docker-03"] >= 1, found
+        assert [h for h, n in found.items() if n] == ["bm-docker-03"], found
+        before = host_state(lab, [1, 2, 3, 4])
+        code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory))
+        assert code == 0, err
+        dockerd = {h: s["dockerd"] for h, s in doc["hosts"].items() if "dockerd" in s}
+        assert {h: d["status"] for h, d in dockerd.items() if d["status"] != "ok"} == {"bm-docker-03": "changed"}
+        assert "deleted network namespace" in dockerd["bm-docker-03"]["detail"]
+        assert all(ping_pairs(doc).values())
+        after = host_state(lab, [1, 2, 3, 4])
+        assert [i for i in before if before[i][0] != after[i][0]] == [3]  # only bm-docker-03's dockerd restarted
+        assert set(stray_threads(lab, inventory).values()) == {0}
+        assert "users_net" in sh(conn, "docker network ls --format '{{.Name}}'")  # a user's network is kept
+    finally:
+        sh(conn, "docker network rm users_net >/dev/null 2>&1; true")
+        conn.close()
+
+
 def test_a_flag_that_stops_dockerd_is_rolled_back_and_reported(lab: Lab) -> None:
     before = host_state(lab, [1, 2, 3, 4])
     bad = lab.inventory("bad", [1, 2, 3, 4], dockerd={"extra_flags": ["--no-such-flag"]})
