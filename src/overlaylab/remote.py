@@ -18,6 +18,7 @@ from pathlib import Path
 
 import paramiko
 from fabric import Connection
+from invoke.exceptions import AuthFailure
 from invoke.runners import Result
 
 from overlaylab.errors import InputError, OverlaylabError
@@ -118,18 +119,38 @@ class RemoteCommandError(OverlaylabError):
         super().__init__(f"{host}: `{command}` exited {result.exited}: " + " | ".join(tail))
 
 
+class SudoError(InputError):
+    """sudo wants a password that was not given, or refused the one given (exit 2)."""
+
+
+SUDO_HOW = "--ask-sudo-password or OVERLAYLAB_SUDO_PASSWORD"
+
+
 def run(conn: Connection, command: str, *, sudo: bool = False, check: bool = True, host: str = "") -> Result:
     """Run a shell command, captured; with ``sudo`` through `sudo sh -c` so pipes and && work.
 
     stdin is never read (pytest and CI have none), and nothing is echoed, so a
-    sudo password never reaches the output.
+    sudo password never reaches the output. Without a password, sudo runs with
+    `-n`: a host that wants one fails at once with a clear message, instead of
+    Fabric answering the prompt with an empty password that the host logs as a
+    failed attempt (and that pam_faillock counts).
     """
-    if sudo:
-        result: Result = conn.sudo(f"sh -c {shlex.quote(command)}", hide=True, warn=True, in_stream=False)
+    name = host or str(conn.host)
+    if sudo and conn.config.sudo.password is None:
+        result: Result = conn.run(
+            f"LC_ALL=C sudo -n sh -c {shlex.quote(command)}", hide=True, warn=True, in_stream=False
+        )
+        if result.exited == 1 and "sudo: a password is required" in result.stderr:
+            raise SudoError(f"{name}: sudo asks for a password and none was given; use {SUDO_HOW}")
+    elif sudo:
+        try:
+            result = conn.sudo(f"sh -c {shlex.quote(command)}", hide=True, warn=True, in_stream=False)
+        except AuthFailure:
+            raise SudoError(f"{name}: sudo refused the password given ({SUDO_HOW})") from None
     else:
         result = conn.run(command, hide=True, warn=True, in_stream=False)
     if check and result.exited != 0:
-        raise RemoteCommandError(host or str(conn.host), command, result)
+        raise RemoteCommandError(name, command, result)
     return result
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from overlaylab.lab import keys, lifecycle
 from overlaylab.lab.spec import LabSpec, build_spec
-from tests.e2e.labtools import require_lab, sh, ssh
+from tests.e2e.labtools import outer, require_lab, sh, ssh
 
 NAME, RANGE = "e2ekv", "10.213.0.0/16"
 ENGINES = "legacy,legacy,legacy,legacy,modern"
@@ -55,10 +55,11 @@ class Lab:
         return ssh(self.spec, self.spec.hosts[index - 1])
 
 
-def fab(*args: str) -> tuple[int, dict[str, Any], str]:
+def fab(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
     proc = subprocess.run(
-        [FAB, "-r", str(ROOT), *args, "--json"], capture_output=True, text=True, stdin=subprocess.DEVNULL
-    )
+        [FAB, "-r", str(ROOT), *args, "--json"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+    )  # fmt: skip
     try:
         doc = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -282,6 +283,47 @@ def test_stranded_dockerd_threads_are_found_and_cleared_by_a_restart_of_that_hos
     finally:
         sh(conn, "docker network rm users_net >/dev/null 2>&1; true")
         conn.close()
+
+
+def test_ssh_config_aliases_and_a_sudo_password_work_and_the_password_is_never_printed(lab: Lab) -> None:
+    """Hosts named by ~/.ssh/config aliases that also give the user, port and key; bm-docker-03's
+    sudo wants a password (set, like the restore below, from outside the host)."""
+    home = lab.dir / "home"
+    (home / ".ssh").mkdir(parents=True, exist_ok=True)
+    config = "Host kv-*\n    User admin\n    Port 22\n    IdentityFile {key}\n".format(
+        key=keys.state_dir(NAME) / "id_ed25519"
+    )
+    for host in lab.spec.hosts[:4]:
+        config += f"Host kv-{host.index:02d}\n    HostName {host.mgmt_ip}\n"
+    (home / ".ssh/config").write_text(config)
+    doc = json.loads(json.dumps(lab.base))
+    doc["ssh"] = {"known_hosts": doc["ssh"]["known_hosts"]}  # no user, key or port: they come from the aliases
+    doc["hosts"] = {h: {**v, "address": f"kv-{h[-2:]}"} for h, v in doc["hosts"].items() if int(h[-2:]) <= 4}
+    aliased = lab.dir / "aliases.yaml"
+    aliased.write_text(yaml.safe_dump(doc))
+    password = "Pw-" + os.urandom(6).hex()
+    docker, container = outer(), lab.spec.container(lab.spec.hosts[2])
+    docker.run("exec", container, "sh", "-c", f"echo 'admin:{password}' | chpasswd && "
+               "echo 'admin ALL=(ALL) ALL' > /etc/sudoers.d/admin")  # fmt: skip
+    try:
+        code, _, err = fab("status", "--inventory", str(aliased), env={"HOME": str(home)})
+        assert code == 2 and "bm-docker-03: sudo asks for a password and none was given" in err, err
+        code, _, err = fab(
+            "status", "--inventory", str(aliased), env={"HOME": str(home), "OVERLAYLAB_SUDO_PASSWORD": "x"}
+        )
+        assert code == 2 and "bm-docker-03: sudo refused the password given" in err, err
+        env = {"HOME": str(home), "OVERLAYLAB_SUDO_PASSWORD": password}
+        proc = subprocess.run(
+            [FAB, "-r", str(ROOT), "bootstrap-cluster", "--inventory", str(aliased)],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, env={**os.environ, **env},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "no change (0 changes)" in proc.stdout
+        assert "bm-docker-04  ✓/✓" in proc.stdout  # the ping matrix ran through the aliases
+        assert password not in proc.stdout + proc.stderr
+    finally:
+        docker.run("exec", container, "sh", "-c", "passwd -l admin >/dev/null && "
+                   "echo 'admin ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/admin")  # fmt: skip
 
 
 def test_a_flag_that_stops_dockerd_is_rolled_back_and_reported(lab: Lab) -> None:

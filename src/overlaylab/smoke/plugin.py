@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from overlaylab import cluster, inventory
+from overlaylab import cluster, inventory, remote
 from overlaylab.cluster import Node
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL
@@ -49,7 +49,7 @@ def cluster_mode(inv: Inventory) -> str:
     """kv or swarm; `auto` is decided as bootstrap-cluster decides it, from the live engines."""
     if inv.mode != "auto":
         return inv.mode
-    nodes = cluster.connect_all(inv, list(inv.hosts))
+    nodes = cluster.connect_all(inv, list(inv.hosts), sudo_password=remote.environ_sudo_password())
     try:
         cluster.read_facts(inv, nodes)
         from overlaylab import mode as modes
@@ -126,7 +126,10 @@ def smoke_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         pytest.skip("no --inventory given: the cluster smoke tests need one (pytest --inventory FILE)")
     accept = bool(request.config.getoption("--accept-new-host-keys"))
     try:
-        nodes = cluster.connect_all(inv, list(inv.hosts), accept_new=accept)
+        # A sudo password comes from OVERLAYLAB_SUDO_PASSWORD: pytest has no terminal to prompt on.
+        nodes = cluster.connect_all(
+            inv, list(inv.hosts), accept_new=accept, sudo_password=remote.environ_sudo_password()
+        )
         cluster.read_facts(inv, nodes)
     except OverlaylabError as exc:
         pytest.fail(f"cannot reach the cluster: {exc}", pytrace=False)
