@@ -14,7 +14,9 @@ import jinja2
 
 from overlaylab.errors import InputError
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+# The package's templates/ links to the checkout's top-level templates/ and is a copy in a
+# wheel, so an installed package (the smoke suite's drift check) renders what a clone does.
+TEMPLATES = Path(__file__).parent / "templates"
 BASE_RE = re.compile(r"^# overlaylab-base: (.*)$", re.M)
 MANAGED_MARK = "# Managed by overlaylab"
 CLUSTER_FLAGS = ("--cluster-store", "--cluster-advertise", "--cluster-store-opt")
@@ -22,7 +24,7 @@ CLUSTER_FLAGS = ("--cluster-store", "--cluster-advertise", "--cluster-store-opt"
 
 def _env() -> jinja2.Environment:
     if not (TEMPLATES / "10-machine.conf.j2").exists():
-        raise InputError(f"templates not found in {TEMPLATES} (run overlaylab from its checkout)")
+        raise InputError(f"templates not found in {TEMPLATES} (a broken install or checkout)")
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
         undefined=jinja2.StrictUndefined,

@@ -227,3 +227,9 @@ def test_stray_threads_are_counted_against_the_hosts_namespace(
     """Runs the real facts snippet under bash against a fake /proc (a unit test: no dockerd)."""
     out = subprocess.run(["bash", "-c", _fake_daemon(tmp_path, threads)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(stray)
+
+
+def test_the_packaged_templates_are_the_checkouts_templates() -> None:
+    """The package's templates/ is a link here and a copy in a wheel (pyproject package-data)."""
+    top = Path(__file__).resolve().parents[2] / "templates" / "10-machine.conf.j2"
+    assert (render.TEMPLATES / "10-machine.conf.j2").resolve() == top
