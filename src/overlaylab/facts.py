@@ -58,6 +58,7 @@ def stray_threads_script(
     proc: str = "/proc",
     netns_dir: str = "/run/docker/netns",
     pid: str = "$(systemctl show -p MainPID --value docker.service)",
+    between: str = "sleep 0.5",
 ) -> str:
     """Counts dockerd threads left in a deleted network namespace (see steps/anchor.py).
 
@@ -66,14 +67,21 @@ def stray_threads_script(
     watchMiss goroutine on the main thread, which then sits, locked, in a live sandbox,
     and measured against it every healthy thread looked stray (CI: "10 thread(s)" on a
     fresh worker whose daemon had 11, and a needless restart). A daemon with no thread
-    in the host's namespace runs where this check does not apply: 0.
+    in the host's namespace runs where this check does not apply: 0. A thread counts
+    only if it is still stray after ``between`` (half a second): one that is tearing down a
+    container's namespace at the moment of the first look is not a defect, and a restart
+    for it would stop a user's containers for nothing. A healthy host pays no pause.
     """
     return (
         f'pid={pid}; if [ "$pid" -gt 0 ] 2>/dev/null; then host=$(readlink {proc}/1/ns/net); '
-        f"live=$(for f in {netns_dir}/*; do stat -L -c 'net:[%i]' \"$f\" 2>/dev/null; done); n=0; home=0; "
+        "_stray() { "
+        f"live=$(for f in {netns_dir}/*; do stat -L -c 'net:[%i]' \"$f\" 2>/dev/null; done); home=0; out=''; "
         f"for t in {proc}/$pid/task/*; do x=$(readlink $t/ns/net 2>/dev/null) || continue; "
-        'if [ "$x" = "$host" ]; then home=1; continue; fi; echo "$live" | grep -qxF "$x" || n=$((n+1)); done; '
-        "if [ $home = 1 ]; then echo $n; else echo 0; fi; fi"
+        'if [ "$x" = "$host" ]; then home=1; continue; fi; '
+        'echo "$live" | grep -qxF "$x" || out="$out ${t##*/}"; done; '
+        "[ $home = 1 ] && echo $out; }; "
+        f'a=$(_stray); if [ -n "$a" ]; then {between}; a=$(printf "%s\\n" $a $(_stray) | sort | uniq -d); fi; '
+        'echo "$a" | grep -c . || true; fi'
     )
 
 

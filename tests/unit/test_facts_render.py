@@ -194,7 +194,7 @@ def test_a_swarm_manager_with_services_is_not_left_silently() -> None:
     assert swarm.refusal(n, force=True) is None
 
 
-def _fake_daemon(root: Path, threads: dict[str, str]) -> str:
+def _fake_daemon(root: Path, threads: dict[str, str], between: str = "true") -> str:
     """A fake /proc and /run/docker/netns: PID 1 in the host namespace, one live sandbox."""
     sandboxes = root / "netns"
     sandboxes.mkdir()
@@ -206,7 +206,7 @@ def _fake_daemon(root: Path, threads: dict[str, str]) -> str:
     for tid, where in threads.items():
         (root / f"proc/42/task/{tid}/ns").mkdir(parents=True)
         (root / f"proc/42/task/{tid}/ns/net").symlink_to(names[where])
-    return facts.stray_threads_script(proc=str(root / "proc"), netns_dir=str(sandboxes), pid="42")
+    return facts.stray_threads_script(proc=str(root / "proc"), netns_dir=str(sandboxes), pid="42", between=between)
 
 
 @pytest.mark.parametrize(
@@ -224,8 +224,8 @@ def _fake_daemon(root: Path, threads: dict[str, str]) -> str:
 def test_stray_threads_are_counted_against_the_hosts_namespace(
     tmp_path: Path, threads: dict[str, str], stray: int
 ) -> None:
-    """Runs the real facts snippet under bash against a fake /proc (a unit test: no dockerd)."""
-    out = subprocess.run(["bash", "-c", _fake_daemon(tmp_path, threads)], capture_output=True, text=True, check=True)
+    """Runs the real facts snippet under sh, as sudo does, against a fake /proc (a unit test: no dockerd)."""
+    out = subprocess.run(["sh", "-c", _fake_daemon(tmp_path, threads)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(stray)
 
 
@@ -233,3 +233,13 @@ def test_the_packaged_templates_are_the_checkouts_templates() -> None:
     """The package's templates/ is a link here and a copy in a wheel (pyproject package-data)."""
     top = Path(__file__).resolve().parents[2] / "templates" / "10-machine.conf.j2"
     assert (render.TEMPLATES / "10-machine.conf.j2").resolve() == top
+
+
+def test_a_thread_stray_only_for_a_moment_is_not_counted(tmp_path: Path) -> None:
+    """Thread 44 is tearing down a container's namespace at the first look and back home at the second."""
+    host = "net:[4026531840]"
+    back_home = f"ln -sfn '{host}' {tmp_path}/proc/42/task/44/ns/net"
+    threads = {"42": "host", "43": "dead", "44": "dead"}
+    script = _fake_daemon(tmp_path, threads, between=back_home)
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"  # 43 is still stray, 44 is not
