@@ -17,7 +17,7 @@ from overlaylab import inventory as inventory_mod
 from overlaylab import provision, remote
 from overlaylab.errors import OverlaylabError
 from overlaylab.lab import lifecycle
-from overlaylab.report import Steps
+from overlaylab.report import Steps, columns
 
 ROOT = Path(__file__).resolve().parent
 LAB_INVENTORY = ROOT / "inventory" / "lab.yaml"
@@ -205,8 +205,5 @@ def lab_status(c: Any, name: str = "lab", json: bool = False) -> None:
         print(f"lab {name!r}: no hosts")
         return
     cols = ["name", "state", "system", "engine", "engine_version", "mgmt_ip", "cluster_ip"]
-    widths = {col: max(len(col), *(len(str(r[col])) for r in rows)) for col in cols}
-    print("  ".join(col.upper().ljust(widths[col]) for col in cols))
-    for row in rows:
-        print("  ".join(str(row[col]).ljust(widths[col]) for col in cols))
+    print("\n".join(columns([[c.upper() for c in cols], *([str(r[c]) for c in cols] for r in rows)])))
     sys.stdout.flush()

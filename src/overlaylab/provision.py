@@ -11,7 +11,7 @@ from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Inventory
 from overlaylab.pipelines import kv
 from overlaylab.pipelines import swarm as swarm_pipeline
-from overlaylab.report import RunReport
+from overlaylab.report import RunReport, columns
 from overlaylab.run import Options, manager_of, mode_step, refuse, run_task, verify_step
 from overlaylab.steps import anchor, consul, dockerd, network, swarm
 
@@ -85,10 +85,7 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
             "stray_threads",
         ]
         table = [[str(r[c]) for c in cols] + [",".join(r["overlay_networks"]) or "-"] for r in rows]  # type: ignore[arg-type]
-        head = [c.upper() for c in cols] + ["OVERLAYS"]
-        widths = [max(len(x) for x in col) for col in zip(head, *table, strict=True)]
-        for line in [head, *table]:
-            print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)), file=sys.stdout)
+        print("\n".join(columns([[c.upper() for c in cols] + ["OVERLAYS"], *table])), file=sys.stdout)
     return 0
 
 
@@ -98,14 +95,12 @@ def status(inv: Inventory, opts: Options) -> int:
 
 def _teardown(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:
     manager = manager_of(nodes)
-    blockers = {}
-    for node in nodes:
-        needs_restart = "10-machine.conf" in node.facts.backup or "10-machine.conf.absent" in node.facts.backup
-        if needs_restart and node.facts.foreign_containers and not opts.allow_restart:
-            blockers[node.name] = (
-                f"restoring the drop-in restarts dockerd, which stops: {', '.join(node.facts.foreign_containers)}; "
-                "pass --allow-restart to go ahead"
-            )
+    blockers = {
+        node.name: why
+        for node in nodes
+        if dockerd.has_backup(node)
+        and (why := dockerd.restart_refusal(node, "restoring the drop-in", opts.allow_restart))
+    }
     refuse(report, blockers)
     if opts.dry_run:
         report.note("dry run: teardown would restore the original drop-ins, remove Consul and the network")

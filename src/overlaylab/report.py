@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -35,6 +35,12 @@ class Steps:
         took = time.monotonic() - start
         suffix = f" ({', '.join(outcome)})" if outcome else ""
         self.line(f" ✓ {title}{suffix} [{took:.1f}s]")
+
+
+def columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells, each column as wide as its widest cell: every table overlaylab prints."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 STATUSES = ("changed", "ok", "failed", "skipped")
@@ -79,17 +85,11 @@ class RunReport:
         return any(o["status"] == "failed" for o in self.outcomes)
 
     def table(self) -> str:
-        steps: list[str] = []
-        for o in self.outcomes:
-            if o["step"] not in steps:
-                steps.append(o["step"])
-        cell: dict[tuple[str, str], str] = {}
-        for o in self.outcomes:
-            cell[(o["host"], o["step"])] = o["status"]
-        width = max([len("HOST"), *(len(h) for h in self.hosts)])
-        lines = ["HOST".ljust(width) + "  " + "  ".join(s.upper().ljust(9) for s in steps)]
-        for host in self.hosts:
-            lines.append(host.ljust(width) + "  " + "  ".join(cell.get((host, s), "").ljust(9) for s in steps))
+        steps = list(dict.fromkeys(o["step"] for o in self.outcomes))
+        cell = {(o["host"], o["step"]): o["status"] for o in self.outcomes}
+        lines = columns(
+            [["HOST", *(s.upper() for s in steps)], *([h, *(cell.get((h, s), "") for s in steps)] for h in self.hosts)]
+        )
         verdict = "FAILED" if self.failed else ("changed" if self.changes else "no change")
         if self.extra.get("dry_run"):
             verdict = "dry run, nothing changed" + (", refused" if self.failed else "")

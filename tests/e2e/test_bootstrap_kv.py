@@ -10,121 +10,46 @@ import json
 import os
 import re
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from xml.etree import ElementTree
 
 import pytest
 import yaml
 
-from overlaylab.lab import keys, lifecycle
-from overlaylab.lab.spec import LabSpec, build_spec
-from tests.e2e.labtools import outer, require_lab, sh, ssh
+from overlaylab.lab import keys
+from tests.e2e.clusterlab import (
+    DROPIN,
+    FAB,
+    ROOT,
+    Lab,
+    fab,
+    host_state,
+    module_lab,
+    ping_pairs,
+    run_smoke,
+    statuses,
+)
+from tests.e2e.labtools import outer, sh
 
 NAME, RANGE = "e2ekv", "10.213.0.0/16"
 ENGINES = "legacy,legacy,legacy,legacy,modern"
-DROPIN = "/etc/systemd/system/docker.service.d/10-machine.conf"
 PREEXISTING = (
     "[Service]\nExecStart=\n"
     "ExecStart=/usr/sbin/dockerd -H fd:// --containerd=/run/containerd/containerd.sock --label preexisting=yes\n"
 )
-FAB = str(Path(sys.executable).parent / "fab")
-ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class Lab:
-    spec: LabSpec
-    dir: Path
-    base: dict[str, Any]  # the lab's own inventory, all five hosts
-
-    def inventory(self, name: str, hosts: list[int], **changes: Any) -> Path:
-        doc = json.loads(json.dumps(self.base))
-        doc["hosts"] = {h: v for h, v in doc["hosts"].items() if int(h[-2:]) in hosts}
-        for section, values in changes.items():
-            doc[section] = {**doc.get(section, {}), **values}
-        path = self.dir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        return path
-
-    def conn(self, index: int) -> Any:
-        return ssh(self.spec, self.spec.hosts[index - 1])
-
-
-def fab(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
-    proc = subprocess.run(
-        [FAB, "-r", str(ROOT), *args, "--json"],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    try:
-        doc = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        pytest.fail(f"stdout is not one JSON document:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc.returncode, doc, proc.stderr
-
-
-def run_smoke(inventory: Path, junit: Path) -> tuple[int, dict[str, str], float]:
-    """The packaged smoke suite, as a user runs it: (passed, {failed test id: message}, seconds)."""
-    start = time.monotonic()
-    env = {**os.environ, "CI": "true"}  # a skipped smoke test must fail here
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--pyargs", "overlaylab.smoke",
-         "--inventory", str(inventory), f"--junitxml={junit}", "-q"],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, cwd=str(junit.parent),
-    )  # fmt: skip
-    took = time.monotonic() - start
-    assert junit.exists(), proc.stdout[-3000:] + proc.stderr[-2000:]
-    root = ElementTree.parse(junit).getroot()
-    passed, failures = 0, {}
-    for case in root.iter("testcase"):
-        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-        skipped = case.find("skipped")
-        name = case.get("name", "")
-        if bad is not None:
-            failures[name] = bad.get("message", "")
-        elif skipped is None:
-            passed += 1
-    return passed, failures, took
-
-
-def statuses(doc: dict[str, Any], step: str) -> dict[str, str]:
-    return {h: s[step]["status"] for h, s in doc["hosts"].items() if step in s}
-
-
-def host_state(lab: Lab, hosts: list[int]) -> dict[int, tuple[str, str, str]]:
-    """(dockerd PID, drop-in bytes or '-', running containers) per host."""
-    state = {}
-    for i in hosts:
-        conn = lab.conn(i)
-        state[i] = (
-            sh(conn, "systemctl show -p MainPID --value docker"),
-            sh(conn, f"cat {DROPIN} 2>/dev/null || echo -"),
-            sh(conn, "docker ps -a --format '{{.Names}}' | sort | tr '\\n' ' '"),
-        )
-        conn.close()
-    return state
+def _preexisting_drop_in(lab: Lab) -> None:
+    """bm-docker-02 has a drop-in of its own before overlaylab ever touches it."""
+    conn = lab.conn(2)
+    sh(conn, f"mkdir -p /etc/systemd/system/docker.service.d && printf '%s' '{PREEXISTING}' > {DROPIN}")
+    sh(conn, "systemctl daemon-reload && systemctl restart docker")
+    conn.close()
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    require_lab()
-    directory = tmp_path_factory.mktemp("kv")
-    lifecycle.down(NAME)
-    inventory = directory / "lab.yaml"
-    lifecycle.up(NAME, engine_opt=ENGINES, inventory=inventory, addr_range=RANGE)
-    spec = build_spec(NAME, ENGINES, addr_range=RANGE)
-    # bm-docker-02 has a drop-in of its own before overlaylab ever touches it
-    conn = ssh(spec, spec.hosts[1])
-    sh(conn, f"mkdir -p /etc/systemd/system/docker.service.d && printf '%s' '{PREEXISTING}' > {DROPIN}")
-    sh(conn, "systemctl daemon-reload && systemctl restart docker")
-    conn.close()
-    yield Lab(spec, directory, yaml.safe_load(inventory.read_text()))
-    if not os.environ.get("OVERLAYLAB_KEEP_LAB"):  # keep it to debug a failure
-        lifecycle.down(NAME)
+    yield from module_lab(tmp_path_factory, NAME, ENGINES, RANGE, _preexisting_drop_in)
 
 
 def test_dry_run_on_a_clean_lab_shows_diffs_and_changes_nothing(lab: Lab) -> None:
@@ -192,10 +117,6 @@ def test_unknown_and_changed_host_keys_are_refused(lab: Lab) -> None:
         str(lab.inventory("swapped", [1, 2, 3], ssh={"known_hosts": str(swapped)})),
     )
     assert code == 2 and "host key CHANGED" in err  # never accepted
-
-
-def ping_pairs(doc: dict[str, Any]) -> dict[tuple[str, str, str], bool]:
-    return {(p["from"], p["to"], p["by"]): p["ok"] for p in doc["ping_matrix"]["pairs"]}
 
 
 def test_bootstrap_from_a_clean_lab_and_every_pair_pings_by_ip_and_name(lab: Lab) -> None:
@@ -376,10 +297,7 @@ def test_a_changed_inventory_then_teardown_brings_back_the_original_state(lab: L
 def test_switching_the_cluster_from_kv_to_swarm_mode_on_docker_20_10(lab: Lab) -> None:
     code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
     assert code == 0, err
-    switched = lab.inventory("abc-swarm", [1, 2, 3])
-    doc_yaml = yaml.safe_load(switched.read_text())
-    doc_yaml["mode"] = "swarm"
-    switched.write_text(yaml.safe_dump(doc_yaml))
+    switched = lab.inventory("abc-swarm", [1, 2, 3], mode="swarm")
     code, doc, err = fab("bootstrap-cluster", "--inventory", str(switched))
     assert code == 0, err
     assert set(statuses(doc, "dockerd").values()) == {"changed"}  # cluster flags out first

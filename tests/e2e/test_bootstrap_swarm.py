@@ -4,17 +4,12 @@ joins later. Tests run in order on one lab."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import yaml
 
-from overlaylab.lab import lifecycle
-from overlaylab.lab.spec import build_spec
-from tests.e2e.labtools import require_lab, sh
-from tests.e2e.test_bootstrap_kv import DROPIN, Lab, fab, host_state, ping_pairs, run_smoke, statuses
+from tests.e2e.clusterlab import DROPIN, Lab, fab, host_state, module_lab, ping_pairs, run_smoke, statuses
+from tests.e2e.labtools import sh
 
 NAME, RANGE = "e2esw", "10.215.0.0/16"
 ENGINES = "modern,modern,modern,modern"
@@ -23,27 +18,12 @@ NAMES = ["bm-docker-01", "bm-docker-02", "bm-docker-03"]
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    require_lab()
-    directory = tmp_path_factory.mktemp("sw")
-    lifecycle.down(NAME)
-    inventory = directory / "lab.yaml"
-    lifecycle.up(NAME, engine_opt=ENGINES, inventory=inventory, addr_range=RANGE)
-    yield Lab(build_spec(NAME, ENGINES, addr_range=RANGE), directory, yaml.safe_load(inventory.read_text()))
-    if not os.environ.get("OVERLAYLAB_KEEP_LAB"):
-        lifecycle.down(NAME)
-
-
-def with_mode(lab: Lab, name: str, hosts: list[int], mode: str) -> Path:
-    path = lab.inventory(name, hosts)
-    doc = yaml.safe_load(path.read_text())
-    doc["mode"] = mode
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    yield from module_lab(tmp_path_factory, NAME, ENGINES, RANGE)
 
 
 def test_kv_mode_on_a_modern_lab_is_refused_and_changes_nothing(lab: Lab) -> None:
     before = host_state(lab, [1, 2, 3])
-    code, doc, _ = fab("bootstrap-cluster", "--inventory", str(with_mode(lab, "kv", [1, 2, 3], "kv")))
+    code, doc, _ = fab("bootstrap-cluster", "--inventory", str(lab.inventory("kv", [1, 2, 3], mode="kv")))
     assert code == 2
     assert set(statuses(doc, "preflight").values()) == {"failed"}
     assert all("mode: swarm" in s["preflight"]["detail"] for s in doc["hosts"].values())
@@ -52,7 +32,7 @@ def test_kv_mode_on_a_modern_lab_is_refused_and_changes_nothing(lab: Lab) -> Non
 
 
 def test_auto_mode_picks_swarm_and_every_pair_pings_by_ip_and_name(lab: Lab) -> None:
-    code, doc, err = fab("bootstrap-cluster", "--inventory", str(with_mode(lab, "auto", [1, 2, 3], "auto")))
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("auto", [1, 2, 3], mode="auto")))
     assert code == 0, err
     assert doc["mode"] == "swarm" and "auto picked swarm" in err
     assert statuses(doc, "swarm") == dict.fromkeys(NAMES, "changed")
@@ -68,7 +48,7 @@ def test_auto_mode_picks_swarm_and_every_pair_pings_by_ip_and_name(lab: Lab) -> 
 
 def test_a_second_run_changes_nothing(lab: Lab) -> None:
     before = host_state(lab, [1, 2, 3])
-    code, doc, err = fab("bootstrap-cluster", "--inventory", str(with_mode(lab, "swarm", [1, 2, 3], "swarm")))
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("swarm", [1, 2, 3], mode="swarm")))
     assert code == 0 and doc["changes"] == 0, err
     assert set(statuses(doc, "swarm").values()) == {"ok"}
     assert host_state(lab, [1, 2, 3]) == before
@@ -76,7 +56,7 @@ def test_a_second_run_changes_nothing(lab: Lab) -> None:
 
 def test_the_smoke_suite_passes_in_swarm_mode(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     junit = lab.dir / "smoke-swarm.xml"
-    passed, failures, took = run_smoke(with_mode(lab, "swarm", [1, 2, 3], "swarm"), junit)
+    passed, failures, took = run_smoke(lab.inventory("swarm", [1, 2, 3], mode="swarm"), junit)
     with capsys.disabled():  # a figure for the log, not a threshold
         print(f"\n    smoke suite (swarm) on 3 hosts: {passed} passed in {took:.1f}s")
     assert failures == {}, failures
@@ -86,7 +66,7 @@ def test_the_smoke_suite_passes_in_swarm_mode(lab: Lab, capsys: pytest.CaptureFi
 
 
 def test_join_node_of_a_fresh_worker_and_a_rerun_changes_nothing(lab: Lab) -> None:
-    inventory = str(with_mode(lab, "swarm4", [1, 2, 3, 4], "swarm"))
+    inventory = str(lab.inventory("swarm4", [1, 2, 3, 4], mode="swarm"))
     code, doc, err = fab("join-node", "--node", "bm-docker-04", "--inventory", inventory)
     assert code == 0, err
     assert statuses(doc, "swarm")["bm-docker-04"] == "changed"
@@ -97,7 +77,7 @@ def test_join_node_of_a_fresh_worker_and_a_rerun_changes_nothing(lab: Lab) -> No
 
 
 def test_teardown_leaves_no_swarm_and_no_network_and_is_safe_twice(lab: Lab) -> None:
-    inventory = str(with_mode(lab, "swarm4", [1, 2, 3, 4], "swarm"))
+    inventory = str(lab.inventory("swarm4", [1, 2, 3, 4], mode="swarm"))
     code, doc, err = fab("teardown", "--inventory", inventory)
     assert code == 0, err
     for i in (1, 2, 3, 4):

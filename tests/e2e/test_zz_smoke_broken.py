@@ -4,50 +4,35 @@ legacy overlay may not heal by itself, so no other test may share it."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from overlaylab.lab import lifecycle
-from overlaylab.lab.spec import LabSpec, build_spec
-from tests.e2e.labtools import require_lab, sh, ssh
-from tests.e2e.test_bootstrap_kv import DROPIN, ROOT, run_smoke
+from tests.e2e.clusterlab import DROPIN, Lab, fab, module_lab, run_smoke
+from tests.e2e.labtools import sh
 
 NAME, RANGE = "e2ebrk", "10.214.0.0/16"
 
 
-@pytest.fixture(scope="module")
-def broken(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabSpec, Path]]:
-    require_lab()
-    directory = tmp_path_factory.mktemp("broken")
-    inventory = directory / "lab.yaml"
-    lifecycle.down(NAME)
-    lifecycle.up(NAME, count=3, engine_opt="legacy", inventory=inventory, addr_range=RANGE)
-    spec = build_spec(NAME, "legacy", 3, addr_range=RANGE)
-    fab = str(Path(sys.executable).parent / "fab")
-    proc = subprocess.run(
-        [fab, "-r", str(ROOT), "bootstrap-cluster", "--inventory", str(inventory)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def _bootstrap_then_break(lab: Lab) -> None:
+    code, _, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("broken", [1, 2, 3])))
+    assert code == 0, err
     # bm-docker-02: our drop-in removed and docker restarted; bm-docker-03: docker stopped
-    conn = ssh(spec, spec.hosts[1])
+    conn = lab.conn(2)
     sh(conn, f"rm -f {DROPIN} && systemctl daemon-reload && systemctl restart docker")
     conn.close()
-    conn = ssh(spec, spec.hosts[2])
+    conn = lab.conn(3)
     sh(conn, "systemctl stop docker.socket docker.service")
     conn.close()
-    yield spec, inventory
-    lifecycle.down(NAME)
 
 
-def test_the_smoke_suite_fails_where_the_cluster_is_broken_and_names_the_host(broken: tuple[LabSpec, Path]) -> None:
-    _, inventory = broken
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    yield from module_lab(tmp_path_factory, NAME, "legacy,legacy,legacy", RANGE, _bootstrap_then_break)
+
+
+def test_the_smoke_suite_fails_where_the_cluster_is_broken_and_names_the_host(broken: Lab) -> None:
+    inventory = broken.dir / "broken.yaml"
     passed, failures, _ = run_smoke(inventory, inventory.parent / "smoke.xml")
     assert passed > 0
     expected = {

@@ -33,13 +33,10 @@ def bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
         why = swarm.refusal(node, opts.force_leave_swarm)
         if why:
             refusals[node.name] = why
-        if restart[node.name] and node.facts.foreign_containers:
-            running = ", ".join(node.facts.foreign_containers)
-            if not opts.allow_restart:
-                refusals[node.name] = (
-                    f"dockerd must restart, which stops these running containers: {running}; "
-                    "pass --allow-restart to go ahead"
-                )
+        reason = restart[node.name]
+        stops = dockerd.restart_refusal(node, reason, opts.allow_restart) if reason else None
+        if stops:
+            refusals[node.name] = stops
     if opts.dry_run:
         return dry_run(inv, report, manager, targets, plans, restart, consul_state, consul_why, refusals)
     refuse(report, refusals)

@@ -29,11 +29,9 @@ def bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
     # Cluster flags of ours (a kv cluster before) come out before the swarm forms.
     unflag = [n for n in targets if render.is_ours(n.facts.dropin)]
     for node in unflag:
-        if node.facts.foreign_containers and not opts.allow_restart:
-            refusals[node.name] = (
-                "removing the cluster flags restarts dockerd, which stops: "
-                f"{', '.join(node.facts.foreign_containers)}; pass --allow-restart to go ahead"
-            )
+        stops = dockerd.restart_refusal(node, "removing the cluster flags", opts.allow_restart)
+        if stops:
+            refusals[node.name] = stops
     if opts.dry_run:
         report.extra["dry_run"] = True
         for node in unflag:

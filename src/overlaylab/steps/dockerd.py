@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
 from overlaylab import render
 from overlaylab.cluster import Node, journal, write_file_command
@@ -116,6 +117,19 @@ def apply(p: Plan, before_restart: str = "true", expect_peers: bool = False) -> 
     )
 
 
+def has_backup(node: Node) -> bool:
+    """overlaylab wrote its drop-in here once: the original (or the fact there was none) is kept."""
+    return Path(BACKUP).name in node.facts.backup or Path(BACKUP_ABSENT).name in node.facts.backup
+
+
+def restart_refusal(node: Node, cause: str, allow_restart: bool) -> str | None:
+    """A restart stops the host's running containers: a user's only with --allow-restart."""
+    running = node.facts.foreign_containers
+    if not running or allow_restart:
+        return None
+    return f"{cause}: restarting dockerd stops {', '.join(running)}; pass --allow-restart to go ahead"
+
+
 def wait_ready(node: Node) -> None:
     code, out, _ = node.result(_ready_command(READY_TIMEOUT))
     if code != 0:
@@ -124,17 +138,16 @@ def wait_ready(node: Node) -> None:
 
 def restore_original(node: Node) -> str | None:
     """Teardown: the original drop-in (or none) back, restart; None when nothing to do."""
-    has_backup = "10-machine.conf" in node.facts.backup
-    has_absent = "10-machine.conf.absent" in node.facts.backup
-    if not (has_backup or has_absent):
+    if not has_backup(node):
         if render.is_ours(node.facts.dropin):
             raise OverlaylabError(f"{DROPIN} is overlaylab's but no backup of the original exists in {BACKUP_DIR}")
         return None
-    put_back = f"cp -p {BACKUP} {DROPIN}" if has_backup else f"rm -f {DROPIN}"
+    original = Path(BACKUP).name in node.facts.backup
+    put_back = f"cp -p {BACKUP} {DROPIN}" if original else f"rm -f {DROPIN}"
     code, out, err = node.result(
         f"{put_back} && systemctl daemon-reload && systemctl reset-failed docker.service; "
         f"systemctl restart docker.service && rm -f {BACKUP} {BACKUP_ABSENT} && systemctl is-active docker.service"
     )
     if code != 0:
         raise OverlaylabError(f"restoring the original drop-in failed: {(err or out).strip()[-300:]}\n{journal(node)}")
-    return "original drop-in restored" if has_backup else "drop-in removed (there was none before)"
+    return "original drop-in restored" if original else "drop-in removed (there was none before)"

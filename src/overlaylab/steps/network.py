@@ -11,6 +11,7 @@ from overlaylab.cluster import Node
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL
 from overlaylab.inventory import Inventory
+from overlaylab.steps import anchor, verify
 
 
 def differences(inv: Inventory, data: dict[str, Any], scope: str = "global") -> list[str]:
@@ -66,7 +67,7 @@ def remove(inv: Inventory, manager: Node) -> str | None:
         "'{{range $id, $c := .Containers}}{{$c.Name}} {{end}}'",
         check=False,
     ).split()
-    users = [u for u in users if not u.startswith(("olab-probe-", "overlaylab-anchor-"))]
+    users = [u for u in users if not u.startswith((verify.PREFIX, anchor.PREFIX))]
     if users:
         return f"{inv.network} kept: containers of yours are on it ({', '.join(users)})"
     manager.sh(f"docker network rm {shlex.quote(inv.network)} >/dev/null")

@@ -90,7 +90,7 @@ def join(node: Node, manager: Node, token: str, rejoin: bool) -> str:
 
 def leave_swarm(node: Node) -> bool:
     """Teardown: leave whatever swarm; True when the node was in one."""
-    if node.facts.swarm_state in ("inactive", ""):
+    if not needed(node):
         return False
     node.sh("docker swarm leave --force >/dev/null")
     return True

@@ -14,17 +14,19 @@ from dataclasses import dataclass, field
 
 from overlaylab.cluster import Node, journal, parallel
 from overlaylab.facts import ROLE_LABEL
+from overlaylab.report import columns
 
 CONVERGE_SECONDS = 20
 
 
 RUN_ID = secrets.token_hex(3)
+PREFIX = "olab-probe-"
 
 
 def probe_name(node: Node) -> str:
     """Unique per run: a name removed and re-created seconds later can leave the legacy
     overlay's name records of other hosts stale."""
-    return f"olab-probe-{node.name}-{RUN_ID}"
+    return f"{PREFIX}{node.name}-{RUN_ID}"
 
 
 @dataclass
@@ -48,24 +50,20 @@ class Matrix:
         return out
 
     def render(self) -> str:
-        width = max(len(h) for h in self.hosts)
-        lines = [
-            "ping matrix (row pings column; ip/name):",
-            " " * width + "  " + "  ".join(h.ljust(9) for h in self.hosts),
-        ]
+        rows = [["", *self.hosts]]
         for src in self.hosts:
-            cells = []
+            cells = [src]
             for dst in self.hosts:
                 if src == dst:
-                    cells.append("-".ljust(9))
+                    cells.append("-")
                     continue
                 marks = []
                 for by in ("ip", "name"):
                     res = self.results.get((src, dst, by))
                     marks.append("?" if res is None else ("✓" if res[0] else "✗"))
-                cells.append("/".join(marks).ljust(9))
-            lines.append(src.ljust(width) + "  " + "  ".join(cells))
-        return "\n".join(lines)
+                cells.append("/".join(marks))
+            rows.append(cells)
+        return "\n".join(["ping matrix (row pings column; ip/name):", *columns(rows)])
 
     def as_dict(self) -> dict[str, object]:
         return {
