@@ -269,6 +269,31 @@ def test_a_flag_that_stops_dockerd_is_rolled_back_and_reported(lab: Lab) -> None
     assert code == 0, err
 
 
+def test_a_restart_that_would_stop_a_users_container_is_refused_unless_allowed(lab: Lab) -> None:
+    """bm-docker-03 runs a container of the user's; a new Consul port means every dockerd restarts."""
+    moved = lab.inventory("port", [1, 2, 3, 4], consul={"port": 8501})
+    conn = lab.conn(3)
+    sh(conn, "docker run -d --name users_app busybox sleep 600 >/dev/null")
+    try:
+        before = host_state(lab, [1, 2, 3, 4])
+        code, doc, _ = fab("bootstrap-cluster", "--inventory", str(moved), "--dry-run")
+        assert code == 2
+        assert "the restart stops: users_app" in doc["hosts"]["bm-docker-03"]["dockerd"]["detail"]
+        code, doc, _ = fab("bootstrap-cluster", "--inventory", str(moved))
+        assert code == 2
+        plan = {h: s["plan"]["detail"] for h, s in doc["hosts"].items() if "plan" in s}
+        assert list(plan) == ["bm-docker-03"], plan
+        assert "stops users_app" in plan["bm-docker-03"] and "--allow-restart" in plan["bm-docker-03"]
+        assert host_state(lab, [1, 2, 3, 4]) == before  # nothing changed on any host
+        code, doc, err = fab("bootstrap-cluster", "--inventory", str(moved), "--allow-restart")
+        assert code == 0, err
+        assert set(statuses(doc, "dockerd").values()) == {"changed"}
+        assert sh(conn, "docker inspect -f '{{.State.Running}}' users_app") == "false"  # stopped, never removed
+    finally:
+        sh(conn, "docker rm -f users_app >/dev/null 2>&1; true")
+        conn.close()
+
+
 def test_a_changed_inventory_then_teardown_brings_back_the_original_state(lab: Lab) -> None:
     moved = lab.inventory("port", [1, 2, 3, 4], consul={"port": 8501})
     code, doc, err = fab("bootstrap-cluster", "--inventory", str(moved))
