@@ -194,6 +194,19 @@ def lab_down(c: Any, name: str = "lab") -> None:
     _run(lambda: lifecycle.down(name, LAB_INVENTORY, Steps()))
 
 
+@task(
+    auto_shortflags=False,
+    help={
+        "node": "the lab host to reboot",
+        "hard": "power-cycle it (a power cut) instead of `systemctl reboot` inside it",
+        "name": "lab name (default lab)",
+    },
+)
+def lab_reboot(c: Any, node: str, hard: bool = False, name: str = "lab") -> None:
+    """Reboot one lab host; it keeps its disk, hostname, SSH identity and addresses."""
+    _run(lambda: lifecycle.reboot(name, node, hard, Steps()))
+
+
 @task(auto_shortflags=False, help={"name": "lab name (default lab)", "json": "print JSON"})
 def lab_status(c: Any, name: str = "lab", json: bool = False) -> None:
     """List the lab's hosts, addresses, engine versions and state."""

@@ -16,6 +16,7 @@ import pytest
 from overlaylab import remote
 from overlaylab.lab import engine, firewall, keys, lifecycle
 from overlaylab.lab.spec import LabSpec, build_spec
+from tests.e2e.clusterlab import FAB, ROOT
 from tests.e2e.labtools import (
     E2E_RANGE,
     container_ids,
@@ -148,6 +149,64 @@ def test_an_unknown_host_key_is_refused(lab: Lab, tmp_path: Path) -> None:
     )
     with pytest.raises(remote.HostKeyError, match="unknown host key ssh-ed25519 SHA256:"):
         remote.connect(target)
+
+
+def _host_identity(lab: Lab, index: int) -> dict[str, str]:
+    """What a reboot must keep, read over SSH with the pinned host key."""
+    host = lab.spec.hosts[index]
+    conn = ssh(lab.spec, host)
+    seen = {
+        "hostname": sh(conn, "hostname", sudo=False),
+        "eth0": sh(conn, "ip -4 -o addr show dev eth0 | awk '{print $4}'", sudo=False),
+        "eth1": sh(conn, "ip -4 -o addr show dev eth1 | awk '{print $4}'", sudo=False),
+        "machine_id": sh(conn, "cat /etc/machine-id", sudo=False),
+        "etc_marker": sh(conn, "cat /etc/e2e-marker 2>/dev/null || echo none"),
+        "docker_marker": sh(conn, "cat /var/lib/docker/e2e-marker 2>/dev/null || echo none"),
+        "volume": sh(conn, "docker volume ls -q --filter name=e2e-data"),
+        "default_route": sh(conn, "ip -4 route show default", sudo=False),
+        "system": sh(conn, "systemctl is-system-running --wait", sudo=False),
+        "docker": sh(conn, "systemctl is-active docker", sudo=False),
+    }
+    conn.close()
+    return seen
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_a_rebooted_host_keeps_its_disk_name_identity_and_interfaces(lab: Lab, hard: bool) -> None:
+    """`fab lab-reboot`: systemd shuts down (soft) or the power is cut (hard); either way the host
+    comes back with eth0 on the management and eth1 on the cluster network, as lab-up made it."""
+    host = lab.spec.hosts[1]
+    conn = ssh(lab.spec, host)
+    sh(conn, "echo kept > /etc/e2e-marker && echo kept > /var/lib/docker/e2e-marker && "
+       "docker volume create e2e-data >/dev/null && echo gone > /run/e2e-marker")  # fmt: skip
+    boot_before = sh(conn, "cat /proc/1/stat | cut -d' ' -f22", sudo=False)
+    conn.close()
+    before = _host_identity(lab, 1)
+    assert before["eth0"] == f"{host.mgmt_ip}/24" and before["eth1"] == f"{host.cluster_ip}/24"
+    proc = subprocess.run(
+        [FAB, "-r", str(ROOT), "lab-reboot", "--node", host.name, "--name", NAME, *(["--hard"] if hard else [])],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "up again in" in proc.stdout
+    after = _host_identity(lab, 1)
+    assert after == before
+    conn = ssh(lab.spec, host)  # a new boot: PID 1 started later, /run is empty again
+    assert sh(conn, "cat /proc/1/stat | cut -d' ' -f22", sudo=False) != boot_before
+    assert sh(conn, "cat /run/e2e-marker 2>/dev/null || echo none") == "none"
+    sh(conn, "rm -f /etc/e2e-marker /var/lib/docker/e2e-marker && docker volume rm e2e-data >/dev/null")
+    conn.close()
+
+
+def test_an_unknown_node_to_reboot_is_refused(lab: Lab) -> None:
+    proc = subprocess.run(
+        [FAB, "-r", str(ROOT), "lab-reboot", "--node", "bm-docker-09", "--name", NAME],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--node: lab 'e2e' has no host 'bm-docker-09' (its hosts: bm-docker-01, bm-docker-02, bm-docker-03)" in (
+        proc.stderr
+    )
 
 
 def test_a_second_lab_up_changes_nothing(lab: Lab) -> None:

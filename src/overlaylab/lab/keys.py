@@ -88,6 +88,7 @@ def identity_tar(spec: LabSpec, host: HostSpec) -> bytes:
         ("etc/ssh/ssh_host_ed25519_key.pub", key.with_suffix(".pub").read_bytes(), 0o644),
         ("home/admin/.ssh/authorized_keys", client_key(spec).with_suffix(".pub").read_bytes(), 0o600),
         ("etc/overlaylab/hosts", hosts_file(spec, host).encode(), 0o644),
+        ("etc/overlaylab/interfaces", f"eth0 {host.mgmt_ip}\neth1 {host.cluster_ip}\n".encode(), 0o644),
         ("etc/docker/daemon.json", inner_daemon_json(spec, host).encode(), 0o644),
     ]
     buf = io.BytesIO()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from overlaylab.errors import OverlaylabError
+from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.lab import engine, firewall, hosts, images, keys, preflight
 from overlaylab.lab.docker import Docker
-from overlaylab.lab.spec import ENGINE_SUITE, LabSpec, build_spec
+from overlaylab.lab.spec import DEFAULT_RANGE, ENGINE_SUITE, LabSpec, build_spec
 from overlaylab.report import Steps
 
 MAX_PARALLEL = 6
@@ -224,6 +226,43 @@ def down(name: str = "lab", inventory: Path | None = None, steps: Steps | None =
         removed.append(f"inventory {inventory}")
     steps.line(" lab is down: " + (f"removed {len(removed)} things" if removed else "nothing to remove"))
     return removed
+
+
+def reboot(name: str, node: str, hard: bool = False, steps: Steps | None = None) -> str:
+    """Reboot one lab host: soft, `systemctl reboot` inside it, then power it on again (systemd
+    as a container's PID 1 exits when it reboots); hard, a power cut (SIGKILL) and power on.
+    The host keeps what a rebooted machine keeps: its disk (the container's filesystem and
+    the /var/lib/docker volume), hostname, SSH identity and addresses; /run and /tmp start
+    empty. Returns how long the host took until systemd, docker.service and sshd were up."""
+    steps = steps or Steps()
+    preflight.require_root()
+    eng = engine.find(start=False)
+    found = hosts.observe(eng.docker, name) if eng is not None else {}
+    if node not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise InputError(f"--node: lab {name!r} has no host {node!r} (its hosts: {known})")
+    assert eng is not None
+    docker, obs = eng.docker, found[node]
+    mgmt = obs.addresses.get(f"olab-{name}-mgmt", "")
+    addr_range = str(ipaddress.ip_network(f"{mgmt}/16", strict=False)) if mgmt else DEFAULT_RANGE
+    spec = build_spec(name, None, None, {h: o.engine for h, o in found.items()}, addr_range=addr_range)
+    host = spec.host(node)
+    how = "hard (power cut)" if hard else "soft (systemctl reboot)"
+    with steps.step(f"Rebooting {node}, {how}") as note:
+        start = time.monotonic()
+        if hard:
+            docker.run("kill", "--signal", "KILL", obs.container, check=False)
+        elif obs.running:
+            docker.run("exec", obs.container, "systemctl", "reboot", check=False)
+        try:
+            docker.run("wait", obs.container, check=False, timeout=120)  # down: systemd has exited
+        except subprocess.TimeoutExpired:
+            raise OverlaylabError(f"{node}: still running 120s after `systemctl reboot`") from None
+        docker.run("start", obs.container)
+        hosts.wait_ready(docker, spec, host)
+        took = time.monotonic() - start
+        note.append(f"up again in {took:.1f}s")
+    return f"{took:.1f}"
 
 
 def lab_names() -> set[str]:

@@ -24,12 +24,36 @@ unbind_etc_file() {
 }
 
 fix_etc_files() {
-    name=$(cat /etc/hostname)
+    name=$(cat /etc/hostname)  # what Docker gave the container (--hostname)
+    # After a reboot, the name the host last had (hostnamectl may have changed it): the
+    # plain file of the boot before lies under Docker's bind mount.
+    if [ -e /etc/overlaylab/booted ] && umount /etc/hostname 2>/dev/null && [ -s /etc/hostname ]; then
+        name=$(cat /etc/hostname)
+    fi
     hosts=$(cat /etc/overlaylab/hosts 2>/dev/null || printf '127.0.0.1 localhost\n127.0.1.1 %s' "$name")
     unbind_etc_file /etc/hostname "$name"
     unbind_etc_file /etc/hosts "$hosts"
     # No DNS server: nothing in a lab host may reach outside the lab.
     unbind_etc_file /etc/resolv.conf "# overlaylab lab host: no DNS server outside the lab"
+}
+
+fix_interfaces() {
+    # Docker attaches a restarted container's networks in no fixed order. Name each NIC
+    # by the address lab-up gave it (/etc/overlaylab/interfaces: "eth0 10.210.0.11"), as
+    # udev names a VM's NICs by MAC, so that eth1 stays the cluster interface across
+    # reboots. Two passes (temporary names first), so that eth0 and eth1 can swap.
+    [ -r /etc/overlaylab/interfaces ] || return 0
+    while read -r want addr; do
+        have=$(ip -o -4 addr show | awk -v a="$addr" '{split($4, p, "/"); if (p[1] == a) print $2}')
+        if [ -n "$have" ] && [ "$have" != "$want" ]; then
+            ip link set dev "$have" down && ip link set dev "$have" name "t-$want"
+        fi
+    done < /etc/overlaylab/interfaces
+    while read -r want addr; do
+        if ip link show "t-$want" >/dev/null 2>&1; then
+            ip link set dev "t-$want" name "$want" && ip link set dev "$want" up
+        fi
+    done < /etc/overlaylab/interfaces
 }
 
 isolate() {
@@ -44,6 +68,8 @@ fix_ssh_key_owner() {
 
 fix_mounts
 fix_etc_files
+fix_interfaces
 isolate
 fix_ssh_key_owner
+touch /etc/overlaylab/booted
 exec /sbin/init "$@"
