@@ -8,7 +8,7 @@ import contextlib
 import select
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,17 +52,21 @@ class Node:
         return int(res.exited), str(res.stdout), str(res.stderr)
 
 
-def parallel(items: list[T], fn: Callable[[T], object], limit: int = MAX_PARALLEL) -> dict[int, BaseException]:
-    """Run fn on every item; per-item exceptions are returned (by index), never lost."""
-    errors: dict[int, BaseException] = {}
+def parallel(
+    items: Sequence[T], fn: Callable[[T], object], limit: int = MAX_PARALLEL, key: Callable[[T], str] | None = None
+) -> dict[str, BaseException]:
+    """Run fn on every item; per-item exceptions come back keyed by name (as Fabric's
+    GroupResult keys by connection), never lost and never raised for the others."""
+    name = key or (lambda item: str(item.name))  # type: ignore[attr-defined]
+    errors: dict[str, BaseException] = {}
     if not items:
         return errors
     with ThreadPoolExecutor(max_workers=min(limit, len(items))) as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        for i, fut in enumerate(futures):
+        futures = {name(item): pool.submit(fn, item) for item in items}
+        for item_name, fut in futures.items():
             exc = fut.exception()
             if exc is not None:
-                errors[i] = exc
+                errors[item_name] = exc
     return errors
 
 
@@ -83,18 +87,17 @@ def connect_all(
     inv: Inventory, hosts: list[Host], accept_new: bool = False, sudo_password: str | None = None
 ) -> list[Node]:
     """Connect to every host in parallel; any failure (key, unreachable) is an InputError naming all."""
-    nodes: list[Node | None] = [None] * len(hosts)
+    nodes: dict[str, Node] = {}
 
-    def one(i: int) -> None:
-        nodes[i] = Node(hosts[i], remote.connect(target(inv, hosts[i], accept_new, sudo_password)))
+    def one(host: Host) -> None:
+        nodes[host.name] = Node(host, remote.connect(target(inv, host, accept_new, sudo_password)))
 
-    errors = parallel(list(range(len(hosts))), one)
+    errors = parallel(hosts, one)
     if errors:
-        for node in nodes:
-            if node is not None:
-                node.conn.close()
+        for node in nodes.values():
+            node.conn.close()
         raise InputError("\n".join(str(e) for e in errors.values()))
-    return [n for n in nodes if n is not None]
+    return [nodes[h.name] for h in hosts]
 
 
 def close_all(nodes: list[Node]) -> None:
@@ -105,17 +108,18 @@ def close_all(nodes: list[Node]) -> None:
             node.conn.close()
 
 
+def read_one(inv: Inventory, node: Node) -> None:
+    """One remote command; read again by a run wherever it changed the host."""
+    consul_name = inv.consul_name if node.host.is_manager else None
+    _, out, err = node.result(facts.script(node.host.advertise, consul_name, inv.network))
+    if facts.MARK + "end" not in out:
+        raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
+    node.facts = facts.parse(out, node.host.advertise)
+
+
 def read_facts(inv: Inventory, nodes: list[Node]) -> None:
     """Facts for every node, in parallel, one remote command each; sudo failures are input errors."""
-
-    def one(node: Node) -> None:
-        consul_name = inv.consul_name if node.host.is_manager else None
-        _, out, err = node.result(facts.script(node.host.advertise, consul_name, inv.network))
-        if facts.MARK + "end" not in out:
-            raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
-        node.facts = facts.parse(out, node.host.advertise)
-
-    errors = parallel(nodes, one)
+    errors = parallel(nodes, lambda node: read_one(inv, node))
     if errors:
         raise InputError("\n".join(str(e) for e in errors.values()))
 

@@ -38,9 +38,12 @@ def script(advertise: str, consul_name: str | None, network: str) -> str:
             "s info; timeout 20 docker info --format '{{json .}}' 2>&1",
             f"s dropin; test -e {DROPIN} && {{ echo present; base64 -w0 {DROPIN}; echo; }}",
             f"s backup; ls {BACKUP_DIR} 2>/dev/null",
+            f"s backup_content; test -e {BACKUP} && base64 -w0 {BACKUP}; echo",
+            "s binary_version; dockerd --version 2>/dev/null",
             "s daemon_json; cat /etc/docker/daemon.json 2>/dev/null",
             f"s addrs; ip -j -4 addr show dev {q(advertise)} 2>/dev/null || ip -j -4 addr 2>/dev/null",
-            "s containers; timeout 20 docker ps --format '{{.Names}}\t{{.Label \"" + ROLE_LABEL + "\"}}' 2>/dev/null",
+            "s containers; timeout 20 docker ps -a --format "
+            "'{{.Names}}\t{{.Label \"" + ROLE_LABEL + "\"}}\t{{.State}}' 2>/dev/null",
             f"s consul; {consul}",
             f"s network; timeout 20 docker network inspect {q(network)} 2>/dev/null",
             "s gossip; ss -Hltn 'sport = :7946' 2>/dev/null",
@@ -159,10 +162,13 @@ class HostFacts:
     info_error: str = ""
     dropin: str | None = None
     backup: list[str] = field(default_factory=list)
+    backup_content: str | None = None  # the original drop-in overlaylab kept, if there was one
+    binary_version: str = ""  # `dockerd --version`: the engine's version also while it is stopped
     daemon_json: dict[str, Any] | None = None
     daemon_json_error: str = ""
     advertise_ips: list[str] = field(default_factory=list)
     containers: dict[str, str] = field(default_factory=dict)  # running name -> our role label
+    stopped: dict[str, str] = field(default_factory=dict)  # created or exited name -> our role label
     consul: dict[str, Any] | None = None
     network: dict[str, Any] | None = None
     gossip: bool = False
@@ -173,7 +179,10 @@ class HostFacts:
 
     @property
     def version(self) -> str:
-        return str(self.info.get("ServerVersion") or "")
+        if self.info.get("ServerVersion"):
+            return str(self.info["ServerVersion"])
+        match = re.match(r"Docker version (\S+?),", self.binary_version)
+        return match[1] if match else ""
 
     @property
     def version_tuple(self) -> tuple[int, int, int] | None:
@@ -226,6 +235,9 @@ def parse(output: str, advertise: str) -> HostFacts:
     if dropin[0].strip() == "present":
         facts.dropin = base64.b64decode(dropin[1].strip() if len(dropin) > 1 else "").decode(errors="replace")
     facts.backup = sec.get("backup", "").split()
+    kept = sec.get("backup_content", "").strip()
+    facts.backup_content = base64.b64decode(kept).decode(errors="replace") if kept else None
+    facts.binary_version = sec.get("binary_version", "").strip()
     raw_json = sec.get("daemon_json", "")
     if raw_json.strip():
         parsed = _json(raw_json)
@@ -236,8 +248,9 @@ def parse(output: str, advertise: str) -> HostFacts:
     facts.advertise_ips = addresses(sec.get("addrs", ""), advertise)
     for line in sec.get("containers", "").splitlines():
         if line.strip():
-            name, _, role = line.partition("\t")
-            facts.containers[name.strip()] = role.strip()
+            name, role, state = ([*line.split("\t"), "", ""])[:3]
+            running = state.strip() in ("", "running", "restarting")  # recorded output has no state
+            (facts.containers if running else facts.stopped)[name.strip()] = role.strip()
     consul = _json(sec.get("consul", ""))
     facts.consul = consul[0] if isinstance(consul, list) and consul else None
     network = _json(sec.get("network", ""))

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from overlaylab.errors import InputError
+from overlaylab.mode import MODES
 
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*$")
 IFACE_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,15}$")
@@ -29,7 +30,6 @@ FLAVORS = {
     ],
 }  # fmt: skip
 FLAVOR_DATA_DIR = {"progrium": "/data", "hashicorp": "/consul/data"}
-MODES = ("kv", "swarm", "auto")
 
 
 @dataclass(frozen=True)

@@ -6,23 +6,29 @@ from __future__ import annotations
 import sys
 
 from overlaylab import render
-from overlaylab.cluster import Node, parallel
-from overlaylab.errors import InputError, OverlaylabError
+from overlaylab.cluster import Node
+from overlaylab.errors import InputError
 from overlaylab.inventory import Inventory
-from overlaylab.pipelines import kv
-from overlaylab.pipelines import swarm as swarm_pipeline
+from overlaylab.mode import Mode
+from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport, columns
-from overlaylab.run import Options, manager_of, mode_step, refuse, run_task, verify_step
-from overlaylab.steps import anchor, consul, dockerd, network, swarm
+from overlaylab.run import Options, mode_step, preflight_step, run_steps, run_task, verify_step
+from overlaylab.steps import consul
 
 __all__ = ["Options", "bootstrap", "join_node", "status", "teardown", "verify_only"]
 
 
+BACKENDS = {Mode.KV: kv, Mode.SWARM: swarm}
+
+
 def _bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport, only: str | None) -> int:
-    if only is not None and only == manager_of(nodes).name:
+    if only is not None and only == inv.manager.name:
         raise InputError(f"join-node: {only} is the manager; use bootstrap-cluster")
-    pipeline = swarm_pipeline.bootstrap if mode_step(inv, nodes, report) == "swarm" else kv.bootstrap
-    return pipeline(inv, opts, nodes, report, only)
+    report.extra.update(dry_run=opts.dry_run, restarts={}, diffs={})  # also when preflight refuses
+    mode = mode_step(inv, nodes, report)
+    preflight_step(inv, nodes, report, mode)
+    targets = [only] if only else [h.name for h in inv.hosts]
+    return run_steps(inv, opts, nodes, report, BACKENDS[mode].BOOTSTRAP, targets)
 
 
 def bootstrap(inv: Inventory, opts: Options) -> int:
@@ -35,7 +41,7 @@ def join_node(inv: Inventory, opts: Options, node: str) -> int:
 
 
 def _verify_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:
-    manager = manager_of(nodes)
+    manager = next(n for n in nodes if n.name == inv.manager.name)
     if manager.facts.network is None:
         raise InputError(f"network {inv.network} does not exist on {manager.name}: run bootstrap-cluster first")
     return 0 if verify_step(inv, nodes, report) else 1
@@ -46,7 +52,7 @@ def verify_only(inv: Inventory, opts: Options) -> int:
 
 
 def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:
-    manager = manager_of(nodes)
+    manager = next(n for n in nodes if n.name == inv.manager.name)
     registered: set[str] | None = None
     if consul.state(inv, manager)[0] == "ok":
         try:
@@ -94,64 +100,9 @@ def status(inv: Inventory, opts: Options) -> int:
 
 
 def _teardown(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:
-    manager = manager_of(nodes)
-    blockers = {
-        node.name: why
-        for node in nodes
-        if dockerd.has_backup(node)
-        and (why := dockerd.restart_refusal(node, "restoring the drop-in", opts.allow_restart))
-    }
-    refuse(report, blockers)
-    if opts.dry_run:
-        report.note("dry run: teardown would restore the original drop-ins, remove Consul and the network")
-        return 0
-
-    def probes(node: Node) -> None:
-        ours = [name for name, role in node.facts.containers.items() if role == "probe"]
-        if ours:
-            node.sh("docker rm -f " + " ".join(ours) + " >/dev/null")
-            report.record(node.name, "probes", "changed", f"removed {', '.join(ours)}")
-
-    parallel(nodes, probes)
-
-    def unanchor(node: Node) -> None:
-        if anchor.remove(node):
-            report.record(node.name, "anchor", "changed", "removed")
-
-    parallel(nodes, unanchor)
-    try:
-        result = network.remove(inv, manager)
-        if result == "removed":
-            report.record(manager.name, "network", "changed", f"removed {inv.network}")
-        else:
-            report.record(manager.name, "network", "ok", result or "absent")
-    except OverlaylabError as exc:
-        report.record(manager.name, "network", "failed", str(exc))
-
-    def restore(node: Node) -> None:
-        try:
-            done = dockerd.restore_original(node)
-            report.record(node.name, "dockerd", "changed" if done else "ok", done or "no drop-in of overlaylab's")
-        except OverlaylabError as exc:
-            report.record(node.name, "dockerd", "failed", str(exc))
-
-    if mode_step(inv, nodes, report) == "swarm":
-        for node in [*(n for n in nodes if n is not manager), manager]:  # workers first, then the manager
-            try:
-                if swarm.leave_swarm(node):
-                    report.record(node.name, "swarm", "changed", "left the swarm")
-                else:
-                    report.record(node.name, "swarm", "ok", "not in a swarm")
-            except OverlaylabError as exc:
-                report.record(node.name, "swarm", "failed", str(exc))
-    parallel([n for n in nodes if n is not manager], restore)
-    restore(manager)
-    try:
-        removed = consul.remove(inv, manager)
-        report.record(manager.name, "consul", "changed" if removed else "ok", "removed" if removed else "absent")
-    except OverlaylabError as exc:
-        report.record(manager.name, "consul", "failed", str(exc))
-    return 1 if report.failed else 0
+    report.extra.update(dry_run=opts.dry_run, restarts={}, diffs={})
+    mode = mode_step(inv, nodes, report)
+    return run_steps(inv, opts, nodes, report, BACKENDS[mode].TEARDOWN, [n.name for n in nodes], teardown=True)
 
 
 def teardown(inv: Inventory, opts: Options) -> int:

@@ -91,8 +91,12 @@ def insecure_tcp(argv: list[str]) -> str | None:
     return None
 
 
+def store_url(manager_ip: str, port: int) -> str:
+    return f"consul://{manager_ip}:{port}"
+
+
 def cluster_argv(base: list[str], manager_ip: str, port: int, advertise: str, extra: tuple[str, ...]) -> list[str]:
-    return [*base, f"--cluster-store=consul://{manager_ip}:{port}", f"--cluster-advertise={advertise}:2376", *extra]
+    return [*base, f"--cluster-store={store_url(manager_ip, port)}", f"--cluster-advertise={advertise}:2376", *extra]
 
 
 def render(cluster: str, base: list[str], argv: list[str], backup_dir: str) -> str:

@@ -59,6 +59,7 @@ class RunReport:
         self.json_mode = json_mode
         self.stream = stream or (sys.stderr if json_mode else sys.stdout)
         self.outcomes: list[dict[str, str]] = []
+        self.notes: list[str] = []
         self.extra: dict[str, object] = {}
         self.started = time.monotonic()  # before connecting: timings include SSH set-up
         self._lock = threading.Lock()
@@ -74,6 +75,7 @@ class RunReport:
 
     def note(self, text: str) -> None:
         with self._lock:
+            self.notes.append(text)
             print(text, file=self.stream, flush=True)
 
     @property
@@ -91,8 +93,10 @@ class RunReport:
             [["HOST", *(s.upper() for s in steps)], *([h, *(cell.get((h, s), "") for s in steps)] for h in self.hosts)]
         )
         verdict = "FAILED" if self.failed else ("changed" if self.changes else "no change")
-        if self.extra.get("dry_run"):
-            verdict = "dry run, nothing changed" + (", refused" if self.failed else "")
+        if self.extra.get("dry_run") or self.extra.get("refused"):
+            verdict = ("dry run, nothing changed" if self.extra.get("dry_run") else "nothing changed") + (
+                ", refused" if self.failed else ""
+            )
             lines.append(f"{self.task}: {verdict} ({self.changes} changes planned)")
         else:
             lines.append(f"{self.task}: {verdict} ({self.changes} changes)")
@@ -102,9 +106,11 @@ class RunReport:
         per_host: dict[str, dict[str, dict[str, str]]] = {h: {} for h in self.hosts}
         for o in self.outcomes:
             per_host.setdefault(o["host"], {})[o["step"]] = {"status": o["status"], "detail": o["detail"]}
+        refused = bool(self.extra.get("refused"))  # a refused run's outcomes are its plan: it changed nothing
         return {
             "task": self.task,
-            "changes": self.changes,
+            "changes": 0 if refused else self.changes,
+            **({"planned_changes": self.changes} if refused else {}),
             "failed": self.failed,
             "exit_code": exit_code,
             "hosts": per_host,

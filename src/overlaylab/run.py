@@ -11,7 +11,7 @@ import json
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from overlaylab import cluster
@@ -19,8 +19,11 @@ from overlaylab import mode as modes
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Inventory
+from overlaylab.mode import Mode
+from overlaylab.plan import Context, Step, execute, preview, replay
 from overlaylab.report import RunReport
 from overlaylab.steps import preflight, verify
+from overlaylab.topology import Topology
 
 Pipeline = Callable[..., int]
 
@@ -58,11 +61,7 @@ def finish(report: RunReport, code: int) -> int:
     return code
 
 
-def manager_of(nodes: list[Node]) -> Node:
-    return next(n for n in nodes if n.host.is_manager)
-
-
-def preflight_step(inv: Inventory, nodes: list[Node], report: RunReport, mode: str = "kv") -> None:
+def preflight_step(inv: Inventory, nodes: list[Node], report: RunReport, mode: Mode = Mode.KV) -> None:
     problems = preflight.check(inv, nodes, mode)
     for node in nodes:
         if node.name in problems:
@@ -106,19 +105,46 @@ def run_task(task: str, inv: Inventory, opts: Options, fn: Pipeline, *args: obje
     return finish(report, int(code))
 
 
-def mode_step(inv: Inventory, nodes: list[Node], report: RunReport) -> str:
+def mode_step(inv: Inventory, nodes: list[Node], report: RunReport) -> Mode:
     mode, why = modes.resolve(inv.mode, nodes)
-    report.extra["mode"] = mode
+    report.extra["mode"] = mode.value
     report.note(why)
     return mode
 
 
-def refuse(report: RunReport, refusals: dict[str, str]) -> None:
-    """A refused plan: each host's reason in the report, then exit 2 with nothing changed."""
-    if refusals:
-        for name, why in refusals.items():
-            report.record(name, "plan", "failed", why)
-        raise Refused("; ".join(f"{h}: {w}" for h, w in refusals.items()))
+def run_steps(
+    inv: Inventory,
+    opts: Options,
+    nodes: list[Node],
+    report: RunReport,
+    steps: Sequence[Step],
+    targets: Sequence[str],
+    teardown: bool = False,
+) -> int:
+    """A backend's steps, dry or for real. The real run is planned whole first (a silent dry
+    pass), so that a refusal anywhere leaves every host as it was, and its report is then
+    the dry run's: the same plan, refused."""
+    topo = Topology.of(inv)
+    ctx = Context(inv, opts, topo, {n.name: n for n in nodes}, tuple(targets), report, dry=False, halt=not teardown)
+    planned = preview(steps, ctx)
+    if opts.dry_run or planned.refusals:
+        replay(planned, report)
+        report.extra.update(dry_run=opts.dry_run, restarts={} if planned.refusals else planned.restarts)
+        report.extra["diffs"] = planned.diffs
+        if planned.refusals and not opts.dry_run:
+            report.extra["refused"] = True
+            raise Refused("; ".join(f"{h}: {w}" for h, w in planned.refusals.items()))
+        if not teardown and not planned.refusals:
+            for name in targets:  # join-node: the pairs of the joining worker
+                report.record(name, "verify", "skipped", "dry run: no probes started")
+        report.note("dry run: nothing was changed")
+        return 2 if planned.refusals else 0
+    whole = execute(steps, ctx)
+    report.extra.update(restarts=ctx.restarts, diffs=ctx.diffs)
+    if whole and not teardown:
+        live = [n for n in nodes if n.name not in ctx.failed]
+        verify_step(inv, live, report, [n for n in live if n.name in targets] if ctx.joining else None)
+    return 1 if report.failed or not whole else 0
 
 
 def verify_step(inv: Inventory, nodes: list[Node], report: RunReport, sources: list[Node] | None = None) -> bool:

@@ -1,1 +1,1 @@
-"""One pipeline per overlay backend: kv (Consul cluster store) and swarm."""
+"""Backends: each an ordered list of steps for bootstrap (and join-node) and for teardown."""

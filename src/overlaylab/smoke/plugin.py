@@ -19,7 +19,6 @@ from overlaylab.facts import ROLE_LABEL
 from overlaylab.inventory import Inventory
 
 SMOKE_MARK = "overlaylab_smoke"
-MODES = ("kv", "swarm")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -108,7 +108,7 @@ def test_drop_in_on_disk_is_what_the_templates_render(smoke_cluster: Cluster, ho
     c = smoke_cluster
     node = c.nodes[host]
     assert render.is_ours(node.facts.dropin), f"{host}: {DROPIN} is missing or not overlaylab's"
-    wanted = dockerd.plan(c.inv, node, c.manager.advertise_ip)
+    wanted = dockerd.dropin(c.inv, node, c.manager.advertise_ip)
     assert not wanted.changed, f"{host}: the drop-in drifted from the templates:\n{wanted.diff()}"
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 import shlex
 
 from overlaylab.cluster import Node
-from overlaylab.facts import ROLE_LABEL
+from overlaylab.facts import ROLE_LABEL, HostFacts
+from overlaylab.plan import Action, Context, Scope, Step
 
 PREFIX = "overlaylab-anchor-"
 # PID 1 must exit on SIGTERM, or every dockerd restart waits the 10 s stop timeout.
@@ -39,10 +40,8 @@ def present(node: Node) -> bool:
     return node.facts.containers.get(name(node)) == "anchor"
 
 
-def ensure(node: Node, network: str, force: bool = False, image: str = "busybox:latest") -> bool:
-    """True when the anchor was (re)created; ``force`` after this run restarted the daemon."""
-    if present(node) and not force:
-        return False
+def create(node: Node, network: str, image: str = "busybox:latest") -> None:
+    """(Re)create the anchor: a stopped one, or one that outlived a restart, is replaced."""
     q = shlex.quote
     # A record of our own name that outlived its container (its daemon stopped while
     # the store was away) would block the name: `disconnect -f` clears exactly that.
@@ -51,7 +50,6 @@ def ensure(node: Node, network: str, force: bool = False, image: str = "busybox:
         f"docker run -d --name {name(node)} --restart no "
         f"--label {ROLE_LABEL}=anchor --network {q(network)} {q(image)} sh -c {q(COMMAND)} >/dev/null"
     )
-    return True
 
 
 def stop_command(node: Node) -> str:
@@ -59,7 +57,44 @@ def stop_command(node: Node) -> str:
     return f"docker rm -f {name(node)} >/dev/null 2>&1; true"
 
 
-def remove(node: Node) -> bool:
-    """True when an anchor was there (running or not) and is now gone."""
-    code, _, _ = node.result(f"docker inspect {name(node)} >/dev/null 2>&1 && docker rm -f {name(node)} >/dev/null")
-    return code == 0
+class Anchor(Step):
+    """kv: one anchor per host, recreated where this run restarted the daemon (it was
+    removed before the restart, and must join only once gossip has)."""
+
+    name = "anchor"
+    scope = Scope.ALL
+
+    def plan(self, ctx: Context, node: Node) -> Action:
+        if node.name in ctx.restarts:
+            return Action(node.name, True, "create (dockerd restarted)")
+        if present(node):
+            return Action(node.name, False, "running")
+        return Action(node.name, True, "create")
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        create(node, ctx.inv.network)
+        return "created"
+
+
+class RemoveAnchor(Step):
+    """Teardown, and swarm mode (which needs no anchor): the anchor goes, running or not."""
+
+    name = "anchor"
+
+    def __init__(self, scope: Scope, why: str = "") -> None:
+        self.scope, self.why = scope, why
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
+        f = node.facts
+        if f.containers.get(name(node)) != "anchor" and f.stopped.get(name(node)) != "anchor":
+            return None
+
+        def project(facts: HostFacts) -> None:
+            facts.containers.pop(name(node), None)
+            facts.stopped.pop(name(node), None)
+
+        return Action(node.name, True, "remove" + self.why, project=project)
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        node.sh(f"docker rm -f {name(node)} >/dev/null")
+        return "removed" + self.why

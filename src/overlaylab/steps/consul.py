@@ -15,8 +15,9 @@ import requests
 
 from overlaylab.cluster import Node, consul_client
 from overlaylab.errors import OverlaylabError
-from overlaylab.facts import ROLE_LABEL
+from overlaylab.facts import ROLE_LABEL, HostFacts
 from overlaylab.inventory import FLAVOR_DATA_DIR, FLAVORS, Inventory
+from overlaylab.plan import Action, Context, Scope, Step
 
 SPEC_LABEL = "overlaylab.consul-spec"
 
@@ -65,15 +66,9 @@ def state(inv: Inventory, manager: Node) -> tuple[str, str]:
     return "ok", "running with the wanted image and arguments"
 
 
-def ensure(inv: Inventory, manager: Node) -> tuple[bool, str]:
-    how, why = state(inv, manager)
-    if how == "ok":
-        return False, why
-    if how == "refuse":
-        raise OverlaylabError(why)
-    remove = f"docker rm -f {shlex.quote(inv.consul_name)} >/dev/null && " if how == "recreate" else ""
+def create(inv: Inventory, manager: Node, recreate: bool) -> None:
+    remove = f"docker rm -f {shlex.quote(inv.consul_name)} >/dev/null && " if recreate else ""
     manager.sh(remove + run_command(inv, manager.advertise_ip))
-    return True, f"{'re' if how == 'recreate' else ''}created ({why})"
 
 
 def wait_leader(inv: Inventory, manager: Node, timeout: float = 60) -> str:
@@ -115,12 +110,65 @@ def wait_registered(inv: Inventory, manager: Node, wanted: dict[str, str], timeo
     return {name: f"{ip}:2376" in found for name, ip in wanted.items()}
 
 
-def remove(inv: Inventory, manager: Node) -> bool:
+def ours(manager: Node) -> bool:
     data = manager.facts.consul
-    if data is None:
-        return False
-    if (data.get("Config", {}).get("Labels") or {}).get(ROLE_LABEL) != "consul":
-        return False  # not ours: never removed
-    q = shlex.quote
-    manager.sh(f"docker rm -f {q(inv.consul_name)} >/dev/null && docker volume rm -f {q(volume(inv))} >/dev/null")
-    return True
+    return data is not None and (data.get("Config", {}).get("Labels") or {}).get(ROLE_LABEL) == "consul"
+
+
+class Consul(Step):
+    """Consul on the manager, with a leader; nothing else proceeds without it."""
+
+    name = "consul"
+    scope = Scope.MANAGER
+
+    def plan(self, ctx: Context, node: Node) -> Action:
+        how, why = state(ctx.inv, node)
+        if how == "refuse":
+            return Action(node.name, False, why, refusal=why)
+        if ctx.joining and how != "ok":
+            refusal = f"Consul is not running as wanted ({why}): run bootstrap-cluster first"
+            return Action(node.name, False, why, refusal=refusal)
+        if how == "ok":
+            return Action(node.name, False, why, check=True)  # the run waits for its leader
+
+        def project(facts: HostFacts) -> None:
+            labels = {ROLE_LABEL: "consul", SPEC_LABEL: spec_hash(ctx.inv, node.advertise_ip)}
+            facts.consul = {"Config": {"Labels": labels}, "State": {"Running": True}}
+
+        return Action(node.name, True, f"{how} Consul ({why})", data=(how, why), project=project)
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        done = action.detail
+        if action.change:
+            how, why = action.data
+            create(ctx.inv, node, recreate=how == "recreate")
+            done = f"{how}d ({why})"
+        return f"{done}; leader {wait_leader(ctx.inv, node)}"
+
+
+class RemoveConsul(Step):
+    """Teardown, and swarm mode (which needs no Consul): our Consul container and its volume go."""
+
+    name = "consul"
+    scope = Scope.MANAGER
+
+    def __init__(self, why: str = "", report_absent: bool = True) -> None:
+        self.why, self.report_absent = why, report_absent
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
+        if ctx.joining:
+            return None  # join-node leaves the cluster's Consul alone
+        if not ours(node):
+            return Action(node.name, False, "absent") if self.report_absent else None
+
+        def project(facts: HostFacts) -> None:
+            facts.consul = None
+
+        return Action(node.name, True, "remove Consul and its volume" + self.why, project=project)
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        q = shlex.quote
+        node.sh(
+            f"docker rm -f {q(ctx.inv.consul_name)} >/dev/null && docker volume rm -f {q(volume(ctx.inv))} >/dev/null"
+        )
+        return "removed" + self.why

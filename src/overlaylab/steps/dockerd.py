@@ -7,6 +7,7 @@ kept on the host and never overwritten, for teardown.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +15,20 @@ from pathlib import Path
 from overlaylab import render
 from overlaylab.cluster import Node, journal, write_file_command
 from overlaylab.errors import OverlaylabError
-from overlaylab.facts import BACKUP, BACKUP_ABSENT, BACKUP_DIR, DROPIN
+from overlaylab.facts import BACKUP, BACKUP_ABSENT, BACKUP_DIR, DROPIN, HostFacts
 from overlaylab.inventory import Inventory
+from overlaylab.plan import Action, Context, Order, Scope, Step, fail
+from overlaylab.steps import anchor, consul
 
 READY_TIMEOUT = 60  # dockerd answering, cluster store in docker info, gossip listening
 
 
 @dataclass(frozen=True)
-class Plan:
+class DropIn:
+    """The drop-in a host should have, next to the one it has."""
+
     node: Node
-    wanted: str
+    wanted: str | None  # None: no drop-in (teardown when there was none before)
     current: str | None
 
     @property
@@ -32,16 +37,17 @@ class Plan:
 
     def diff(self) -> str:
         before = (self.current or "").splitlines(keepends=True)
-        after = self.wanted.splitlines(keepends=True)
+        after = (self.wanted or "").splitlines(keepends=True)
         label = f"{self.node.name}:{DROPIN}"
         return "".join(difflib.unified_diff(before, after, f"{label} (now)", f"{label} (wanted)"))
 
 
-def plan(inv: Inventory, node: Node, manager_ip: str) -> Plan:
+def dropin(inv: Inventory, node: Node, manager_ip: str) -> DropIn:
+    """What the templates render for this host from dockerd's command line before overlaylab."""
     base = render.base_command(node.facts.exec_start, node.facts.dropin)
     argv = render.cluster_argv(base, manager_ip, inv.consul_port, node.host.advertise, inv.extra_flags)
     wanted = render.render(inv.cluster, base, argv, BACKUP_DIR)
-    return Plan(node, wanted, node.facts.dropin)
+    return DropIn(node, wanted, node.facts.dropin)
 
 
 def _backup_command() -> str:
@@ -90,11 +96,12 @@ def _restore_command(previous: str | None) -> str:
     )
 
 
-def apply(p: Plan, before_restart: str = "true", expect_peers: bool = False) -> str:
+def write_and_restart(p: DropIn, before_restart: str = "true", expect_peers: bool = False) -> str:
     """Write, reload, restart, wait; on failure roll back and raise with the journal."""
     node = p.node
     node.sh(
-        f"{_backup_command()} && {write_file_command(DROPIN, p.wanted)} && systemctl daemon-reload && {before_restart}"
+        f"{_backup_command()} && {write_file_command(DROPIN, p.wanted or '')} && systemctl daemon-reload && "
+        f"{before_restart}"
     )
     code, out, err = node.result(_restart_command(expect_peers))
     if code == 0:
@@ -136,12 +143,8 @@ def wait_ready(node: Node) -> None:
         raise OverlaylabError(f"dockerd has no cluster store or gossip after {READY_TIMEOUT}s: {out.strip()}")
 
 
-def restore_original(node: Node) -> str | None:
-    """Teardown: the original drop-in (or none) back, restart; None when nothing to do."""
-    if not has_backup(node):
-        if render.is_ours(node.facts.dropin):
-            raise OverlaylabError(f"{DROPIN} is overlaylab's but no backup of the original exists in {BACKUP_DIR}")
-        return None
+def restore_original(node: Node) -> str:
+    """Put the original drop-in (or none) back and restart dockerd."""
     original = Path(BACKUP).name in node.facts.backup
     put_back = f"cp -p {BACKUP} {DROPIN}" if original else f"rm -f {DROPIN}"
     code, out, err = node.result(
@@ -151,3 +154,120 @@ def restore_original(node: Node) -> str | None:
     if code != 0:
         raise OverlaylabError(f"restoring the original drop-in failed: {(err or out).strip()[-300:]}\n{journal(node)}")
     return "original drop-in restored" if original else "drop-in removed (there was none before)"
+
+
+def restart_reason(node: Node, d: DropIn, wanted_store: str) -> str | None:
+    """Why dockerd must restart, or None: only a changed drop-in or a daemon not running as wanted."""
+    f = node.facts
+    if d.changed:
+        return "drop-in changed"
+    if f.docker_active != "active":
+        return f"docker.service is {f.docker_active}"
+    if f.cluster_store != wanted_store:
+        return f"dockerd runs with cluster store {f.cluster_store or 'none'}, the drop-in says {wanted_store}"
+    if f.stray_threads:
+        return (
+            f"dockerd has {f.stray_threads} thread(s) left in a deleted network namespace (Docker 20.10 overlay "
+            "defect, see steps/anchor.py): restarted to clear them"
+        )
+    return None
+
+
+class Dockerd(Step):
+    """kv: the drop-in with the cluster flags, and a restart only where it changed or the
+    daemon does not run as it says. The manager first, Consul's leader again, then one
+    worker at a time: dockerd joins gossip through one registered neighbour and never
+    retries, and two daemons restarting at once can pick each other and each stay alone
+    (seen on the lab, ~1 run in 7 with parallel restarts)."""
+
+    name = "dockerd"
+    order = Order.MANAGER_FIRST
+
+    def plan(self, ctx: Context, node: Node) -> Action:
+        manager_ip = ctx.manager.advertise_ip
+        d = dropin(ctx.inv, node, manager_ip)
+        reason = restart_reason(node, d, render.store_url(manager_ip, ctx.inv.consul_port))
+        if reason is None:
+            return Action(node.name, False, "drop-in up to date, dockerd running with it", check=not node.facts.gossip)
+        return Action(
+            node.name,
+            True,
+            "write the drop-in and restart dockerd" if d.changed else f"restart dockerd: {reason}",
+            restart=reason,
+            stops=tuple(node.facts.foreign_containers),
+            refusal=restart_refusal(node, reason, ctx.opts.allow_restart),
+            diff=d.diff() if d.changed else "",
+            data=d,
+        )
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        if not action.change:  # running as wanted, but its gossip port was not up yet
+            wait_ready(node)
+            return action.detail
+        d: DropIn = action.data
+        try:
+            done = write_and_restart(
+                d, before_restart=anchor.stop_command(node), expect_peers=node.name != ctx.topo.manager
+            )
+        except OverlaylabError:
+            if anchor.present(node):
+                # The rollback restarted dockerd and it is ready again: its anchor, stopped
+                # with the daemon, comes back only now (see steps/anchor.py).
+                with contextlib.suppress(OverlaylabError):
+                    anchor.create(node, ctx.inv.network)
+            raise
+        return done if d.changed else action.restart or done
+
+    def settle(self, ctx: Context, node: Node, action: Action) -> None:
+        """Consul is a container of the manager's dockerd: a restart stopped it, and it elects again."""
+        if not action.change:
+            return
+        try:
+            consul.wait_leader(ctx.inv, node)
+        except OverlaylabError as exc:
+            fail(ctx, "consul", node.name, f"after the manager's restart: {exc}")
+
+
+class RestoreDropin(Step):
+    """The original drop-in back (or none, if there was none), and dockerd restarted.
+
+    Teardown does it on every host that overlaylab touched; swarm mode does it first on
+    hosts that carry our cluster flags (a kv cluster before), since a swarm cannot form
+    while they are there.
+    """
+
+    name = "dockerd"
+
+    def __init__(self, cause: str, order: Order, scope: Scope, ours_only: bool) -> None:
+        self.cause, self.order, self.scope, self.ours_only = cause, order, scope, ours_only
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
+        f = node.facts
+        if not has_backup(node):
+            if render.is_ours(f.dropin):
+                why = f"{DROPIN} is overlaylab's but no backup of the original exists in {BACKUP_DIR}"
+                return Action(node.name, False, why, refusal=why)
+            return None if self.ours_only else Action(node.name, False, "no drop-in of overlaylab's")
+        if self.ours_only and not render.is_ours(f.dropin):
+            return None
+        original = f.backup_content if Path(BACKUP).name in f.backup else None
+
+        def project(facts: HostFacts) -> None:
+            facts.dropin, facts.backup, facts.network = original, [], None  # no store, no global network
+            facts.info = {**facts.info, "ClusterStore": "", "ClusterAdvertise": ""}
+
+        return Action(
+            node.name,
+            True,
+            "restore the original drop-in and restart dockerd"
+            if original is not None
+            else "remove the drop-in (there was none before) and restart dockerd",
+            restart=self.cause,
+            stops=tuple(f.foreign_containers),
+            refusal=restart_refusal(node, self.cause, ctx.opts.allow_restart),
+            diff=DropIn(node, original, f.dropin).diff(),
+            project=project,
+        )
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        return restore_original(node)

@@ -1,16 +1,14 @@
-"""Step 7: the overlay network, created once on the manager. An existing one with
-other settings is reported, never deleted."""
+"""The overlay network, created once on the manager; teardown removes it when it is ours and unused."""
 
 from __future__ import annotations
 
-import json
 import shlex
 from typing import Any
 
 from overlaylab.cluster import Node
-from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL
 from overlaylab.inventory import Inventory
+from overlaylab.plan import Action, Context, Scope, Step
 from overlaylab.steps import anchor, verify
 
 
@@ -30,45 +28,73 @@ def differences(inv: Inventory, data: dict[str, Any], scope: str = "global") -> 
     return diffs
 
 
-def ensure(inv: Inventory, manager: Node, swarm: bool = False) -> tuple[bool, str]:
-    data = manager.facts.network
-    extra = " --attachable" if swarm else ""
-    if data is not None:
-        diffs = differences(inv, data, "swarm" if swarm else "global")
+def exists(inv: Inventory, data: dict[str, Any]) -> str:
+    return f"{inv.network} exists ({data.get('Id', '')[:12]}, {data.get('Scope')} scope)"
+
+
+class Network(Step):
+    """The overlay network, created once on the manager (swarm mode: attachable). One that
+    exists with other settings is a refusal: reported, never deleted."""
+
+    name = "network"
+    scope = Scope.MANAGER
+
+    def __init__(self, scope: str = "global") -> None:
+        self.net_scope = scope
+
+    def plan(self, ctx: Context, node: Node) -> Action:
+        inv, data = ctx.inv, node.facts.network
+        if data is None:
+            return Action(node.name, True, f"create {inv.network}")
+        diffs = differences(inv, data, self.net_scope)
         if diffs:
-            raise OverlaylabError(
+            why = (
                 f"network {inv.network} exists with other settings ({'; '.join(diffs)}); left as it is, "
                 "remove it yourself or choose another network.name"
             )
-        return False, f"{inv.network} exists ({data.get('Id', '')[:12]}, {data.get('Scope')} scope)"
-    subnet = f" --subnet {shlex.quote(inv.subnet)}" if inv.subnet else ""
-    net_id = manager.sh(
-        f"docker network create --driver overlay{extra}{subnet} --label {ROLE_LABEL}=network {shlex.quote(inv.network)}"
-    ).strip()
-    return True, f"created {inv.network} ({net_id[:12]})"
+            return Action(node.name, False, why, refusal=why)
+        return Action(node.name, False, exists(inv, data))
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        inv = ctx.inv
+        extra = " --attachable" if self.net_scope == "swarm" else ""
+        subnet = f" --subnet {shlex.quote(inv.subnet)}" if inv.subnet else ""
+        net_id = node.sh(
+            f"docker network create --driver overlay{extra}{subnet} --label {ROLE_LABEL}=network "
+            f"{shlex.quote(inv.network)}"
+        ).strip()
+        return f"created {inv.network} ({net_id[:12]})"
 
 
-def refresh(inv: Inventory, node: Node) -> None:
-    """Re-read the network after this run changed the daemon (a restart, a new swarm)."""
-    code, out, _ = node.result(f"docker network inspect {shlex.quote(inv.network)} 2>/dev/null")
-    data = json.loads(out) if code == 0 and out.strip() else []
-    node.facts.network = data[0] if data else None
+def users(ctx: Context) -> list[str]:
+    """Containers on the network that are not overlaylab's, on every host (each sees its own)."""
+    found = []
+    for node in ctx.nodes.values():
+        data = node.facts.network or {}
+        for container in (data.get("Containers") or {}).values():
+            name = str(container.get("Name", ""))
+            if name and not name.startswith((verify.PREFIX, anchor.PREFIX)):
+                found.append(name)
+    return sorted(set(found))
 
 
-def remove(inv: Inventory, manager: Node) -> str | None:
-    """Teardown: remove the network only when no container of the user is on it."""
-    data = manager.facts.network
-    if data is None:
-        return None
-    if (data.get("Labels") or {}).get(ROLE_LABEL) != "network":
-        return f"{inv.network} was not created by overlaylab: left alone"
-    users = manager.sh(
-        f"docker network inspect {shlex.quote(inv.network)} --format "
-        "'{{range $id, $c := .Containers}}{{$c.Name}} {{end}}'",
-        check=False,
-    ).split()
-    users = [u for u in users if not u.startswith((verify.PREFIX, anchor.PREFIX))]
-    if users:
-        return f"{inv.network} kept: containers of yours are on it ({', '.join(users)})"
-    manager.sh(f"docker network rm {shlex.quote(inv.network)} >/dev/null")
-    return "removed"
+class RemoveNetwork(Step):
+    """Teardown: the network goes only when overlaylab made it and no container of the user is on it."""
+
+    name = "network"
+    scope = Scope.MANAGER
+
+    def plan(self, ctx: Context, node: Node) -> Action:
+        inv, data = ctx.inv, node.facts.network
+        if data is None:
+            return Action(node.name, False, "absent")
+        if (data.get("Labels") or {}).get(ROLE_LABEL) != "network":
+            return Action(node.name, False, f"{inv.network} was not created by overlaylab: left alone")
+        kept = users(ctx)
+        if kept:
+            return Action(node.name, False, f"{inv.network} kept: containers of yours are on it ({', '.join(kept)})")
+        return Action(node.name, True, f"remove {inv.network}")
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        node.sh(f"docker network rm {shlex.quote(ctx.inv.network)} >/dev/null")
+        return f"removed {ctx.inv.network}"

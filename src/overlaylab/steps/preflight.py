@@ -8,37 +8,17 @@ from collections import defaultdict
 from overlaylab import render
 from overlaylab.cluster import Node
 from overlaylab.inventory import Inventory
-
-LAST_KV_ENGINE = (23, 0, 0)  # --cluster-store was removed in Engine 23.0
-
-
-def engine_problem(node: Node) -> str | None:
-    """Why this engine cannot join a Consul cluster store, or None."""
-    f = node.facts
-    version = f.version_tuple
-    if version is None:
-        return f"cannot read the Docker engine version ({f.info_error or 'docker info gave nothing'})"
-    if version >= LAST_KV_ENGINE:
-        return (
-            f"Docker {f.version} has no --cluster-store (removed in Engine 23.0; dockerd would refuse to start): "
-            "use the swarm backend for this engine"
-        )
-    if not f.consul_backend:
-        return (
-            f"Docker {f.version} was built without the Consul cluster store (as Debian bookworm's 20.10.24 is): "
-            "use an engine that has it, or the swarm backend"
-        )
-    return None
+from overlaylab.mode import Mode, engine_problem
 
 
-def host_problems(inv: Inventory, node: Node, mode: str = "kv") -> list[str]:
+def host_problems(inv: Inventory, node: Node, mode: str = Mode.KV) -> list[str]:
     f = node.facts
     problems = []
     if f.docker_active != "active":
         problems.append(f"docker.service is {f.docker_active or 'not installed'}, it must be installed and running")
     if not f.advertise_ips:
         problems.append(f"advertise {node.host.advertise!r}: no such interface or address with an IPv4 address")
-    if mode == "swarm":
+    if mode == Mode.SWARM:
         return problems  # swarm mode writes no drop-in: the cluster-store checks do not apply
     engine = engine_problem(node)
     if engine:
@@ -67,7 +47,7 @@ def host_problems(inv: Inventory, node: Node, mode: str = "kv") -> list[str]:
     return problems
 
 
-def check(inv: Inventory, nodes: list[Node], mode: str = "kv") -> dict[str, list[str]]:
+def check(inv: Inventory, nodes: list[Node], mode: str = Mode.KV) -> dict[str, list[str]]:
     """Problems by host name (empty when all is well)."""
     problems: dict[str, list[str]] = defaultdict(list)
     for node in nodes:

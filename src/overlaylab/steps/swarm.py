@@ -1,9 +1,13 @@
-"""Step 2: leave any swarm (the cluster store cannot coexist with swarm mode)."""
+"""Swarm membership: kv mode leaves any swarm; swarm mode inits one on the manager and joins the workers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from overlaylab.cluster import Node
 from overlaylab.errors import OverlaylabError
+from overlaylab.facts import HostFacts
+from overlaylab.plan import Action, Context, Order, Scope, Step
 
 
 def refusal(node: Node, force: bool) -> str | None:
@@ -21,10 +25,39 @@ def needed(node: Node) -> bool:
     return node.facts.swarm_state not in ("inactive", "")
 
 
-def leave(node: Node) -> str:
-    flag = " --force" if node.facts.swarm_manager else ""
-    node.sh(f"docker swarm leave{flag}")
-    return f"left the swarm (was {node.facts.swarm_state}{', manager' if flag else ''})"
+def _left(facts: HostFacts) -> None:
+    """A node that left its swarm no longer sees the swarm's networks."""
+    if (facts.network or {}).get("Scope") == "swarm":
+        facts.network = None
+    facts.info = {**facts.info, "Swarm": {"LocalNodeState": "inactive"}}
+
+
+class LeaveSwarm(Step):
+    """kv: leave any swarm (the cluster store cannot coexist with swarm mode); a manager with
+    services only with --force-leave-swarm. Teardown of swarm mode: the workers, then the manager."""
+
+    name = "swarm"
+
+    def __init__(self, teardown: bool = False) -> None:
+        self.teardown = teardown
+        self.order = Order.WORKERS_FIRST if teardown else Order.PARALLEL
+        self.scope = Scope.ALL if teardown else Scope.TARGETS
+
+    def plan(self, ctx: Context, node: Node) -> Action:
+        if not needed(node):
+            return Action(node.name, False, "not in a swarm")
+        f = node.facts
+        refused = None if self.teardown else refusal(node, ctx.opts.force_leave_swarm)
+        role = ", manager" if f.swarm_manager else ""
+        return Action(node.name, True, f"leave the swarm (was {f.swarm_state}{role})", refusal=refused, project=_left)
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        node.sh(
+            "docker swarm leave --force >/dev/null"
+            if node.facts.swarm_manager or self.teardown
+            else "docker swarm leave"
+        )
+        return f"left the swarm (was {node.facts.swarm_state}{', manager' if node.facts.swarm_manager else ''})"
 
 
 # ---- swarm mode: the backend for engines without a cluster store ------------------------
@@ -88,9 +121,54 @@ def join(node: Node, manager: Node, token: str, rejoin: bool) -> str:
     return f"joined {manager.name}'s swarm"
 
 
-def leave_swarm(node: Node) -> bool:
-    """Teardown: leave whatever swarm; True when the node was in one."""
-    if not needed(node):
-        return False
-    node.sh("docker swarm leave --force >/dev/null")
-    return True
+class SwarmInit(Step):
+    """Swarm mode: the manager manages a swarm (an existing one it manages is `ok`)."""
+
+    name = "swarm"
+    scope = Scope.MANAGER
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
+        state, why = manager_state(node, ctx.opts.leave_other_swarm)
+        if state == "refuse":
+            return Action(node.name, False, why, refusal=why)
+        if ctx.joining and state != "ok":
+            refused = f"no swarm managed by {node.name} ({why}): run bootstrap-cluster first"
+            return Action(node.name, False, why, refusal=refused)
+        if state == "ok":
+            return Action(node.name, False, why)
+
+        def project(facts: HostFacts) -> None:
+            if state == "reinit":
+                _left(facts)
+            facts.info = {**facts.info, "Swarm": {"LocalNodeState": "active", "ControlAvailable": True}}
+
+        return Action(node.name, True, f"initialise a swarm ({why})", data=state, project=project)
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        return init(node, ctx.inv.swarm_addr_pool, action.data == "reinit")
+
+
+class SwarmJoin(Step):
+    """Swarm mode: the workers join with the worker token (never printed), at once."""
+
+    name = "swarm"
+
+    def hosts(self, ctx: Context) -> list[str]:
+        return [n for n in super().hosts(ctx) if n != ctx.topo.manager]
+
+    def plan(self, ctx: Context, node: Node) -> Action:
+        state, why = worker_state(node, ctx.manager, ctx.opts.leave_other_swarm)
+        if state == "refuse":
+            return Action(node.name, False, why, refusal=why)
+        if state == "ok":
+            return Action(node.name, False, why)
+        return Action(node.name, True, f"join {ctx.topo.manager}'s swarm ({why})", data=state, project=_left)
+
+    def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+        """The token is read once for all joins, and travels only inside this run."""
+        token = worker_token(ctx.manager) if any(a.change for a in actions) else ""
+        super().apply_all(ctx, [dataclasses.replace(a, data=(a.data, token)) for a in actions])
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        state, token = action.data
+        return join(node, ctx.manager, token, state == "rejoin")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from overlaylab.cluster import Node, journal, parallel
 from overlaylab.facts import ROLE_LABEL
+from overlaylab.plan import Action, Context, Scope, Step
 from overlaylab.report import columns
 
 CONVERGE_SECONDS = 20
@@ -128,11 +129,11 @@ def run(network: str, nodes: list[Node], sources: list[Node] | None = None) -> M
         node.sh(f"docker rm -f {probe_name(node)} >/dev/null 2>&1; true", check=False)
 
     try:
-        for i, exc in parallel(nodes, start).items():
-            matrix.errors[nodes[i].name] = f"probe did not start: {exc}"
+        for name, exc in parallel(nodes, start).items():
+            matrix.errors[name] = f"probe did not start: {exc}"
         ready = [n for n in nodes if n.name in ips]
-        for i, exc in parallel(ready, ping).items():
-            matrix.errors[ready[i].name] = f"ping failed: {exc}"
+        for name, exc in parallel(ready, ping).items():
+            matrix.errors[name] = f"ping failed: {exc}"
         if not matrix.ok:  # the journals, read before anything is cleaned up
             involved_in_failure = {f.split(" ", 1)[0].rstrip(":") for f in matrix.failures()}
             involved_in_failure |= {d for (_, d, _), (ok, _) in matrix.results.items() if not ok}
@@ -145,3 +146,19 @@ def run(network: str, nodes: list[Node], sources: list[Node] | None = None) -> M
     finally:
         parallel(nodes, stop)
     return matrix
+
+
+class RemoveProbes(Step):
+    """Teardown: probes a run left behind (verify removes its own, also on failure)."""
+
+    name = "probes"
+    scope = Scope.ALL
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
+        f = node.facts
+        ours = sorted(n for n, role in {**f.containers, **f.stopped}.items() if role == "probe")
+        return Action(node.name, True, f"remove {', '.join(ours)}", data=ours) if ours else None
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        node.sh("docker rm -f " + " ".join(action.data) + " >/dev/null")
+        return f"removed {', '.join(action.data)}"

@@ -1,0 +1,262 @@
+"""The step protocol, and the one loop that runs it.
+
+Every step reads facts, returns one Action per host (computed purely from the facts,
+the inventory and the topology: what it would change, why, what it would restart or
+stop, or why it refuses), and applies it. A backend is an ordered list of steps;
+each step carries its ordering rule (at once, the manager first then one worker at a
+time, the workers first then the manager).
+
+A dry run is this loop with apply switched off: each planned action is recorded, and
+its declared effect on the facts (``project``) stands in for the change, so that the
+later steps plan as they will in the run. A real run makes that same dry pass first,
+silently, so that every refusal is known before any host changes (exit 2, and the
+report is the dry run's); then it runs the loop again with apply on, planning each
+step from facts read after the changes that came before it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import paramiko
+
+from overlaylab import cluster
+from overlaylab.cluster import Node, parallel
+from overlaylab.errors import OverlaylabError
+from overlaylab.facts import HostFacts
+from overlaylab.inventory import Inventory
+from overlaylab.report import RunReport
+from overlaylab.topology import Topology
+
+
+class Order(Enum):
+    PARALLEL = "every host at once"
+    MANAGER_FIRST = "the manager, then one worker at a time"
+    WORKERS_FIRST = "the workers at once, then the manager"
+
+
+class Scope(Enum):
+    TARGETS = "the hosts this task changes"  # all, or join-node's one worker
+    ALL = "every host still in the run"
+    MANAGER = "the manager"
+
+
+@dataclass
+class Action:
+    """What one step does, or would do, on one host."""
+
+    host: str
+    change: bool
+    detail: str  # a change: what it does ("create ov_net1"); otherwise why nothing needs doing
+    restart: str | None = None  # why this change restarts dockerd
+    stops: tuple[str, ...] = ()  # the user's containers that restart stops
+    refusal: str | None = None  # why the run must not go ahead (exit 2, nothing changed anywhere)
+    check: bool = False  # no change, but the run verifies something (a leader, a registration)
+    diff: str = ""
+    project: Callable[[HostFacts], None] | None = None  # the change's effect on the facts, for the dry pass
+    data: Any = None  # the step's own payload (a rendered drop-in)
+
+
+@dataclass
+class Context:
+    """One pass over a backend: what the steps read, and what the pass has done so far."""
+
+    inv: Inventory
+    opts: Any  # run.Options (not imported: run imports this module's users)
+    topo: Topology
+    nodes: dict[str, Node]
+    targets: tuple[str, ...]
+    report: RunReport
+    dry: bool
+    restarts: dict[str, str] = field(default_factory=dict)  # host -> why its dockerd restarts
+    diffs: dict[str, str] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)
+    stale: set[str] = field(default_factory=set)  # hosts changed since their facts were read
+    refusals: dict[str, str] = field(default_factory=dict)
+    halt: bool = True
+
+    @property
+    def manager(self) -> Node:
+        return self.nodes[self.topo.manager]
+
+    @property
+    def joining(self) -> bool:
+        """join-node: one worker joins a cluster that must already be there."""
+        return set(self.targets) != set(self.topo.hosts)
+
+    def live(self, names: Sequence[str]) -> list[str]:
+        """Hosts still in the run: with ``halt``, a host that failed takes no further step."""
+        return [n for n in names if not self.halt or n not in self.failed]
+
+
+class Step:
+    """One provisioning step. Subclasses set ``name``, ``scope`` and ``order``, and write
+    ``plan`` (pure) and ``apply`` (the only place that changes a host)."""
+
+    name: str
+    scope: Scope = Scope.TARGETS
+    order: Order = Order.PARALLEL
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
+        """The action for this host, from facts only; None when the step has no business there."""
+        raise NotImplementedError
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        """Carry out one changing (or checking) action; returns what was done. Raises on failure."""
+        raise NotImplementedError
+
+    def settle(self, ctx: Context, node: Node, action: Action) -> None:
+        """After the manager's action under MANAGER_FIRST, before any worker's (Consul's leader again)."""
+
+    def hosts(self, ctx: Context) -> list[str]:
+        if self.scope is Scope.MANAGER:
+            names = [ctx.topo.manager]
+        elif self.scope is Scope.ALL:
+            names = list(ctx.topo.hosts)
+        else:
+            names = list(ctx.targets)
+        return ctx.live(names)
+
+    def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+        """Apply in this step's order; a step that acts on the group at once overrides this."""
+        manager = ctx.topo.manager
+        first = [a for a in actions if a.host == manager]
+        rest = [a for a in actions if a.host != manager]
+        if self.order is Order.PARALLEL:
+            apply_at_once(ctx, self, actions)
+        elif self.order is Order.WORKERS_FIRST:
+            apply_at_once(ctx, self, rest)
+            for action in first:
+                apply_one(ctx, self, action)
+        else:  # MANAGER_FIRST
+            for action in first:
+                if apply_one(ctx, self, action) and (action.change or action.check):
+                    try:
+                        self.settle(ctx, ctx.nodes[manager], action)
+                    except OverlaylabError as exc:
+                        fail(ctx, self.name, manager, f"after the manager's change: {exc}")
+            if manager in ctx.failed and first:
+                return  # the manager failed: no worker is touched
+            for action in rest:
+                apply_one(ctx, self, action)
+
+
+def apply_at_once(ctx: Context, step: Step, actions: list[Action]) -> None:
+    """Every action in parallel; a host's failure is recorded by apply_one, anything else is a bug."""
+    for exc in parallel(actions, lambda a: apply_one(ctx, step, a), key=lambda a: a.host).values():
+        raise exc
+
+
+def fail(ctx: Context, step: str, host: str, why: str) -> None:
+    ctx.report.record(host, step, "failed", why)
+    ctx.failed.add(host)
+
+
+UNREACHABLE = (OSError, EOFError, paramiko.SSHException)
+
+
+def apply_one(ctx: Context, step: Step, action: Action) -> bool:
+    """Apply one action and record its outcome; True when it went well."""
+    node = ctx.nodes[action.host]
+    if not (action.change or action.check):
+        ctx.report.record(action.host, step.name, "ok", action.detail)
+        return True
+    if action.restart:
+        ctx.restarts[action.host] = action.restart  # even if it then fails: its PID may change
+    if action.diff:
+        ctx.diffs[action.host] = action.diff
+    try:
+        done = step.apply(ctx, node, action)
+    except OverlaylabError as exc:
+        fail(ctx, step.name, action.host, str(exc))
+        ctx.stale.add(action.host)
+        return False
+    except UNREACHABLE as exc:
+        fail(ctx, step.name, action.host, f"unreachable: {type(exc).__name__}: {exc}".rstrip(": "))
+        return False
+    ctx.report.record(action.host, step.name, "changed" if action.change else "ok", done)
+    if action.change:
+        if action.project is not None:
+            action.project(node.facts)  # what the host should look like now, until it is read again
+        ctx.stale.add(action.host)
+    return True
+
+
+def _record_planned(ctx: Context, step: Step, action: Action) -> None:
+    if action.change:
+        stops = f"; the restart stops: {', '.join(action.stops)}" if action.stops else ""
+        ctx.report.record(action.host, step.name, "changed", f"would {action.detail}{stops}")
+        if action.diff:
+            ctx.diffs[action.host] = action.diff
+            if not ctx.report.json_mode:
+                ctx.report.note(action.diff.rstrip())
+        if action.restart:
+            ctx.restarts[action.host] = action.restart
+    elif action.refusal:
+        ctx.report.record(action.host, step.name, "failed", action.refusal)
+    else:
+        ctx.report.record(action.host, step.name, "ok", action.detail)
+    if action.refusal:
+        ctx.report.record(action.host, "plan", "failed", action.refusal)
+        ctx.refusals[action.host] = action.refusal
+    if action.change and action.project is not None:
+        action.project(ctx.nodes[action.host].facts)
+
+
+def _refresh(ctx: Context) -> None:
+    """Facts read again where this run changed a host: a later step plans from what is, not what was."""
+    stale = [ctx.nodes[n] for n in ctx.live(sorted(ctx.stale))]
+    ctx.stale.clear()
+    for name, exc in parallel(stale, lambda node: cluster.read_one(ctx.inv, node)).items():
+        fail(ctx, "facts", name, f"reading facts again failed: {type(exc).__name__}: {exc}")
+
+
+def execute(steps: Sequence[Step], ctx: Context) -> bool:
+    """Run the steps in order (dry or real); False when a failure stopped the run.
+
+    With ``ctx.halt``, a failed manager stops the run and a failed worker is left out
+    of the steps that follow; without it (teardown) every step is tried on every host.
+    """
+    for i, step in enumerate(steps):
+        if not ctx.dry and i:
+            _refresh(ctx)
+        actions = [a for a in (step.plan(ctx, ctx.nodes[n]) for n in step.hosts(ctx)) if a is not None]
+        if ctx.dry:
+            for action in actions:
+                _record_planned(ctx, step, action)
+            continue
+        for action in [a for a in actions if a.refusal]:  # facts changed since the dry pass
+            fail(ctx, step.name, action.host, action.refusal or "")
+        step.apply_all(ctx, [a for a in actions if not a.refusal])
+        if ctx.halt and ctx.topo.manager in ctx.failed:
+            return False
+    return True
+
+
+def shadow(nodes: dict[str, Node]) -> dict[str, Node]:
+    """Nodes whose facts the dry pass may project changes onto; the connections are shared, unused."""
+    return {name: dataclasses.replace(node, facts=copy.deepcopy(node.facts)) for name, node in nodes.items()}
+
+
+def preview(steps: Sequence[Step], ctx: Context) -> Context:
+    """The dry pass of a real run: recorded into a report of its own, printed only if it refuses."""
+    quiet = RunReport(ctx.report.task, ctx.report.hosts, ctx.report.json_mode, stream=io.StringIO())
+    dry = dataclasses.replace(
+        ctx, nodes=shadow(ctx.nodes), report=quiet, dry=True, restarts={}, diffs={}, failed=set(), refusals={}
+    )
+    execute(steps, dry)
+    return dry
+
+
+def replay(planned: Context, report: RunReport) -> None:
+    """A refused run's report is the dry run's: what would have changed, and why it did not."""
+    for outcome in planned.report.outcomes:
+        report.record(outcome["host"], outcome["step"], outcome["status"], outcome["detail"])
+    for text in planned.report.notes:
+        report.note(text)

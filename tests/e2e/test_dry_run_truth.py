@@ -1,0 +1,260 @@
+"""End to end, real components (sshd, systemd, dockerd 20.10, Consul, busybox): what
+`--dry-run` says is what the run does. For each scenario the test runs `--dry-run --json`,
+checks on every host that nothing changed (file hashes, dockerd PIDs, containers,
+networks, volumes, Consul's KV, swarm state), runs the real command, and checks that
+the exit codes, the (host, step, changed) sets and the restarts are equal, and that
+what it saw change on the hosts is what the plan said would change.
+
+One lab serves the module; the scenarios run in order, each on the cluster the one
+before left. bm-docker-04 starts with a docker-machine drop-in (mutual TLS on tcp/2376,
+certificates made on the host); bm-docker-05 joins with join-node."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.clusterlab import DROPIN, Lab, fab, module_lab, ping_pairs
+from tests.e2e.labtools import sh
+
+NAME, RANGE = "e2eplan", "10.216.0.0/16"
+ENGINES = "legacy,legacy,legacy,legacy,legacy"
+HOSTS = [1, 2, 3, 4, 5]
+MACHINE_EXEC = (
+    "/usr/sbin/dockerd -H tcp://0.0.0.0:2376 -H unix:///var/run/docker.sock --tlsverify "
+    "--tlscacert /etc/docker/ca.pem --tlscert /etc/docker/server.pem --tlskey /etc/docker/server-key.pem "
+    "--label provider=generic"
+)
+MACHINE_DROPIN = f"[Service]\nExecStart=\nExecStart={MACHINE_EXEC}\nEnvironment=\n"
+
+
+def _docker_machine_host(lab: Lab) -> None:
+    """bm-docker-04 as docker-machine left it: its CA and server certificate, its drop-in."""
+    conn = lab.conn(4)
+    sh(conn, "cd /etc/docker && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem "
+       "-days 30 -subj /CN=machine-ca 2>/dev/null && openssl req -newkey rsa:2048 -nodes -keyout server-key.pem "
+       "-out server.csr -subj /CN=bm-docker-04 2>/dev/null && openssl x509 -req -in server.csr -CA ca.pem "
+       "-CAkey ca-key.pem -CAcreateserial -out server.pem -days 30 2>/dev/null && rm server.csr")  # fmt: skip
+    sh(conn, f"mkdir -p /etc/systemd/system/docker.service.d && printf '%s' '{MACHINE_DROPIN}' > {DROPIN}")
+    sh(conn, "systemctl daemon-reload && systemctl restart docker")
+    assert "--tlsverify" in sh(conn, "ps -o args= -C dockerd")
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    yield from module_lab(tmp_path_factory, NAME, ENGINES, RANGE, _docker_machine_host)
+
+
+# ---- what the test itself sees on the hosts ------------------------------------------
+
+SNAPSHOT = r"""
+echo "pid $(systemctl show -p MainPID --value docker.service)"
+find /etc/systemd/system/docker.service.d /etc/docker /var/lib/overlaylab -type f 2>/dev/null | sort |
+  while read -r f; do echo "file $f $(sha256sum < "$f" | cut -c1-16)"; done
+timeout 20 docker ps -a --format 'container {{.ID}} {{.Names}}' 2>/dev/null | grep -v ' olab-probe-' | sort
+timeout 20 docker network ls --format 'network {{.ID}} {{.Name}}' 2>/dev/null | sort
+timeout 20 docker volume ls -q 2>/dev/null | sed 's/^/volume /' | sort
+echo "swarm $(timeout 20 docker info --format '{{.Swarm.LocalNodeState}} {{.Swarm.NodeID}}' 2>/dev/null)"
+"""
+
+
+def consul_kv(lab: Lab) -> str:
+    """Consul's whole KV (keys and values), read inside the Consul container on the manager."""
+    conn = lab.conn(1)
+    ip = lab.spec.hosts[0].cluster_ip
+    out = sh(conn, "for p in 8500 8501; do docker exec overlaylab-consul consul kv export "
+                   f"-http-addr={ip}:$p 2>/dev/null && break; done; true")  # fmt: skip
+    conn.close()
+    return hashlib.sha256(json.dumps(sorted(json.loads(out or "[]"), key=str)).encode()).hexdigest()
+
+
+def snapshot(lab: Lab) -> dict[str, dict[str, Any]]:
+    state = {}
+    for i in HOSTS:
+        conn = lab.conn(i)
+        lines = sh(conn, SNAPSHOT).splitlines()
+        conn.close()
+        kinds: dict[str, Any] = {"pid": "", "files": set(), "containers": set(), "networks": set(), "volumes": set()}
+        for line in lines:
+            kind, _, rest = line.partition(" ")
+            if kind in ("pid", "swarm"):
+                kinds[kind] = rest
+            elif kind:
+                kinds[kind + "s"].add(rest)
+        state[lab.spec.hosts[i - 1].name] = kinds
+    state["bm-docker-01"]["kv"] = consul_kv(lab)
+    return state
+
+
+def differences(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    return {h: [k for k in before[h] if before[h].get(k) != after[h].get(k)] for h in before if before[h] != after[h]}
+
+
+def changed_on(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], kind: str) -> set[str]:
+    return {h for h in before if before[h].get(kind) != after[h].get(kind)}
+
+
+# ---- what the run says -------------------------------------------------------------------
+
+
+def plan_of(doc: dict[str, Any]) -> set[tuple[str, str, bool]]:
+    return {(h, step, out["status"] == "changed") for h, steps in doc["hosts"].items() for step, out in steps.items()}
+
+
+def changed_steps(doc: dict[str, Any], *steps: str) -> set[str]:
+    return {h for h, s in doc["hosts"].items() if any(s.get(x, {}).get("status") == "changed" for x in steps)}
+
+
+def truth(lab: Lab, *args: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Dry run, then the run: (exit code, dry-run document, run document), every check made."""
+    before = snapshot(lab)
+    code_dry, dry, err = fab(*args, "--dry-run")
+    assert dry["dry_run"] is True, err
+    after_dry = snapshot(lab)
+    assert after_dry == before, f"the dry run changed a host: {differences(before, after_dry)}"
+    code, real, err = fab(*args)
+    after = snapshot(lab)
+    assert code == code_dry, err
+    assert plan_of(dry) == plan_of(real), (plan_of(dry) ^ plan_of(real), err)
+    assert dry["restarts"] == real["restarts"]
+    # what the test saw change is what the plan said would change
+    assert changed_on(before, after, "pid") == set(real["restarts"])
+    assert changed_on(before, after, "files") == set(real["diffs"]) == changed_steps(real, "dockerd")
+    assert changed_on(before, after, "containers") == changed_steps(real, "consul", "anchor", "probes")
+    assert changed_on(before, after, "volumes") <= changed_steps(real, "consul")
+    assert changed_on(before, after, "swarm") == changed_steps(real, "swarm")
+    network_changes = changed_steps(real, "network")
+    assert network_changes <= changed_on(before, after, "networks")
+    if "bm-docker-01" in changed_on(before, after, "networks"):
+        assert "bm-docker-01" in changed_steps(real, "network", "swarm", "dockerd", "consul")
+    if code == 2:
+        assert after == before, f"a refused run changed a host: {differences(before, after)}"
+    return code, dry, real
+
+
+def inventory(lab: Lab, hosts: list[int], **changes: Any) -> str:
+    """The cluster's inventory as the scenarios have left it: these flags and this Consul port."""
+    base: dict[str, Any] = {"dockerd": {"extra_flags": ["--log-level=info"]}, "consul": {"port": 8501}}
+    return str(lab.inventory("plan" + "".join(map(str, hosts)), hosts, **{**base, **changes}))
+
+
+def all_ping(doc: dict[str, Any], hosts: list[int]) -> None:
+    names = [f"bm-docker-{i:02d}" for i in hosts]
+    assert ping_pairs(doc) == {(a, b, by): True for a in names for b in names if a != b for by in ("ip", "name")}
+
+
+# ---- the scenarios, in order --------------------------------------------------------------
+
+
+def test_a_fresh_lab(lab: Lab) -> None:
+    code, dry, real = truth(lab, "bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
+    assert code == 0
+    assert set(dry["restarts"]) == {"bm-docker-01", "bm-docker-02", "bm-docker-03"}
+    assert changed_steps(dry, "consul", "network") == {"bm-docker-01"}
+    all_ping(real, [1, 2, 3])
+
+
+def test_a_no_op_re_run(lab: Lab) -> None:
+    code, dry, real = truth(lab, "bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
+    assert code == 0 and real["changes"] == 0 and dry["changes"] == 0 and real["restarts"] == {}
+
+
+def test_extra_dockerd_flags(lab: Lab) -> None:
+    path = str(lab.inventory("flags", [1, 2, 3], dockerd={"extra_flags": ["--log-level=info"]}))
+    code, dry, real = truth(lab, "bootstrap-cluster", "--inventory", path)
+    assert code == 0 and set(real["restarts"]) == {"bm-docker-01", "bm-docker-02", "bm-docker-03"}
+    assert all("+ExecStart=" in d and "--log-level=info" in d for d in dry["diffs"].values())
+    conn = lab.conn(2)
+    assert "--log-level=info" in sh(conn, "ps -o args= -C dockerd")
+    conn.close()
+
+
+def test_another_consul_port(lab: Lab) -> None:
+    code, dry, real = truth(lab, "bootstrap-cluster", "--inventory", inventory(lab, [1, 2, 3]))
+    assert code == 0 and changed_steps(dry, "consul") == {"bm-docker-01"}
+    assert set(real["restarts"]) == {"bm-docker-01", "bm-docker-02", "bm-docker-03"}
+    all_ping(real, [1, 2, 3])
+
+
+def test_another_subnet_for_the_existing_network_is_refused(lab: Lab) -> None:
+    subnet = ".".join(lab.spec.hosts[0].cluster_ip.split(".")[:2]) + ".40.0/24"
+    path = inventory(lab, [1, 2, 3], network={"subnet": subnet})
+    code, _, real = truth(lab, "bootstrap-cluster", "--inventory", path)
+    assert code == 2 and real["restarts"] == {}
+    assert "exists with other settings" in real["hosts"]["bm-docker-01"]["plan"]["detail"]
+
+
+def test_a_host_with_a_docker_machine_drop_in(lab: Lab) -> None:
+    code, dry, real = truth(lab, "bootstrap-cluster", "--inventory", inventory(lab, [1, 2, 3, 4]))
+    assert code == 0 and set(real["restarts"]) == {"bm-docker-04"}
+    assert f"-ExecStart={MACHINE_EXEC}" in dry["diffs"]["bm-docker-04"]
+    conn = lab.conn(4)
+    args = sh(conn, "ps -o args= -C dockerd")
+    assert "--tlsverify" in args and "-H tcp://0.0.0.0:2376" in args and "--cluster-store=consul://" in args
+    conn.close()
+    all_ping(real, [1, 2, 3, 4])
+
+
+def test_join_node(lab: Lab) -> None:
+    path = inventory(lab, HOSTS)
+    code, dry, real = truth(lab, "join-node", "--node", "bm-docker-05", "--inventory", path)
+    assert code == 0 and set(real["restarts"]) == {"bm-docker-05"}
+    assert set(dry["diffs"]) == {"bm-docker-05"}
+
+
+def test_a_re_run_after_the_consul_container_was_removed_exits_0(lab: Lab) -> None:
+    """Its facts are read while Consul is down; the network step plans from facts read after
+    Consul is back (before: exit 1, "network with name ov_net1 already exists")."""
+    conn = lab.conn(1)
+    sh(conn, "docker rm -f overlaylab-consul >/dev/null")
+    conn.close()
+    code, doc, err = fab("bootstrap-cluster", "--inventory", inventory(lab, HOSTS))
+    assert code == 0, err
+    assert doc["hosts"]["bm-docker-01"]["consul"]["status"] == "changed"
+    assert doc["hosts"]["bm-docker-01"]["network"]["status"] == "ok"  # the same network, found again
+    all_ping(doc, HOSTS)
+
+
+def test_a_host_whose_dockerd_is_stopped(lab: Lab) -> None:
+    conn = lab.conn(3)
+    sh(conn, "systemctl stop docker.service docker.socket")
+    try:
+        code, _, real = truth(lab, "bootstrap-cluster", "--inventory", inventory(lab, HOSTS))
+        assert code == 2
+        assert "docker.service is inactive" in real["hosts"]["bm-docker-03"]["preflight"]["detail"]
+    finally:
+        sh(conn, "systemctl start docker.service")
+        conn.close()
+    # as a user would: one re-run brings the host back (its anchor stopped with the daemon)
+    code, doc, err = fab("bootstrap-cluster", "--inventory", inventory(lab, HOSTS))
+    assert code == 0, err
+    assert doc["hosts"]["bm-docker-03"]["anchor"]["status"] == "changed"
+
+
+def test_the_kv_to_swarm_switch(lab: Lab) -> None:
+    code, dry, real = truth(lab, "bootstrap-cluster", "--inventory", inventory(lab, HOSTS, mode="swarm"))
+    assert code == 0 and set(real["restarts"]) == {f"bm-docker-{i:02d}" for i in HOSTS}
+    assert changed_steps(dry, "consul") == {"bm-docker-01"}
+    all_ping(real, HOSTS)
+
+
+def test_and_back_from_swarm_to_kv(lab: Lab) -> None:
+    code, dry, real = truth(lab, "bootstrap-cluster", "--inventory", inventory(lab, HOSTS))
+    assert code == 0 and changed_steps(dry, "swarm") == {f"bm-docker-{i:02d}" for i in HOSTS}
+    all_ping(real, HOSTS)
+
+
+def test_teardown(lab: Lab) -> None:
+    code, dry, real = truth(lab, "teardown", "--inventory", inventory(lab, HOSTS))
+    assert code == 0 and set(real["restarts"]) == {f"bm-docker-{i:02d}" for i in HOSTS}
+    assert "-ExecStart=" in dry["diffs"]["bm-docker-02"]  # our drop-in goes
+    conn = lab.conn(4)  # docker-machine's drop-in is back, byte for byte
+    assert sh(conn, f"cat {DROPIN}") == MACHINE_DROPIN.strip()
+    conn.close()
+    code, again = fab("teardown", "--inventory", inventory(lab, HOSTS))[:2]
+    assert code == 0 and again["changes"] == 0

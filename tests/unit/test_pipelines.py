@@ -1,0 +1,277 @@
+"""Unit tests (no hosts): each backend's order, refusals and failure handling, run by the
+real step protocol on fake connections. The facts are recorded from real lab hosts; the
+fake nodes log every command and answer the few whose output a step reads. Consul's
+API, the fact re-reads and the ping matrix are stubbed: the end-to-end suite runs them."""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overlaylab import cluster as cluster_mod
+from overlaylab import run
+from overlaylab.cluster import Node
+from overlaylab.facts import HostFacts
+from overlaylab.inventory import Host, Inventory
+from overlaylab.pipelines import kv, swarm
+from overlaylab.report import RunReport
+from overlaylab.run import Options, Refused, run_steps
+from overlaylab.steps import consul, dockerd
+from tests.unit.test_facts_render import FakeConn, recorded, with_info
+
+NAMES = ("m", "w1", "w2")
+
+
+@dataclass
+class Log:
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    fail: dict[str, str] = field(default_factory=dict)  # host -> a command fragment that fails there
+
+    def add(self, host: str, what: str) -> None:
+        with self.lock:
+            self.lines.append((host, what))
+
+    def commands(self, fragment: str) -> list[str]:
+        return [h for h, c in self.lines if fragment in c]
+
+
+@dataclass
+class FakeNode(Node):
+    log: Log = field(default_factory=Log)
+
+    def result(self, command: str) -> tuple[int, str, str]:
+        self.commands += 1
+        if "systemctl restart docker.service" in command:  # a restart takes time: overlaps would show
+            self.log.add(self.name, "restart-start")
+            time.sleep(0.02)
+        self.log.add(self.name, command)
+        for host, fragment in self.log.fail.items():
+            if host == self.name and fragment in command:
+                return 1, "not-ready", "failed"
+        if "docker network create" in command:
+            return 0, "0123456789abcdef\n", ""
+        if "join-token" in command:
+            return 0, "SWMTKN-secret\n", ""
+        if "systemctl is-active docker.service" in command:
+            return 0, "active\n", ""
+        return 0, "ready\n", ""
+
+    def sh(self, command: str, check: bool = True) -> str:
+        code, out, err = self.result(command)
+        if check and code:
+            from overlaylab.errors import OverlaylabError
+
+            raise OverlaylabError(f"{self.name}: `{command[:40]}` failed: {err}")
+        return out
+
+
+def fresh(f: HostFacts, ip: str, hostname: str) -> HostFacts:
+    """A host before overlaylab: no drop-in, backup, Consul, network or containers."""
+    f = copy.deepcopy(f)
+    f.dropin, f.backup, f.consul, f.network, f.containers, f.gossip = None, [], None, None, {}, False
+    f.advertise_ips, f.hostname = [ip], hostname
+    return with_info(f, ClusterStore="", ClusterAdvertise="")
+
+
+def cluster(state: str = "fresh") -> tuple[Inventory, list[FakeNode], Log]:
+    log = Log()
+    manager, worker = recorded("facts-manager-kv.txt"), recorded("facts-worker-kv.txt")
+    facts = {"m": manager, "w1": worker, "w2": copy.deepcopy(worker)}
+    facts["w2"].advertise_ips, facts["w2"].hostname = ["10.210.1.13"], "bm-docker-03"
+    if state == "fresh":
+        facts = {n: fresh(f, f.advertise_ips[0], f.hostname) for n, f in facts.items()}
+    hosts = tuple(Host(n, f"{n}.example", "manager" if n == "m" else "worker", "eth1") for n in NAMES)
+    nodes = [FakeNode(h, FakeConn(), facts[h.name], log=log) for h in hosts]
+    return Inventory(path=Path("inv.yaml"), cluster="lab", hosts=hosts), nodes, log
+
+
+@pytest.fixture(autouse=True)
+def no_remote_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consul's API (an SSH forward), the fact re-reads and the ping matrix need real hosts."""
+    monkeypatch.setattr(consul, "wait_leader", lambda inv, node, timeout=60: "10.210.1.11:8300")
+    monkeypatch.setattr(consul, "wait_registered", lambda inv, node, wanted, timeout=45: dict.fromkeys(wanted, True))
+    monkeypatch.setattr(cluster_mod, "read_one", lambda inv, node: None)
+    monkeypatch.setattr(run, "verify_step", lambda inv, nodes, report, sources=None: True)
+
+
+def go(
+    inv: Inventory, nodes: list[FakeNode], steps: Any, targets: tuple[str, ...] = NAMES, **opts: Any
+) -> tuple[int, RunReport]:
+    report = RunReport("t", list(NAMES), json_mode=True, stream=io.StringIO())
+    teardown = opts.pop("teardown", False)
+    code = run_steps(inv, Options(**opts), list(nodes), report, steps, targets, teardown=teardown)
+    return code, report
+
+
+def outcomes(report: RunReport) -> set[tuple[str, str, bool]]:
+    return {(o["host"], o["step"], o["status"] == "changed") for o in report.outcomes if o["step"] != "verify"}
+
+
+def test_kv_bootstrap_order_consul_then_the_manager_then_one_worker_at_a_time() -> None:
+    inv, nodes, log = cluster()
+    code, report = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 0, report.outcomes
+    consul_run = log.lines.index(next(x for x in log.lines if "overlaylab-consul" in x[1] and "docker run" in x[1]))
+    restarts = [(i, h) for i, (h, c) in enumerate(log.lines) if c == "restart-start"]
+    assert [h for _, h in restarts] == ["m", "w1", "w2"]
+    assert consul_run < restarts[0][0]
+    # one at a time: each restart's command is logged before the next restart starts
+    ends = [next(i for i, (h, c) in enumerate(log.lines) if h == host and "systemctl restart" in c) for host in NAMES]
+    assert ends[0] < restarts[1][0] and ends[1] < restarts[2][0]
+    creates = [i for i, (h, c) in enumerate(log.lines) if "docker network create" in c]
+    anchors = [i for i, (h, c) in enumerate(log.lines) if "overlaylab-anchor" in c and "docker run" in c]
+    assert len(creates) == 1 and len(anchors) == 3 and creates[0] < min(anchors) and max(ends) < creates[0]
+    assert report.extra["restarts"] == dict.fromkeys(NAMES, "drop-in changed")
+
+
+def test_the_dry_run_plans_exactly_what_the_run_reports_and_runs_nothing() -> None:
+    inv, nodes, log = cluster()
+    code, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    assert code == 0 and log.lines == []
+    assert dry.extra["diffs"].keys() == set(NAMES)  # type: ignore[attr-defined]
+    code, real = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 0
+    assert outcomes(dry) == outcomes(real)
+    assert dry.extra["restarts"] == real.extra["restarts"]
+
+
+def test_a_second_run_on_a_bootstrapped_cluster_changes_and_restarts_nothing() -> None:
+    inv, nodes, log = cluster("bootstrapped")
+    for node in nodes:  # the recorded manager has its anchor; give the workers theirs
+        node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
+        node.facts.gossip = True
+    nodes[0].facts.containers.pop("overlaylab-anchor-bm-docker-01", None)
+    code, report = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 0 and report.changes == 0, [o for o in report.outcomes if o["status"] == "changed"]
+    assert report.extra["restarts"] == {} and log.commands("systemctl restart") == []
+
+
+def test_a_restart_that_stops_a_users_container_refuses_the_whole_run_before_any_command() -> None:
+    inv, nodes, log = cluster()
+    nodes[2].facts.containers["users_app"] = ""
+    with pytest.raises(Refused, match=r"w2: drop-in changed: restarting dockerd stops users_app; pass --allow-restart"):
+        go(inv, nodes, kv.BOOTSTRAP)
+    assert log.lines == []
+    code, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    assert code == 2 and "the restart stops: users_app" in next(
+        o["detail"] for o in dry.outcomes if o["host"] == "w2" and o["step"] == "dockerd"
+    )
+    assert dry.extra["restarts"] == {}  # a refused run restarts nothing
+    code, _ = go(inv, nodes, kv.BOOTSTRAP, allow_restart=True)
+    assert code == 0 and log.commands("systemctl restart") == list(NAMES)
+
+
+def test_a_network_with_other_settings_is_a_refusal_in_the_dry_run_and_the_run() -> None:
+    inv, nodes, log = cluster("bootstrapped")
+    inv = Inventory(path=inv.path, cluster="lab", hosts=inv.hosts, subnet="10.99.0.0/24")
+    code, _ = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    assert code == 2
+    with pytest.raises(Refused, match="network ov_net1 exists with other settings"):
+        go(inv, nodes, kv.BOOTSTRAP)
+    assert log.lines == []
+
+
+def test_a_manager_that_fails_to_come_up_stops_the_run_before_any_worker() -> None:
+    inv, nodes, log = cluster()
+    log.fail["m"] = "systemctl restart docker.service && end="
+    code, report = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 1
+    assert log.commands("systemctl restart docker.service && end=") == ["m"]
+    assert log.commands("systemctl reset-failed") == ["m"]  # the rollback
+    assert not [h for h in log.commands("systemctl restart") if h != "m"]
+    assert not log.commands("docker network create")
+    failed = [o for o in report.outcomes if o["status"] == "failed"]
+    assert [(o["host"], o["step"]) for o in failed] == [("m", "dockerd")]
+    assert "rolled back" in failed[0]["detail"]
+
+
+def test_join_node_touches_only_its_worker_and_needs_consul_running() -> None:
+    inv, nodes, log = cluster("bootstrapped")
+    nodes[2].facts = fresh(nodes[2].facts, "10.210.1.13", "bm-docker-03")
+    for node in nodes[:2]:
+        node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
+        node.facts.gossip = True
+    code, report = go(inv, nodes, kv.BOOTSTRAP, targets=("w2",))
+    assert code == 0
+    assert {h for h, c in log.lines if c == "restart-start"} == {"w2"}
+    assert report.extra["restarts"] == {"w2": "drop-in changed"}
+    nodes[0].facts.consul = None
+    with pytest.raises(Refused, match="run bootstrap-cluster first"):
+        go(inv, nodes, kv.BOOTSTRAP, targets=("w2",))
+
+
+def test_swarm_undoes_kv_first_manager_first_then_inits_and_joins_without_printing_the_token() -> None:
+    inv, nodes, log = cluster("bootstrapped")
+    for node in nodes:
+        node.facts.backup, node.facts.backup_content = ["10-machine.conf.absent"], None
+    code, report = go(inv, nodes, swarm.BOOTSTRAP)
+    assert code == 0, [o for o in report.outcomes if o["status"] == "failed"]
+    restores = [h for h, c in log.lines if "systemctl restart docker.service && rm -f" in c]
+    assert restores == ["m", "w1", "w2"]
+    order = [c.split()[2] for h, c in log.lines if c.startswith("docker swarm") and "join-token" not in c]
+    assert order[0] == "init" and sorted(order[1:]) == ["join", "join"]
+    assert log.commands("docker rm -f overlaylab-consul") == ["m"]
+    assert all("SWMTKN" not in o["detail"] for o in report.outcomes)
+    assert report.extra["restarts"] == dict.fromkeys(NAMES, "removing the cluster flags")
+
+
+def test_teardown_restores_the_workers_before_the_manager_and_removes_consul_last() -> None:
+    inv, nodes, log = cluster("bootstrapped")
+    for node in nodes:
+        node.facts.backup = ["10-machine.conf.absent"]
+    code, report = go(inv, nodes, kv.TEARDOWN, teardown=True)
+    assert code == 0, report.outcomes
+    restores = [h for h, c in log.lines if "systemctl restart docker.service && rm -f" in c]
+    assert set(restores[:2]) == {"w1", "w2"} and restores[2] == "m"
+    last = log.lines[-1]
+    assert last[0] == "m" and "docker volume rm" in last[1]
+    assert report.extra["restarts"] == dict.fromkeys(NAMES, "restoring the drop-in")
+    code, again = go(inv, nodes, kv.TEARDOWN, teardown=True)  # the facts now say: nothing of ours is left
+    assert code == 0 and again.changes == 0 and not dockerd.has_backup(nodes[0])
+
+
+def swarm_cluster() -> tuple[Inventory, list[FakeNode], Log]:
+    """A swarm made by overlaylab: the manager manages it, the workers are its workers."""
+    inv, nodes, log = cluster()
+    info = {"LocalNodeState": "active", "ControlAvailable": True, "Cluster": {"ID": "cid"}}
+    with_info(nodes[0].facts, Swarm={**info, "RemoteManagers": [{"Addr": "10.210.1.11:2377"}]})
+    for node in nodes[1:]:
+        with_info(node.facts, Swarm={"LocalNodeState": "active", "RemoteManagers": [{"Addr": "10.210.1.11:2377"}]})
+    nodes[0].facts.network = {"Driver": "overlay", "Scope": "swarm", "Attachable": True, "Labels": {}, "Id": "n1"}
+    nodes[0].facts.network["Labels"]["overlaylab.role"] = "network"
+    return inv, nodes, log
+
+
+@pytest.mark.parametrize("targets", [NAMES, ("w2",)], ids=["bootstrap", "join-node"])
+def test_swarm_dry_runs_plan_what_the_run_does(targets: tuple[str, ...]) -> None:
+    inv, nodes, log = cluster()
+    if targets != NAMES:
+        inv, nodes, log = swarm_cluster()
+        with_info(nodes[2].facts, Swarm={"LocalNodeState": "inactive"})
+    code, dry = go(inv, nodes, swarm.BOOTSTRAP, targets=targets, dry_run=True)
+    assert code == 0 and log.lines == []
+    code, real = go(inv, nodes, swarm.BOOTSTRAP, targets=targets)
+    assert code == 0 and outcomes(dry) == outcomes(real)
+    joined = {h for h, c in log.lines if "docker swarm join --token" in c}
+    assert joined == ({"w1", "w2"} if targets == NAMES else {"w2"})
+
+
+def test_swarm_teardown_leaves_with_the_workers_first_and_its_dry_run_matches() -> None:
+    inv, nodes, log = swarm_cluster()
+    code, dry = go(inv, nodes, swarm.TEARDOWN, teardown=True, dry_run=True)
+    assert code == 0 and log.lines == []
+    code, real = go(inv, nodes, swarm.TEARDOWN, teardown=True)
+    assert code == 0 and outcomes(dry) == outcomes(real)
+    leaves = [h for h, c in log.lines if c.startswith("docker swarm leave")]
+    assert set(leaves[:2]) == {"w1", "w2"} and leaves[2] == "m"
+    assert log.commands("docker network rm") == ["m"] and log.lines.index(
+        next(x for x in log.lines if "docker network rm" in x[1])
+    ) < log.lines.index(next(x for x in log.lines if x[1].startswith("docker swarm leave")))
