@@ -13,7 +13,7 @@ from overlaylab.mode import Mode
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport, columns
 from overlaylab.run import Options, mode_step, preflight_step, run_steps, run_task, verify_step
-from overlaylab.steps import consul
+from overlaylab.steps import anchor, consul
 
 __all__ = ["Options", "bootstrap", "join_node", "status", "teardown", "verify_only"]
 
@@ -60,8 +60,11 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
         except Exception as exc:
             report.note(f"Consul not readable: {exc}")
     rows = []
+    needs: dict[str, list[str]] = {}
     for node in nodes:
         f = node.facts
+        is_registered = None if registered is None else f"{node.advertise_ip}:2376" in registered
+        needs[node.name] = repairs(node, manager, is_registered)
         rows.append(
             {
                 "host": node.name,
@@ -71,10 +74,11 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
                 "cluster_store": f.cluster_store,
                 "cluster_advertise": f.cluster_advertise,
                 "dropin": "overlaylab" if render.is_ours(f.dropin) else ("other" if f.dropin is not None else "none"),
-                "registered": None if registered is None else f"{node.advertise_ip}:2376" in registered,
+                "registered": is_registered,
                 "overlay_networks": f.overlays,
                 "swarm": f.swarm_state,
                 "stray_threads": f.stray_threads,
+                "repair": needs[node.name],
             }
         )
     report.extra["status"] = rows
@@ -92,7 +96,30 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
         ]
         table = [[str(r[c]) for c in cols] + [",".join(r["overlay_networks"]) or "-"] for r in rows]  # type: ignore[arg-type]
         print("\n".join(columns([[c.upper() for c in cols] + ["OVERLAYS"], *table])), file=sys.stdout)
+    broken = [f"{name} ({', '.join(why)})" for name, why in needs.items() if why]
+    if broken:  # said after the table, on stderr with --json
+        report.note("a re-run of bootstrap-cluster repairs: " + "; ".join(broken))
     return 0
+
+
+def repairs(node: Node, manager: Node, registered: bool | None) -> list[str]:
+    """What a bootstrap-cluster re-run would mend on a host of a kv cluster (our drop-in on it)."""
+    f = node.facts
+    if not render.is_ours(f.dropin):
+        return []
+    found = []
+    if f.docker_active != "active":
+        found.append(f"docker.service is {f.docker_active or 'not installed'}")
+    else:
+        if f.stray_threads:
+            found.append(f"{f.stray_threads} dockerd thread(s) in a deleted network namespace")
+        if manager.facts.network is not None and not anchor.present(node):
+            found.append("its anchor is not running")
+        if registered is False:
+            found.append("dockerd not registered in Consul")
+        if not f.gossip:
+            found.append("gossip port 7946 not listening")
+    return found
 
 
 def status(inv: Inventory, opts: Options) -> int:

@@ -275,3 +275,24 @@ def test_swarm_teardown_leaves_with_the_workers_first_and_its_dry_run_matches() 
     assert log.commands("docker network rm") == ["m"] and log.lines.index(
         next(x for x in log.lines if "docker network rm" in x[1])
     ) < log.lines.index(next(x for x in log.lines if x[1].startswith("docker swarm leave")))
+
+
+def test_status_names_what_a_re_run_would_mend_on_a_kv_host() -> None:
+    from overlaylab.provision import repairs
+
+    _, nodes, _ = cluster("bootstrapped")
+    manager, worker = nodes[0], nodes[1]
+    worker.facts.gossip = True
+    worker.facts.containers[f"overlaylab-anchor-{worker.name}"] = "anchor"
+    assert repairs(worker, manager, True) == []
+    worker.facts.containers.clear()  # its dockerd restarted: the anchor (no restart policy) stopped
+    worker.facts.stray_threads = 2
+    assert repairs(worker, manager, False) == [
+        "2 dockerd thread(s) in a deleted network namespace",
+        "its anchor is not running",
+        "dockerd not registered in Consul",
+    ]
+    worker.facts.docker_active = "failed"
+    assert repairs(worker, manager, None) == ["docker.service is failed"]
+    worker.facts.dropin = None  # not a host of a kv cluster of ours
+    assert repairs(worker, manager, False) == []

@@ -40,14 +40,22 @@ def present(node: Node) -> bool:
     return node.facts.containers.get(name(node)) == "anchor"
 
 
-def create(node: Node, network: str, image: str = "busybox:latest") -> None:
-    """(Re)create the anchor: a stopped one, or one that outlived a restart, is replaced."""
+def create(node: Node, network: str, image: str = "busybox:latest", witness: Node | None = None) -> None:
+    """(Re)create the anchor: a stopped one, or one that outlived a restart, is replaced.
+
+    A record of our own name that outlived its container (its daemon stopped while the
+    store was away, or was killed) would block the name with "endpoint with name ...
+    already exists". `docker network disconnect -f` clears exactly that record, but only
+    on a daemon that has no container of that name (moby#27398): so it runs on another
+    host (``witness``) once the old anchor is gone, and on this one as a fallback.
+    """
     q = shlex.quote
-    # A record of our own name that outlived its container (its daemon stopped while
-    # the store was away) would block the name: `disconnect -f` clears exactly that.
+    clear = f"docker network disconnect -f {q(network)} {name(node)} >/dev/null 2>&1; true"
+    if witness is not None:
+        node.sh(stop_command(node))
+        witness.sh(clear)
     node.sh(
-        f"{stop_command(node)}; docker network disconnect -f {q(network)} {name(node)} >/dev/null 2>&1; "
-        f"docker run -d --name {name(node)} --restart no "
+        f"{stop_command(node)}; {clear}; docker run -d --name {name(node)} --restart no "
         f"--label {ROLE_LABEL}=anchor --network {q(network)} {q(image)} sh -c {q(COMMAND)} >/dev/null"
     )
 
@@ -72,7 +80,8 @@ class Anchor(Step):
         return Action(node.name, True, "create")
 
     def apply(self, ctx: Context, node: Node, action: Action) -> str:
-        create(node, ctx.inv.network)
+        others = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts) if n != node.name]
+        create(node, ctx.inv.network, witness=others[0] if others else None)
         return "created"
 
 
