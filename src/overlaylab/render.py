@@ -95,8 +95,23 @@ def store_url(manager_ip: str, port: int) -> str:
     return f"consul://{manager_ip}:{port}"
 
 
-def cluster_argv(base: list[str], manager_ip: str, port: int, advertise: str, extra: tuple[str, ...]) -> list[str]:
-    return [*base, f"--cluster-store={store_url(manager_ip, port)}", f"--cluster-advertise={advertise}:2376", *extra]
+def cluster_argv(
+    base: list[str],
+    manager_ip: str,
+    port: int,
+    advertise: str,
+    extra: tuple[str, ...],
+    discovery: tuple[int, int] = (3, 20),
+) -> list[str]:
+    heartbeat, ttl = discovery
+    return [
+        *base,
+        f"--cluster-store={store_url(manager_ip, port)}",
+        f"--cluster-advertise={advertise}:2376",
+        f"--cluster-store-opt=discovery.heartbeat={heartbeat}",
+        f"--cluster-store-opt=discovery.ttl={ttl}",
+        *extra,
+    ]
 
 
 def render(cluster: str, base: list[str], argv: list[str], backup_dir: str) -> str:

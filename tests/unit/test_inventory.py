@@ -106,3 +106,25 @@ def test_an_unknown_node_name_is_an_input_error(tmp_path: Path) -> None:
     inv = inventory.load(write(tmp_path, GOOD))
     with pytest.raises(InputError, match="no host named 'bm-docker-09'"):
         inv.host("bm-docker-09")
+
+
+def test_discovery_timing_defaults_to_3_and_20_seconds_and_can_be_set(tmp_path: Path) -> None:
+    assert inventory.load(write(tmp_path, GOOD)).discovery == (3, 20)
+    text = GOOD.replace(
+        'dockerd: {extra_flags: ["--log-level=warn"]}', "dockerd: {discovery_heartbeat: 5, discovery_ttl: 30}"
+    )
+    assert inventory.load(write(tmp_path, text)).discovery == (5, 30)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("discovery_ttl: 12", r"inv\.yaml:5: dockerd\.discovery_ttl: 12 s is under 20 s: Consul refuses the session"),
+        ("discovery_heartbeat: 20", r"inv\.yaml:5: dockerd\.discovery_heartbeat: 20 s must be .* under discovery_ttl"),
+        ("discovery_heartbeat: x", r"dockerd\.discovery_heartbeat: must be an integer"),
+    ],
+)
+def test_a_discovery_timing_that_would_hang_dockerd_is_refused(tmp_path: Path, setting: str, message: str) -> None:
+    text = GOOD.replace('dockerd: {extra_flags: ["--log-level=warn"]}', f"dockerd: {{{setting}}}")
+    with pytest.raises(InputError, match=message):
+        inventory.load(write(tmp_path, text))

@@ -90,7 +90,11 @@ def cluster(state: str = "fresh") -> tuple[Inventory, list[FakeNode], Log]:
         facts = {n: fresh(f, f.advertise_ips[0], f.hostname) for n, f in facts.items()}
     hosts = tuple(Host(n, f"{n}.example", "manager" if n == "m" else "worker", "eth1") for n in NAMES)
     nodes = [FakeNode(h, FakeConn(), facts[h.name], log=log) for h in hosts]
-    return Inventory(path=Path("inv.yaml"), cluster="lab", hosts=hosts), nodes, log
+    inv = Inventory(path=Path("inv.yaml"), cluster="lab", hosts=hosts)
+    if state != "fresh":  # recorded before the discovery options: the drop-ins of today's templates
+        for node in nodes:
+            node.facts.dropin = dockerd.dropin(inv, node, "10.210.1.11").wanted
+    return inv, nodes, log
 
 
 @pytest.fixture(autouse=True)

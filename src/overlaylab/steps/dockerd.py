@@ -45,7 +45,7 @@ class DropIn:
 def dropin(inv: Inventory, node: Node, manager_ip: str) -> DropIn:
     """What the templates render for this host from dockerd's command line before overlaylab."""
     base = render.base_command(node.facts.exec_start, node.facts.dropin)
-    argv = render.cluster_argv(base, manager_ip, inv.consul_port, node.host.advertise, inv.extra_flags)
+    argv = render.cluster_argv(base, manager_ip, inv.consul_port, node.host.advertise, inv.extra_flags, inv.discovery)
     wanted = render.render(inv.cluster, base, argv, BACKUP_DIR)
     return DropIn(node, wanted, node.facts.dropin)
 
