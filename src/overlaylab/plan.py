@@ -153,6 +153,16 @@ def apply_at_once(ctx: Context, step: Step, actions: list[Action]) -> None:
         raise exc
 
 
+def foundation(ctx: Context, node: Node, state: str, why: str, missing: str) -> Action | None:
+    """The early answers of a step on what the cluster stands on (Consul, the swarm): a
+    refusal, or join-node's need for it to be there already; None when the step goes on."""
+    if state == "refuse":
+        return Action(node.name, False, why, refusal=why)
+    if ctx.joining and state != "ok":
+        return Action(node.name, False, why, refusal=f"{missing} ({why}): run bootstrap-cluster first")
+    return None
+
+
 def fail(ctx: Context, step: str, host: str, why: str) -> None:
     ctx.report.record(host, step, "failed", why)
     ctx.failed.add(host)
@@ -248,7 +258,15 @@ def preview(steps: Sequence[Step], ctx: Context) -> Context:
     """The dry pass of a real run: recorded into a report of its own, printed only if it refuses."""
     quiet = RunReport(ctx.report.task, ctx.report.hosts, ctx.report.json_mode, stream=io.StringIO())
     dry = dataclasses.replace(
-        ctx, nodes=shadow(ctx.nodes), report=quiet, dry=True, restarts={}, diffs={}, failed=set(), refusals={}
+        ctx,
+        nodes=shadow(ctx.nodes),
+        report=quiet,
+        dry=True,
+        restarts={},
+        diffs={},
+        failed=set(),
+        stale=set(),
+        refusals={},
     )
     execute(steps, dry)
     return dry

@@ -17,7 +17,7 @@ from overlaylab.cluster import Node, consul_client
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL, HostFacts
 from overlaylab.inventory import FLAVOR_DATA_DIR, FLAVORS, Inventory
-from overlaylab.plan import Action, Context, Scope, Step
+from overlaylab.plan import Action, Context, Scope, Step, foundation
 
 SPEC_LABEL = "overlaylab.consul-spec"
 
@@ -123,11 +123,9 @@ class Consul(Step):
 
     def plan(self, ctx: Context, node: Node) -> Action:
         how, why = state(ctx.inv, node)
-        if how == "refuse":
-            return Action(node.name, False, why, refusal=why)
-        if ctx.joining and how != "ok":
-            refusal = f"Consul is not running as wanted ({why}): run bootstrap-cluster first"
-            return Action(node.name, False, why, refusal=refusal)
+        early = foundation(ctx, node, how, why, "Consul is not running as wanted")
+        if early is not None:
+            return early
         if how == "ok":
             return Action(node.name, False, why, check=True)  # the run waits for its leader
 

@@ -7,7 +7,7 @@ import dataclasses
 from overlaylab.cluster import Node
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import HostFacts
-from overlaylab.plan import Action, Context, Order, Scope, Step
+from overlaylab.plan import Action, Context, Order, Scope, Step, foundation
 
 
 def refusal(node: Node, force: bool) -> str | None:
@@ -129,11 +129,9 @@ class SwarmInit(Step):
 
     def plan(self, ctx: Context, node: Node) -> Action | None:
         state, why = manager_state(node, ctx.opts.leave_other_swarm)
-        if state == "refuse":
-            return Action(node.name, False, why, refusal=why)
-        if ctx.joining and state != "ok":
-            refused = f"no swarm managed by {node.name} ({why}): run bootstrap-cluster first"
-            return Action(node.name, False, why, refusal=refused)
+        early = foundation(ctx, node, state, why, f"no swarm managed by {node.name}")
+        if early is not None:
+            return early
         if state == "ok":
             return Action(node.name, False, why)
 
