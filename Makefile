@@ -14,7 +14,7 @@ demo: setup
 
 ## test: the full suite, as CI runs it: lint, types, unit and end-to-end tests.
 test: setup lint
-	$(BIN)/pytest -v -ra
+	$(BIN)/pytest -v -ra --durations=25
 
 lint: setup
 	$(BIN)/ruff check .

@@ -207,6 +207,12 @@ def lab_reboot(c: Any, node: str, hard: bool = False, name: str = "lab") -> None
     _run(lambda: lifecycle.reboot(name, node, hard, Steps()))
 
 
+@task(auto_shortflags=False, help={"node": "the lab host that dies", "name": "lab name (default lab)"})
+def lab_poweroff(c: Any, node: str, name: str = "lab") -> None:
+    """Cut one lab host's power: it stays down, disk kept, until `fab lab-up` powers it on."""
+    _run(lambda: lifecycle.power_off(name, node, Steps()))
+
+
 @task(auto_shortflags=False, help={"name": "lab name (default lab)", "json": "print JSON"})
 def lab_status(c: Any, name: str = "lab", json: bool = False) -> None:
     """List the lab's hosts, addresses, engine versions and state."""

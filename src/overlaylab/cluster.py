@@ -42,6 +42,14 @@ class Node:
     def advertise_ip(self) -> str:
         return self.facts.advertise_ips[0] if self.facts.advertise_ips else ""
 
+    def address_moved(self) -> str | None:
+        """dockerd resolves --cluster-advertise once, at start: after the interface's address
+        changed (DHCP), it goes on registering and gossiping with the old one until it restarts."""
+        advertised = self.facts.cluster_advertise.rpartition(":")[0]
+        if advertised and self.advertise_ip and advertised != self.advertise_ip:
+            return f"dockerd advertises {advertised}, but {self.host.advertise} now has {self.advertise_ip}"
+        return None
+
     def sh(self, command: str, check: bool = True) -> str:
         self.commands += 1
         return str(remote.run(self.conn, command, sudo=True, check=check, host=self.name).stdout)

@@ -46,15 +46,61 @@ def script(advertise: str, consul_name: str | None, network: str) -> str:
             "'{{.Names}}\t{{.Label \"" + ROLE_LABEL + "\"}}\t{{.State}}' 2>/dev/null",
             f"s consul; {consul}",
             f"s network; timeout 20 docker network inspect {q(network)} 2>/dev/null",
+            # the filter matches the name a container was attached by, also once the store lost it
+            f"s attached; timeout 20 docker ps -q --filter network={q(network)} | xargs -r timeout 20 docker inspect "
+            f"-f {q(attached_format(network))} 2>/dev/null",
             "s gossip; ss -Hltn 'sport = :7946' 2>/dev/null",
             "s consul_backend; d=$(command -v dockerd || echo /usr/sbin/dockerd); "
             'grep -q -a libkv/store/consul "$d" && echo yes',
             "s services; timeout 20 docker service ls -q 2>/dev/null | wc -l",
             f"s stray_threads; {stray_threads_script()}",
+            f"s restore_failed; {RESTORE_FAILED_SCRIPT}",
+            f"s gossip_events; {GOSSIP_EVENTS_SCRIPT}",
             "s overlays; timeout 20 docker network ls --filter driver=overlay --format '{{.Name}}' 2>/dev/null",
             "s end",
         ]
     )
+
+
+def attached_format(network: str) -> str:
+    """`docker inspect` template: a container's name and the ID of the network it joined by that name."""
+    return "{{.Name}} {{with index .NetworkSettings.Networks " + json.dumps(network) + "}}{{.NetworkID}}{{end}}"
+
+
+# After a power cut, dockerd 20.10 finds its overlay endpoints' state on disk but their
+# namespaces gone with /run; the restore fails ("could not get network sandbox (oper true):
+# failed get network namespace") and the error sticks to the network until the daemon
+# restarts: no container of that host can join the overlay. A restart clears it (measured).
+RESTORE_FAILED = "Failure during overlay endpoints restore"
+RESTORE_FAILED_SCRIPT = (
+    "pid=$(systemctl show -p MainPID --value docker.service); "
+    f'[ "$pid" -gt 0 ] 2>/dev/null && journalctl _PID=$pid -o cat --no-pager -q | grep -c "{RESTORE_FAILED}"'
+)
+
+# The last gossip (serf) event this dockerd logged for each peer. dockerd joins one
+# neighbour once and never rejoins by itself: a peer it last saw fail stays apart from
+# it until serf's occasional reconnect (seen: 70 s after the manager's address came back).
+GOSSIP_EVENTS_SCRIPT = (
+    "pid=$(systemctl show -p MainPID --value docker.service); "
+    '[ "$pid" -gt 0 ] 2>/dev/null && journalctl _PID=$pid -o cat --no-pager -q | '
+    "grep -o 'serf: EventMember[A-Za-z]*: [^ ]* [0-9.]*' | awk '{s[$3]=$2\" \"$4} END {for (n in s) print n, s[n]}'"
+)
+GOSSIP_GONE = ("EventMemberFailed:", "EventMemberLeave:", "EventMemberReap:")
+
+
+def gossip_last(events: str) -> dict[str, tuple[str, str]]:
+    """peer -> (its last event, its address then), from GOSSIP_EVENTS_SCRIPT's output."""
+    last = {}
+    for line in events.splitlines():
+        peer, event, address = ([*line.split(), "", ""])[:3]
+        if peer and event:
+            last[peer] = (event, address)
+    return last
+
+
+def gossip_gone(events: str) -> list[str]:
+    """The peers whose last event is a failure or a leave."""
+    return sorted(peer for peer, (event, _) in gossip_last(events).items() if event in GOSSIP_GONE)
 
 
 def stray_threads_script(
@@ -176,6 +222,9 @@ class HostFacts:
     services: int = 0
     overlays: list[str] = field(default_factory=list)
     stray_threads: int = 0
+    attached: dict[str, str] = field(default_factory=dict)  # running container -> ID of the network it is on
+    restore_failed: bool = False  # this dockerd's overlay restore failed at its start
+    gossip_gone: list[str] = field(default_factory=list)  # peers (hostnames) this dockerd last saw fail or leave
 
     @property
     def version(self) -> str:
@@ -262,4 +311,11 @@ def parse(output: str, advertise: str) -> HostFacts:
     facts.overlays = sec.get("overlays", "").split()
     stray = sec.get("stray_threads", "0").strip()
     facts.stray_threads = int(stray) if stray.isdigit() else 0
+    for line in sec.get("attached", "").splitlines():
+        name, _, net_id = line.strip().lstrip("/").partition(" ")
+        if name and net_id and net_id != "<no value>":
+            facts.attached[name] = net_id
+    facts.gossip_gone = gossip_gone(sec.get("gossip_events", ""))
+    failed = sec.get("restore_failed", "0").strip()
+    facts.restore_failed = failed.isdigit() and int(failed) > 0
     return facts

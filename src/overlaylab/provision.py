@@ -111,6 +111,8 @@ def repairs(node: Node, manager: Node, registered: bool | None) -> list[str]:
     if f.docker_active != "active":
         found.append(f"docker.service is {f.docker_active or 'not installed'}")
     else:
+        if f.restore_failed:
+            found.append("dockerd's overlay restore failed at its start (a power cut)")
         if f.stray_threads:
             found.append(f"{f.stray_threads} dockerd thread(s) in a deleted network namespace")
         if manager.facts.network is not None and not anchor.present(node):

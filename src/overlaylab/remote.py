@@ -12,13 +12,14 @@ import base64
 import hashlib
 import os
 import shlex
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
 from fabric import Connection
-from invoke.exceptions import AuthFailure
+from invoke.exceptions import AuthFailure, CommandTimedOut
 from invoke.runners import Result
 
 from overlaylab.errors import InputError, OverlaylabError
@@ -79,6 +80,32 @@ class SshTarget:
     sudo_password: str | None = None
 
 
+# A host that dies mid-command (power cut, container killed) answers nothing, not even a
+# reset: without these, paramiko waits on the TCP connection for the kernel's ~15 min of
+# retransmissions. With them the kernel gives up on a silent peer in about 30 s, paramiko's
+# transport closes, and the command ends as lost (an unreachable host, not a hang).
+DEAD_PEER_SECONDS = 30
+TCP_OPTIONS = {  # name -> value; a laptop's OS may lack some (macOS has no TCP_USER_TIMEOUT)
+    "TCP_KEEPIDLE": 10,
+    "TCP_KEEPINTVL": 5,
+    "TCP_KEEPCNT": 4,
+    "TCP_USER_TIMEOUT": DEAD_PEER_SECONDS * 1000,
+}
+# A backstop for a command that hangs on a live host (a wedged docker CLI): longer than
+# any wait of ours (dockerd's restore can stall 60 s, a ready wait is 60 s), and than a pull.
+COMMAND_TIMEOUT = 600
+
+
+def _detect_dead_peer(conn: Connection) -> None:
+    transport = conn.client.get_transport()
+    sock = getattr(transport, "sock", None)
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in TCP_OPTIONS.items():
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 def connect(target: SshTarget, timeout: float = 15) -> Connection:
     """An open Connection whose host key was verified against ``target.known_hosts``."""
     connect_kwargs: dict[str, object] = {"allow_agent": True}
@@ -109,6 +136,7 @@ def connect(target: SshTarget, timeout: float = 15) -> Connection:
         raise HostKeyError(f"{target.name} ({target.address}): {exc}") from None
     except (paramiko.SSHException, OSError, EOFError) as exc:
         raise UnreachableError(f"{target.name} ({target.address}): SSH failed: {exc or type(exc).__name__}") from None
+    _detect_dead_peer(conn)
     return conn
 
 
@@ -126,7 +154,15 @@ class SudoError(InputError):
 SUDO_HOW = "--ask-sudo-password or OVERLAYLAB_SUDO_PASSWORD"
 
 
-def run(conn: Connection, command: str, *, sudo: bool = False, check: bool = True, host: str = "") -> Result:
+def run(
+    conn: Connection,
+    command: str,
+    *,
+    sudo: bool = False,
+    check: bool = True,
+    host: str = "",
+    timeout: int = COMMAND_TIMEOUT,
+) -> Result:
     """Run a shell command, captured; with ``sudo`` through `sudo sh -c` so pipes and && work.
 
     stdin is never read (pytest and CI have none), and nothing is echoed, so a
@@ -134,23 +170,43 @@ def run(conn: Connection, command: str, *, sudo: bool = False, check: bool = Tru
     `-n`: a host that wants one fails at once with a clear message, instead of
     Fabric answering the prompt with an empty password that the host logs as a
     failed attempt (and that pam_faillock counts).
+
+    A host that stops answering raises ConnectionError (the SSH connection is gone) or
+    TimeoutError (no answer within ``timeout``): both are OSErrors, which a run reports
+    as an unreachable host and leaves out of the steps that follow.
     """
     name = host or str(conn.host)
+    try:
+        result = _run(conn, command, sudo, name, timeout)
+    except CommandTimedOut:
+        raise TimeoutError(f"{name}: no answer in {timeout}s to `{_short(command)}`") from None
+    transport = conn.client.get_transport()
+    if transport is None or not transport.is_active():
+        raise ConnectionError(f"{name}: SSH connection lost during `{_short(command)}`")
+    if check and result.exited != 0:
+        raise RemoteCommandError(name, command, result)
+    return result
+
+
+def _short(command: str, limit: int = 80) -> str:
+    return command if len(command) <= limit else command[: limit - 3] + "..."
+
+
+def _run(conn: Connection, command: str, sudo: bool, name: str, timeout: int) -> Result:
     if sudo and conn.config.sudo.password is None:
         result: Result = conn.run(
-            f"LC_ALL=C sudo -n sh -c {shlex.quote(command)}", hide=True, warn=True, in_stream=False
+            f"LC_ALL=C sudo -n sh -c {shlex.quote(command)}", hide=True, warn=True, in_stream=False, timeout=timeout
         )
         if result.exited == 1 and "sudo: a password is required" in result.stderr:
             raise SudoError(f"{name}: sudo asks for a password and none was given; use {SUDO_HOW}")
-    elif sudo:
+        return result
+    if sudo:
         try:
-            result = conn.sudo(f"sh -c {shlex.quote(command)}", hide=True, warn=True, in_stream=False)
+            result = conn.sudo(f"sh -c {shlex.quote(command)}", hide=True, warn=True, in_stream=False, timeout=timeout)
         except AuthFailure:
             raise SudoError(f"{name}: sudo refused the password given ({SUDO_HOW})") from None
-    else:
-        result = conn.run(command, hide=True, warn=True, in_stream=False)
-    if check and result.exited != 0:
-        raise RemoteCommandError(name, command, result)
+        return result
+    result = conn.run(command, hide=True, warn=True, in_stream=False, timeout=timeout)
     return result
 
 

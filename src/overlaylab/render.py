@@ -91,6 +91,15 @@ def insecure_tcp(argv: list[str]) -> str | None:
     return None
 
 
+STORE_RE = re.compile(r"--cluster-store=consul://([^:/\s\"]+):")
+
+
+def store_ip(dropin: str | None) -> str | None:
+    """The manager address an overlaylab drop-in points dockerd's cluster store at."""
+    match = STORE_RE.search(dropin or "") if is_ours(dropin) else None
+    return match[1] if match else None
+
+
 def store_url(manager_ip: str, port: int) -> str:
     return f"consul://{manager_ip}:{port}"
 

@@ -1,26 +1,34 @@
 """End to end, real components (sshd, systemd, dockerd 20.10, Consul, busybox): one
-`fab bootstrap-cluster` re-run heals a kv cluster after a single real fault. Each fault
-is injected for real on the lab (a worker's daemon restarted, a worker rebooted with
-`systemctl reboot`, the Consul container removed). The faults that one re-run does not heal yet (the manager's
-dockerd restarted more than once, a power cut) are measured in the note on issue 9,
-not asserted here. A user container with `--restart always` runs on the
-overlay on every host; the re-run is given `--allow-restart`. After it the test
-proves, with containers of its own and plain `docker exec ... ping`, that every
-ordered pair of hosts pings by IP and by name; that every dockerd whose PID changed
-was reported restarted (only the faulted host's, for a worker's fault); and that the
-user containers run again. One lab serves the module; the faults run in order."""
+`fab bootstrap-cluster` re-run heals a kv cluster after a single real fault, injected for
+real on the lab: a worker's dockerd restarted; a worker rebooted, soft (`systemctl
+reboot`) and hard (a power cut); the Consul container removed; the manager's dockerd
+restarted three times in a row; the manager rebooted, soft and hard; the manager's
+cluster address moved (refused) and back; a worker's power cut in the middle of a
+bootstrap. A worker's moved address and Consul's data lost are not healed yet, and not
+asserted here: see the note on issue 9.
+
+A user container with `--restart always` runs on the overlay on every host; the re-run
+is given `--allow-restart` (the manager's restarts: without it, see heal()). After it
+the test proves, with containers of its own and plain `docker exec ... ping`, that every
+ordered pair of hosts pings by IP and by name; that every dockerd whose PID changed was
+reported restarted (only the faulted host's, for a worker's fault); and that the user
+containers run again. One lab serves the module; the faults run in order."""
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from overlaylab.lab import lifecycle
-from tests.e2e.clusterlab import Lab, fab, module_lab
+from tests.e2e.clusterlab import FAB, ROOT, Lab, fab, module_lab
 from tests.e2e.labtools import sh
 
 NAME, RANGE = "e2eheal", "10.217.0.0/16"
@@ -69,30 +77,30 @@ def users_running(lab: Lab) -> dict[str, str]:
     return state
 
 
-def pings(lab: Lab, window: float = 20) -> list[str]:
+def pings(lab: Lab, window: float = 20, hosts: list[int] = HOSTS) -> list[str]:
     """Containers of the test's own on every host; every ordered pair pings by IP and by name
     (plain `docker exec ... ping`, a short window to converge, as verify allows); the failures."""
     tag = secrets.token_hex(3)
-    conns = {i: lab.conn(i) for i in HOSTS}
-    ips, failures = {}, []
+    conns = {i: lab.conn(i) for i in hosts}
+    ips: dict[int, str] = {}
+    failures: list[str] = []
     try:
         for i, conn in conns.items():
-            sh(conn, f'docker run -d --name heal-{tag}-{i} --network ov_net1 busybox sh -c "{LOOP}" >/dev/null')
-            ips[i] = sh(conn, f"docker inspect -f '{{{{.NetworkSettings.Networks.ov_net1.IPAddress}}}}' heal-{tag}-{i}")
-        for a in HOSTS:
-            for b in HOSTS:
-                for target in (ips[b], f"heal-{tag}-{b}") if a != b else ():
-                    deadline = time.monotonic() + window
-                    while True:
-                        ok = sh(
-                            conns[a], f"docker exec heal-{tag}-{a} ping -c 1 -W 1 {target} >/dev/null 2>&1; echo $?"
-                        )
-                        if ok == "0":
-                            break
-                        if time.monotonic() > deadline:
-                            failures.append(f"{name(a)} -> {name(b)} ({target})")
-                            break
-                        time.sleep(0.5)
+            ips[i] = sh(
+                conn,
+                f'docker run -d --name heal-{tag}-{i} --network ov_net1 busybox sh -c "{LOOP}" >/dev/null && '
+                f"docker inspect -f '{{{{.NetworkSettings.Networks.ov_net1.IPAddress}}}}' heal-{tag}-{i}",
+            )
+        for a in hosts:  # one command per source host: each target retried until the window ends
+            checks = [
+                f"end=$(( $(date +%s) + {int(window)} )); "
+                f"until docker exec heal-{tag}-{a} ping -c 1 -W 1 {target} >/dev/null 2>&1; do "
+                f'[ $(date +%s) -ge $end ] && {{ echo "{name(a)} -> {name(b)} ({target})"; break; }}; sleep 0.5; done'
+                for b in hosts
+                if b != a
+                for target in (ips[b], f"heal-{tag}-{b}")
+            ]
+            failures += [line for line in sh(conns[a], "; ".join(checks)).splitlines() if line.strip()]
     finally:
         for i, conn in conns.items():
             sh(conn, f"docker rm -f heal-{tag}-{i} >/dev/null 2>&1; true")
@@ -100,10 +108,25 @@ def pings(lab: Lab, window: float = 20) -> list[str]:
     return failures
 
 
-def heal(lab: Lab, faulted: set[str] | None) -> dict[str, Any]:
-    """One re-run: exit 0, only reported restarts, user containers back, every pair pings."""
+def heal(
+    lab: Lab, faulted: set[str] | None, inventory: Path | None = None, allow_restart: bool = True
+) -> dict[str, Any]:
+    """One re-run: exit 0, only reported restarts, user containers back, every pair pings.
+
+    Without ``allow_restart`` the run either heals without a restart, or, if it needs one
+    where user containers run, refuses (exit 2, naming the host and the reason) having
+    changed nothing; then the run with the flag must heal."""
     before = dockerd_pids(lab)
-    code, doc, err = fab("bootstrap-cluster", "--allow-restart", "--inventory", str(lab.inventory("abc", HOSTS)))
+    inventory = inventory or lab.inventory("abc", HOSTS)
+    flag = ["--allow-restart"] if allow_restart else []
+    code, doc, err = fab("bootstrap-cluster", *flag, "--inventory", str(inventory))
+    if code == 2 and not allow_restart:
+        assert doc["refused"] and doc["changes"] == 0, err
+        refusals = {h: s["plan"]["detail"] for h, s in doc["hosts"].items() if "plan" in s}
+        assert refusals and all("--allow-restart" in why for why in refusals.values()), err
+        assert dockerd_pids(lab) == before
+        print(f"refused without --allow-restart: {refusals}")
+        return heal(lab, faulted, inventory)
     assert code == 0, err
     after = dockerd_pids(lab)
     moved = {h for h in before if before[h] != after[h]}
@@ -127,9 +150,10 @@ def test_a_workers_dockerd_restarted(lab: Lab) -> None:
     heal(lab, {name(2)})
 
 
-def test_a_worker_host_rebooted(lab: Lab) -> None:
-    """`systemctl reboot`; a power cut is not healed yet (see the note on issue 9)."""
-    lifecycle.reboot(NAME, name(3), hard=False)
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_a_worker_host_rebooted(lab: Lab, hard: bool) -> None:
+    """`systemctl reboot`, or a power cut (after which dockerd's overlay restore fails)."""
+    lifecycle.reboot(NAME, name(3), hard=hard)
     heal(lab, {name(3)})
 
 
@@ -140,3 +164,92 @@ def test_the_consul_container_removed(lab: Lab) -> None:
     doc = heal(lab, set())
     assert doc["hosts"][name(1)]["consul"]["status"] == "changed"
     assert doc["hosts"][name(1)]["network"]["status"] == "ok"
+
+
+def test_the_managers_dockerd_restarted_three_times_in_a_row(lab: Lab) -> None:
+    """As a user would: the fault, `fab verify` (its result is measured, not asserted), then
+    the re-run, without --allow-restart (it refuses, or heals without a restart)."""
+    for _ in range(3):
+        conn = lab.conn(1)
+        sh(conn, "systemctl restart docker.service")
+        conn.close()
+        fab("verify", "--inventory", str(lab.inventory("abc", HOSTS)))
+        heal(lab, None, allow_restart=False)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_the_manager_host_rebooted(lab: Lab, hard: bool) -> None:
+    lifecycle.reboot(NAME, name(1), hard=hard)
+    heal(lab, None)
+
+
+def move_address(lab: Lab, i: int, new: str) -> str:
+    """The host's eth1 address moves, as a DHCP lease can: the old one goes, the new one comes."""
+    conn = lab.conn(i)
+    old = sh(conn, "ip -4 -o addr show dev eth1 | awk '{print $4}'")
+    sh(conn, f"ip addr del {old} dev eth1 && ip addr add {new}/{old.split('/')[1]} dev eth1")
+    conn.close()
+    return old.split("/")[0]
+
+
+def test_a_moved_manager_address_is_refused(lab: Lab) -> None:
+    """The manager's address moves: refused (exit 2), both addresses named, nothing changed.
+    Moved back, one re-run mends what its absence did to gossip (the workers saw it fail,
+    and dockerd does not rejoin by itself): at most the manager's dockerd restarts.
+    A worker's move is not asserted here (see the note on issue 9)."""
+    before = dockerd_pids(lab)
+    old = move_address(lab, 1, "10.217.1.111")
+    try:
+        code, doc, err = fab("bootstrap-cluster", "--allow-restart", "--inventory", str(lab.inventory("abc", HOSTS)))
+    finally:
+        move_address(lab, 1, old)
+    assert code == 2 and doc["refused"] and doc["changes"] == 0, err
+    refusal = doc["hosts"][name(1)]["plan"]["detail"]
+    assert f"the manager's cluster address changed from {old} to 10.217.1.111 (eth1)" in refusal
+    assert dockerd_pids(lab) == before
+    doc = heal(lab, {name(1)})
+    print(f"after the manager's address came back: restarts {doc['restarts']}")
+
+
+def test_a_worker_dies_during_a_bootstrap(lab: Lab) -> None:
+    """Last in the module: its run changes dockerd's settings (a 25 s discovery TTL), so that
+    every daemon restarts, the manager first, then one worker at a time. When the run reports
+    the manager's dockerd step, the last worker's power is cut. The run must end (exit 1)
+    within 3 minutes, naming that host unreachable; the other two keep a running dockerd, get
+    the network and anchors and ping each other. Once the host is powered on again
+    (`lab-up`), one re-run heals, restarting that host's dockerd alone."""
+    inventory = lab.inventory("ttl25", HOSTS, dockerd={"discovery_ttl": 25})
+    out = lab.dir / "dies.json"
+    progress: list[str] = []
+    manager_step = re.compile(rf"^ \S {name(1)}\s+dockerd\s+(changed|failed)")
+    with out.open("w") as stdout:
+        proc = subprocess.Popen(
+            [FAB, "-r", str(ROOT), "bootstrap-cluster", "--allow-restart", "--inventory", str(inventory), "--json"],
+            stdout=stdout, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        cut = None
+        for line in proc.stderr:
+            progress.append(line)
+            if cut is None and manager_step.match(line):
+                lifecycle.power_off(NAME, name(3))
+                cut = time.monotonic()
+        code = proc.wait(timeout=600)
+    took = time.monotonic() - (cut or 0)
+    log = "".join(progress)
+    assert cut is not None, log
+    assert took < 180, f"the run went on {took:.0f}s after the power cut\n{log}"
+    assert code == 1, log
+    doc = json.loads(out.read_text())
+    dead = [o["detail"] for o in doc["hosts"][name(3)].values() if o["status"] == "failed"]
+    assert dead and "unreachable" in dead[0], doc["hosts"][name(3)]
+    for i in (1, 2):
+        conn = lab.conn(i)
+        assert sh(conn, "systemctl is-active docker.service") == "active"
+        conn.close()
+        for step in ("network", "anchor", "verify") if i == 1 else ("anchor", "verify"):
+            assert doc["hosts"][name(i)][step]["status"] in ("ok", "changed"), (step, doc["hosts"][name(i)])
+    assert pings(lab, hosts=[1, 2]) == []
+
+    lifecycle.up(NAME, engine_opt=ENGINES, addr_range=RANGE)
+    heal(lab, {name(3)}, inventory)

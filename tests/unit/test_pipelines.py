@@ -86,6 +86,7 @@ def cluster(state: str = "fresh") -> tuple[Inventory, list[FakeNode], Log]:
     manager, worker = recorded("facts-manager-kv.txt"), recorded("facts-worker-kv.txt")
     facts = {"m": manager, "w1": worker, "w2": copy.deepcopy(worker)}
     facts["w2"].advertise_ips, facts["w2"].hostname = ["10.210.1.13"], "bm-docker-03"
+    facts["w2"].info = {**facts["w2"].info, "ClusterAdvertise": "10.210.1.13:2376"}
     if state == "fresh":
         facts = {n: fresh(f, f.advertise_ips[0], f.hostname) for n, f in facts.items()}
     hosts = tuple(Host(n, f"{n}.example", "manager" if n == "m" else "worker", "eth1") for n in NAMES)
@@ -156,6 +157,66 @@ def test_a_second_run_on_a_bootstrapped_cluster_changes_and_restarts_nothing() -
     code, report = go(inv, nodes, kv.BOOTSTRAP)
     assert code == 0 and report.changes == 0, [o for o in report.outcomes if o["status"] == "changed"]
     assert report.extra["restarts"] == {} and log.commands("systemctl restart") == []
+
+
+def test_a_failed_overlay_restore_after_a_power_cut_restarts_that_dockerd_alone() -> None:
+    inv, nodes, log = cluster("bootstrapped")
+    for node in nodes:
+        node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
+        node.facts.gossip = True
+    nodes[1].facts.restore_failed = True
+    code, report = go(inv, nodes, kv.BOOTSTRAP)
+    # twice: once without the cluster store (its driver drops the power cut's records), once with it
+    assert code == 0 and log.commands("systemctl restart") == ["w1", "w1"]
+    restarts = report.extra["restarts"]
+    assert isinstance(restarts, dict) and list(restarts) == ["w1"] and "overlay restore failed" in restarts["w1"]
+
+
+def test_a_workers_moved_address_restarts_that_worker_and_a_moved_manager_is_refused() -> None:
+    inv, nodes, log = cluster("bootstrapped")
+    for node in nodes:
+        node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
+        node.facts.gossip = True
+    nodes[2].facts.advertise_ips = ["10.210.1.113"]  # DHCP gave w2's eth1 another address
+    code, report = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    assert code == 0
+    assert report.extra["restarts"] == {"w2": "dockerd advertises 10.210.1.13, but eth1 now has 10.210.1.113"}
+    nodes[2].facts.advertise_ips = ["10.210.1.13"]
+    nodes[0].facts.advertise_ips = ["10.210.1.111"]
+    with pytest.raises(Refused, match=r"m: the manager's cluster address changed from 10.210.1.11 to 10.210.1.111 "):
+        go(inv, nodes, kv.BOOTSTRAP)
+    assert log.lines == []
+
+
+def test_a_manager_cut_off_from_gossip_is_restarted_alone() -> None:
+    inv, nodes, log = cluster("bootstrapped")
+    for node in nodes:
+        node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
+        node.facts.gossip = True
+    names = {n.name: n.facts.hostname for n in nodes}
+    nodes[0].facts.gossip_gone = [names["w1"], names["w2"]]  # the manager last saw both workers fail
+    nodes[1].facts.gossip_gone = nodes[2].facts.gossip_gone = [names["m"]]  # each worker misses only it
+    code, report = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 0 and log.commands("systemctl restart") == ["m"]
+    assert report.extra["restarts"] == {
+        "m": "its gossip last saw w1, w2 fail and never joined them again, while they run"
+    }
+
+
+def test_a_network_the_store_lost_is_planned_as_recreated_and_anchors_on_it_too() -> None:
+    inv, nodes, _ = cluster("bootstrapped")
+    for node in nodes:
+        node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
+        node.facts.attached = {f"overlaylab-anchor-{node.name}": "0ld1d" * 8, f"app-{node.name}": "0ld1d" * 8}
+        node.facts.gossip = True
+    nodes[0].facts.network = None  # Consul's data lost: the store no longer has it
+    code, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    assert code == 0
+    detail = {(o["host"], o["step"]): o["detail"] for o in dry.outcomes}
+    assert detail[("m", "network")] == (
+        "would recreate ov_net1: the cluster store lost its definition (containers are on 0ld1d0ld1d0l)"
+    )
+    assert all(detail[(n, "anchor")] == "would recreate (it is on the lost network 0ld1d0ld1d0l)" for n in NAMES)
 
 
 def test_a_restart_that_stops_a_users_container_refuses_the_whole_run_before_any_command() -> None:
@@ -291,7 +352,9 @@ def test_status_names_what_a_re_run_would_mend_on_a_kv_host() -> None:
     assert repairs(worker, manager, True) == []
     worker.facts.containers.clear()  # its dockerd restarted: the anchor (no restart policy) stopped
     worker.facts.stray_threads = 2
+    worker.facts.restore_failed = True
     assert repairs(worker, manager, False) == [
+        "dockerd's overlay restore failed at its start (a power cut)",
         "2 dockerd thread(s) in a deleted network namespace",
         "its anchor is not running",
         "dockerd not registered in Consul",

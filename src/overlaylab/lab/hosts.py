@@ -81,9 +81,9 @@ def mismatch(spec: LabSpec, host: HostSpec, obs: Observed, image: str) -> str | 
         return f"image {obs.image}, wanted {image}"
     if obs.engine != host.engine:
         return f"engine {obs.engine}, wanted {host.engine}"
-    if not obs.running:
-        return "not running"
     want = {spec.network_mgmt: host.mgmt_ip, spec.network_cluster: host.cluster_ip}
+    if not obs.running:  # powered off: it keeps its networks, and its fixed addresses come back at start
+        return None if set(obs.addresses) == set(want) else f"networks {sorted(obs.addresses)}, wanted {sorted(want)}"
     if obs.addresses != want:
         return f"addresses {obs.addresses}, wanted {want}"
     return None

@@ -13,7 +13,7 @@ from pathlib import Path
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.lab import engine, firewall, hosts, images, keys, preflight
 from overlaylab.lab.docker import Docker
-from overlaylab.lab.spec import DEFAULT_RANGE, ENGINE_SUITE, LabSpec, build_spec
+from overlaylab.lab.spec import DEFAULT_RANGE, ENGINE_SUITE, HostSpec, LabSpec, build_spec
 from overlaylab.report import Steps
 
 MAX_PARALLEL = 6
@@ -109,6 +109,7 @@ def up(
         docker = eng.docker
         note.append("private dockerd" if eng.private else "this machine's engine")
     existing = hosts.observe(docker, name)
+    addr_range = addr_range or _range_of(name, existing)  # an existing lab keeps its range
     spec = build_spec(
         name, engine_opt, count, {h: o.engine for h, o in existing.items()},
         **({"addr_range": addr_range} if addr_range else {}),
@@ -148,9 +149,14 @@ def up(
         image = node_recipes[host.engine].tag
         obs = existing.get(host.name)
         why = hosts.mismatch(spec, host, obs, image) if obs else "missing"
-        if why is None and hosts.system_state(docker, spec.container(host)) not in ("running", "degraded"):
-            why = "systemd not running"
         with steps.step(f"Host {host.name} ({host.engine}, {host.mgmt_ip})") as note:
+            if why is None and obs is not None and not obs.running:  # a dead host keeps its disk: power it on
+                docker.run("start", spec.container(host))
+                hosts.wait_ready(docker, spec, host)
+                note.append("powered on again")
+                result.other_changes.append(f"{host.name} powered on")
+            if why is None and hosts.system_state(docker, spec.container(host)) not in ("running", "degraded"):
+                why = "systemd not running"
             if why is not None:
                 if obs is not None:
                     hosts.remove(docker, spec, host.name)
@@ -228,13 +234,17 @@ def down(name: str = "lab", inventory: Path | None = None, steps: Steps | None =
     return removed
 
 
-def reboot(name: str, node: str, hard: bool = False, steps: Steps | None = None) -> str:
-    """Reboot one lab host: soft, `systemctl reboot` inside it, then power it on again (systemd
-    as a container's PID 1 exits when it reboots); hard, a power cut (SIGKILL) and power on.
-    The host keeps what a rebooted machine keeps: its disk (the container's filesystem and
-    the /var/lib/docker volume), hostname, SSH identity and addresses; /run and /tmp start
-    empty. Returns how long the host took until systemd, docker.service and sshd were up."""
-    steps = steps or Steps()
+def _range_of(name: str, found: dict[str, hosts.Observed]) -> str | None:
+    """The address range an existing lab was made with, from any host's management address."""
+    for obs in found.values():
+        mgmt = obs.addresses.get(f"olab-{name}-mgmt", "")
+        if mgmt:
+            return str(ipaddress.ip_network(f"{mgmt}/16", strict=False))
+    return None
+
+
+def _lab_host(name: str, node: str) -> tuple[Docker, LabSpec, HostSpec]:
+    """One host of a lab as the outer engine has it, or an InputError naming the lab's hosts."""
     preflight.require_root()
     eng = engine.find(start=False)
     found = hosts.observe(eng.docker, name) if eng is not None else {}
@@ -242,11 +252,20 @@ def reboot(name: str, node: str, hard: bool = False, steps: Steps | None = None)
         known = ", ".join(sorted(found)) or "none"
         raise InputError(f"--node: lab {name!r} has no host {node!r} (its hosts: {known})")
     assert eng is not None
-    docker, obs = eng.docker, found[node]
-    mgmt = obs.addresses.get(f"olab-{name}-mgmt", "")
-    addr_range = str(ipaddress.ip_network(f"{mgmt}/16", strict=False)) if mgmt else DEFAULT_RANGE
+    addr_range = _range_of(name, found) or DEFAULT_RANGE
     spec = build_spec(name, None, None, {h: o.engine for h, o in found.items()}, addr_range=addr_range)
-    host = spec.host(node)
+    return eng.docker, spec, spec.host(node)
+
+
+def reboot(name: str, node: str, hard: bool = False, steps: Steps | None = None) -> str:
+    """Reboot one lab host: soft, `systemctl reboot` inside it, then power it on again (systemd
+    as a container's PID 1 exits when it reboots); hard, a power cut (SIGKILL) and power on.
+    The host keeps what a rebooted machine keeps: its disk (the container's filesystem and
+    the /var/lib/docker volume), hostname, SSH identity and addresses; /run and /tmp start
+    empty. Returns how long the host took until systemd, docker.service and sshd were up."""
+    steps = steps or Steps()
+    docker, spec, host = _lab_host(name, node)
+    obs = hosts.observe(docker, name)[node]
     how = "hard (power cut)" if hard else "soft (systemctl reboot)"
     with steps.step(f"Rebooting {node}, {how}") as note:
         start = time.monotonic()
@@ -263,6 +282,16 @@ def reboot(name: str, node: str, hard: bool = False, steps: Steps | None = None)
         took = time.monotonic() - start
         note.append(f"up again in {took:.1f}s")
     return f"{took:.1f}"
+
+
+def power_off(name: str, node: str, steps: Steps | None = None) -> None:
+    """A host dies: its power is cut (SIGKILL) and it stays down, keeping its disk, until
+    `lab-up` powers it on again. Its addresses stop answering at once, as a dead machine's do."""
+    steps = steps or Steps()
+    docker, spec, host = _lab_host(name, node)
+    with steps.step(f"Powering {node} off (power cut)"):
+        docker.run("kill", "--signal", "KILL", spec.container(host), check=False)
+        docker.run("wait", spec.container(host), check=False, timeout=60)
 
 
 def lab_names() -> set[str]:

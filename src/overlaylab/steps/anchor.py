@@ -76,6 +76,10 @@ class Anchor(Step):
         if node.name in ctx.restarts:
             return Action(node.name, True, "create (dockerd restarted)")
         if present(node):
+            on = node.facts.attached.get(name(node))
+            current = (ctx.manager.facts.network or {}).get("Id")
+            if on and on != current:  # the store lost the network it joined, which was made again
+                return Action(node.name, True, f"recreate (it is on the lost network {on[:12]})")
             return Action(node.name, False, "running")
         return Action(node.name, True, "create")
 

@@ -13,6 +13,7 @@ from typing import Any
 import consul
 import requests
 
+from overlaylab import render
 from overlaylab.cluster import Node, consul_client
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL, HostFacts
@@ -59,6 +60,14 @@ def state(inv: Inventory, manager: Node) -> tuple[str, str]:
             "refuse",
             f"a container named {inv.consul_name} exists and is not overlaylab's: rename it or set consul.name",
         )
+    was, now = render.store_ip(manager.facts.dropin), manager.advertise_ip
+    if was and now and was != now:  # read from the drop-in: dockerd may not answer while its store is away
+        return (
+            "refuse",
+            f"the manager's cluster address changed from {was} to {now} ({manager.host.advertise}): Consul and "
+            f"every worker's cluster store use {was}. Put {was} back, or run teardown-cluster and "
+            "bootstrap-cluster again",
+        )
     if labels.get(SPEC_LABEL) != spec_hash(inv, manager.advertise_ip):
         return "recreate", "image or arguments differ"
     if not data.get("State", {}).get("Running"):
@@ -95,6 +104,13 @@ def registered(inv: Inventory, manager: Node) -> set[str]:
     with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
         _, keys = client.kv.get("docker/nodes/", keys=True)
     return {k.rsplit("/", 1)[-1] for k in keys or []}
+
+
+def forget(inv: Inventory, manager: Node, ip: str) -> None:
+    """Remove a dockerd's registration: one whose address moved, so that, restarted, it does
+    not pick its own old address as the one gossip neighbour it joins (it would never retry)."""
+    with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
+        client.kv.delete(f"docker/nodes/{ip}:2376")
 
 
 def wait_registered(inv: Inventory, manager: Node, wanted: dict[str, str], timeout: float = 45) -> dict[str, bool]:

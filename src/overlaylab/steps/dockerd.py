@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from overlaylab import render
 from overlaylab.cluster import Node, journal, write_file_command
 from overlaylab.errors import OverlaylabError
-from overlaylab.facts import BACKUP, BACKUP_ABSENT, BACKUP_DIR, DROPIN, HostFacts
+from overlaylab.facts import (
+    BACKUP,
+    BACKUP_ABSENT,
+    BACKUP_DIR,
+    DROPIN,
+    GOSSIP_EVENTS_SCRIPT,
+    HostFacts,
+    gossip_last,
+)
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Order, Scope, Step, fail
 from overlaylab.steps import anchor, consul
@@ -96,13 +106,19 @@ def _restore_command(previous: str | None) -> str:
     )
 
 
-def write_and_restart(p: DropIn, before_restart: str = "true", expect_peers: bool = False) -> str:
-    """Write, reload, restart, wait; on failure roll back and raise with the journal."""
+def write_and_restart(
+    p: DropIn, before_restart: str = "true", expect_peers: bool = False, between: Callable[[], None] | None = None
+) -> str:
+    """Write, reload, restart, wait; on failure roll back and raise with the journal.
+    ``between`` runs on the laptop after ``before_restart`` and before the restart."""
     node = p.node
     node.sh(
         f"{_backup_command()} && {write_file_command(DROPIN, p.wanted or '')} && systemctl daemon-reload && "
         f"{before_restart}"
     )
+    if between is not None:
+        with contextlib.suppress(Exception):  # the restart goes ahead: never leave the host without dockerd
+            between()
     code, out, err = node.result(_restart_command(expect_peers))
     if code == 0:
         return "drop-in written, dockerd restarted"
@@ -121,6 +137,67 @@ def write_and_restart(p: DropIn, before_restart: str = "true", expect_peers: boo
         + ("rolled back to the previous drop-in, dockerd runs again" if active else "ROLLBACK FAILED: dockerd is down")
         + "\n    journal:\n    "
         + "\n    ".join(lines.splitlines())
+    )
+
+
+def wait_rejoined(ctx: Context, node: Node, timeout: float = 90) -> None:
+    """After a restart under a new address: until every peer's gossip has taken the host in
+    under it. The peers still hold its name under the old address (dead, not yet reaped),
+    so they refuse the new one as a name conflict until a push-pull sync (every 30 s)
+    brings its newer state; until then no peer reaches its containers (measured: 30 s)."""
+    peers = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts) if n != node.name]
+    hostname, ip = node.facts.hostname or node.name, node.advertise_ip
+    deadline = time.monotonic() + timeout
+    while peers:
+        peers = [
+            p
+            for p in peers
+            if gossip_last(p.sh(GOSSIP_EVENTS_SCRIPT, check=False)).get(hostname) != ("EventMemberJoin:", ip)
+        ]
+        if not peers:
+            return
+        if time.monotonic() > deadline:
+            late = ", ".join(p.name for p in peers)
+            raise OverlaylabError(f"restarted as {ip}; the gossip of {late} has not taken it in after {timeout:.0f}s")
+        time.sleep(1)
+
+
+def partitioned(ctx: Context, node: Node) -> str | None:
+    """A dockerd cut off from most of the cluster's gossip: it last saw more than half of its
+    peers fail or leave, and they run, in the cluster, gossip port up. dockerd joins one
+    neighbour once and does not rejoin by itself; serf's own reconnect comes after 30 s or
+    more, by chance. A restart joins it again; its peers, each of which misses only it,
+    need none (in a 3-host cluster whose manager was cut off: the manager alone)."""
+    if not (node.facts.gossip and node.facts.cluster_store):
+        return None
+    peers = {
+        (ctx.nodes[n].facts.hostname or n): n
+        for n in ctx.live(ctx.topo.hosts)
+        if n != node.name and ctx.nodes[n].facts.gossip and ctx.nodes[n].facts.cluster_store
+    }
+    gone = sorted(peers[h] for h in node.facts.gossip_gone if h in peers)
+    if not peers or len(gone) * 2 <= len(peers):
+        return None
+    return f"its gossip last saw {', '.join(gone)} fail and never joined them again, while they run"
+
+
+def clearing_restart(inv: Inventory, node: Node, d: DropIn) -> str:
+    """One start of dockerd without the cluster flags, then the wanted drop-in back in place.
+
+    Docker 20.10's overlay driver restores, at start, the endpoints its local store lists,
+    and drops each one whose network it cannot read from the cluster store. After a power
+    cut the store still lists the endpoints of the containers that ran, while their
+    namespaces went with /run: the restore fails, and the error sticks to the network
+    for the daemon's life, so each restart fails the same way and no container of the
+    host joins the overlay. Started once with no cluster store, the driver finds no
+    network for those records and deletes them (measured on the lab; user containers are
+    not touched: those on the overlay start at the next restart, by their restart policy).
+    """
+    base = render.base_command(node.facts.exec_start, node.facts.dropin)
+    without = render.render(inv.cluster, base, base, BACKUP_DIR)
+    return (
+        f"{write_file_command(DROPIN, without)} && systemctl daemon-reload && systemctl restart docker.service && "
+        f"{write_file_command(DROPIN, d.wanted or '')} && systemctl daemon-reload"
     )
 
 
@@ -165,6 +242,14 @@ def restart_reason(node: Node, d: DropIn, wanted_store: str) -> str | None:
         return f"docker.service is {f.docker_active}"
     if f.cluster_store != wanted_store:
         return f"dockerd runs with cluster store {f.cluster_store or 'none'}, the drop-in says {wanted_store}"
+    moved = node.address_moved()
+    if moved:
+        return moved
+    if f.restore_failed:
+        return (
+            "dockerd's overlay restore failed at its start (state left by a power cut): "
+            "no container of this host can join the overlay until it restarts"
+        )
     if f.stray_threads:
         return (
             f"dockerd has {f.stray_threads} thread(s) left in a deleted network namespace (Docker 20.10 overlay "
@@ -186,7 +271,7 @@ class Dockerd(Step):
     def plan(self, ctx: Context, node: Node) -> Action:
         manager_ip = ctx.manager.advertise_ip
         d = dropin(ctx.inv, node, manager_ip)
-        reason = restart_reason(node, d, render.store_url(manager_ip, ctx.inv.consul_port))
+        reason = restart_reason(node, d, render.store_url(manager_ip, ctx.inv.consul_port)) or partitioned(ctx, node)
         if reason is None:
             return Action(node.name, False, "drop-in up to date, dockerd running with it", check=not node.facts.gossip)
         return Action(
@@ -205,10 +290,15 @@ class Dockerd(Step):
             wait_ready(node)
             return action.detail
         d: DropIn = action.data
+        before, between = anchor.stop_command(node), None
+        if node.facts.restore_failed:
+            before += f" && {clearing_restart(ctx.inv, node, d)}"
+        if node.address_moved():  # stopped, its old registration removed, then started
+            before += " && systemctl stop docker.service"
+            old = node.facts.cluster_advertise.rpartition(":")[0]
+            between = lambda: consul.forget(ctx.inv, ctx.manager, old)  # noqa: E731
         try:
-            done = write_and_restart(
-                d, before_restart=anchor.stop_command(node), expect_peers=node.name != ctx.topo.manager
-            )
+            done = write_and_restart(d, before, node.name != ctx.topo.manager, between)
         except OverlaylabError:
             if anchor.present(node):
                 # The rollback restarted dockerd and it is ready again: its anchor, stopped
@@ -216,6 +306,9 @@ class Dockerd(Step):
                 with contextlib.suppress(OverlaylabError):
                     anchor.create(node, ctx.inv.network)
             raise
+        if between is not None:
+            wait_rejoined(ctx, node)
+            done += f"; the other hosts' gossip took it in as {node.advertise_ip}"
         return done if d.changed else action.restart or done
 
     def settle(self, ctx: Context, node: Node, action: Action) -> None:

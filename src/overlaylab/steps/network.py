@@ -45,6 +45,11 @@ class Network(Step):
     def plan(self, ctx: Context, node: Node) -> Action:
         inv, data = ctx.inv, node.facts.network
         if data is None:
+            gone = lost(ctx)
+            if gone:
+                ids = ", ".join(i[:12] for i in gone)
+                why = f"recreate {inv.network}: the cluster store lost its definition (containers are on {ids})"
+                return Action(node.name, True, why, data=gone)
             return Action(node.name, True, f"create {inv.network}")
         diffs = differences(inv, data, self.net_scope)
         if diffs:
@@ -63,7 +68,37 @@ class Network(Step):
             f"docker network create --driver overlay{extra}{subnet} --label {ROLE_LABEL}=network "
             f"{shlex.quote(inv.network)}"
         ).strip()
-        return f"created {inv.network} ({net_id[:12]})"
+        if not action.data:
+            return f"created {inv.network} ({net_id[:12]})"
+        left = stranded(ctx, action.data)
+        ctx.report.extra["left_on_lost_network"] = left
+        if left:
+            ctx.report.note(
+                f"containers of yours are still on the lost {inv.network} ({', '.join(i[:12] for i in action.data)}); "
+                "overlaylab leaves them as they are: "
+                + "; ".join(f"{host}: {', '.join(names)}" for host, names in left.items())
+                + ". Reconnect them to the new network."
+            )
+        return f"recreated {inv.network} with a new ID {net_id[:12]} (the lost one was {action.data[0][:12]})"
+
+
+def lost(ctx: Context) -> list[str]:
+    """IDs of a network by our name that running containers are on but the store no longer
+    has (Consul's data lost): the network must be created again, and its old ID named."""
+    current = (ctx.manager.facts.network or {}).get("Id")
+    return sorted({i for n in ctx.nodes.values() for i in n.facts.attached.values() if i != current})
+
+
+def stranded(ctx: Context, gone: list[str]) -> dict[str, list[str]]:
+    """host -> the user's containers on a lost network."""
+    out = {}
+    for host, node in sorted(ctx.nodes.items()):
+        names = sorted(
+            c for c, i in node.facts.attached.items() if i in gone and not c.startswith((verify.PREFIX, anchor.PREFIX))
+        )
+        if names:
+            out[host] = names
+    return out
 
 
 def users(ctx: Context) -> list[str]:
