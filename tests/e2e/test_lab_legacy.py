@@ -234,14 +234,23 @@ def test_a_larger_count_adds_only_the_missing_host_and_a_smaller_one_removes_it(
 
 
 def test_lab_up_heals_the_lab_after_its_engine_died(lab: Lab) -> None:
+    """Every host stopped with the engine, as machines in a power cut: lab-up powers them on
+    again, disks kept (a file written before is still there), nothing replaced."""
     if not (engine.find(start=False) or engine.Engine(outer(), False)).private:
         pytest.skip("this machine runs its own Docker engine; the lab did not start a private one to kill")
+    for host in lab.spec.hosts:
+        conn = ssh(lab.spec, host)
+        sh(conn, "echo kept > /var/tmp/overlaylab-disk && sync")
+        conn.close()
     ids = container_ids(NAME)
     kill_private_engine(ids)
     assert engine.private_pid() is None and not processes_in(ids)
     healed = lifecycle.up(NAME, inventory=lab.inventory, addr_range=E2E_RANGE)
-    assert sorted(healed.replaced) == ["bm-docker-01", "bm-docker-02", "bm-docker-03"]
+    assert healed.replaced == {} and healed.created == []
+    assert sorted(healed.other_changes) == [f"{h.name} powered on" for h in lab.spec.hosts]
     for host in lab.spec.hosts:  # same identity: the old known_hosts still verifies them
+        conn = ssh(lab.spec, host)
+        assert sh(conn, "cat /var/tmp/overlaylab-disk") == "kept"
         conn = ssh(lab.spec, host)
         assert sh(conn, "systemctl is-system-running", sudo=False) == "running"
         assert sh(conn, "docker run --rm busybox true; echo $?") == "0"
