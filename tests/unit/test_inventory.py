@@ -128,3 +128,11 @@ def test_a_discovery_timing_that_would_hang_dockerd_is_refused(tmp_path: Path, s
     text = GOOD.replace('dockerd: {extra_flags: ["--log-level=warn"]}', f"dockerd: {{{setting}}}")
     with pytest.raises(InputError, match=message):
         inventory.load(write(tmp_path, text))
+
+
+def test_consuls_raft_multiplier_defaults_to_1_and_is_bounded(tmp_path: Path) -> None:
+    assert inventory.load(write(tmp_path, GOOD)).raft_multiplier == 1
+    consul = "consul: {image: progrium/consul, flavor: progrium, port: 8500"
+    assert inventory.load(write(tmp_path, GOOD.replace(consul, consul + ", raft_multiplier: 5"))).raft_multiplier == 5
+    with pytest.raises(InputError, match=r"inv\.yaml:3: consul\.raft_multiplier: 0 must be 1 .* to 10"):
+        inventory.load(write(tmp_path, GOOD.replace(consul, consul + ", raft_multiplier: 0")))

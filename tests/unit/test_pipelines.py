@@ -92,9 +92,11 @@ def cluster(state: str = "fresh") -> tuple[Inventory, list[FakeNode], Log]:
     hosts = tuple(Host(n, f"{n}.example", "manager" if n == "m" else "worker", "eth1") for n in NAMES)
     nodes = [FakeNode(h, FakeConn(), facts[h.name], log=log) for h in hosts]
     inv = Inventory(path=Path("inv.yaml"), cluster="lab", hosts=hosts)
-    if state != "fresh":  # recorded before the discovery options: the drop-ins of today's templates
+    if state != "fresh":  # recorded before the discovery and raft options: today's drop-ins and Consul
         for node in nodes:
             node.facts.dropin = dockerd.dropin(inv, node, "10.210.1.11").wanted
+        labels = nodes[0].facts.consul["Config"]["Labels"]  # type: ignore[index]
+        labels[consul.SPEC_LABEL] = consul.spec_hash(inv, "10.210.1.11")
     return inv, nodes, log
 
 
@@ -363,3 +365,22 @@ def test_status_names_what_a_re_run_would_mend_on_a_kv_host() -> None:
     assert repairs(worker, manager, None) == ["docker.service is failed"]
     worker.facts.dropin = None  # not a host of a kv cluster of ours
     assert repairs(worker, manager, False) == []
+
+
+@pytest.mark.parametrize(
+    ("version", "args"),
+    [
+        ("Consul v1.8.7\n", ["-hcl", "performance { raft_multiplier = 1 }"]),
+        ("Consul v0.5.2\n", []),  # progrium/consul: no such setting, and already fast
+        ("", []),
+    ],
+)
+def test_the_raft_multiplier_is_passed_only_to_a_consul_that_knows_it(version: str, args: list[str]) -> None:
+    inv, nodes, _ = cluster()
+
+    class Versioned(FakeNode):
+        def sh(self, command: str, check: bool = True) -> str:
+            return version if "version" in command else super().sh(command, check)
+
+    manager = Versioned(nodes[0].host, nodes[0].conn, nodes[0].facts)
+    assert consul.raft_args(inv, manager)[0] == args

@@ -78,16 +78,22 @@ class Matrix:
         }
 
 
-def _ping_script(probe: str, targets: list[tuple[str, str, str]]) -> str:
-    """targets: (host, by, address). Prints `R host by ok|fail detail` per target."""
-    lines = [f"end=$(( $(date +%s) + {CONVERGE_SECONDS} ))"]
+def ping_script(probe: str, targets: list[tuple[str, str, str]], window: int = CONVERGE_SECONDS) -> str:
+    """targets: (host, by, address). Prints `R host by ok|fail detail` per target.
+
+    Every target is tried at once, each in its own retry loop until the shared window
+    ends: one host's pings take the time of its slowest target, not the sum (at 12 hosts,
+    22 targets each)."""
+    lines = [f"end=$(( $(date +%s) + {window} ))"]
     for host, by, addr in targets:
         q = shlex.quote(addr)
         lines.append(
-            f"while :; do out=$(docker exec {probe} ping -c 1 -W 1 {q} 2>&1) && {{ echo 'R {host} {by} ok'; break; }}; "
+            f"( while :; do out=$(docker exec {probe} ping -c 1 -W 1 {q} 2>&1) && "
+            f"{{ echo 'R {host} {by} ok'; break; }}; "
             f'if [ $(date +%s) -ge $end ]; then echo "R {host} {by} fail $(echo "$out" | tail -n 1)"; break; fi; '
-            "sleep 0.5; done"
+            "sleep 0.5; done ) &"
         )
+    lines.append("wait")
     return "\n".join(lines)
 
 
@@ -119,7 +125,7 @@ def run(network: str, nodes: list[Node], sources: list[Node] | None = None) -> M
         ]
         if not targets:
             return
-        out = node.sh(_ping_script(probe_name(node), targets), check=False)
+        out = node.sh(ping_script(probe_name(node), targets), check=False)
         for line in out.splitlines():
             parts = line.split(" ", 4)
             if len(parts) >= 4 and parts[0] == "R":

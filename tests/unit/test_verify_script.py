@@ -1,0 +1,53 @@
+"""Unit: the verify step's ping script, run by a real `sh` with a fake `docker` on PATH (no
+container, no network): each target's result line, its retries inside the window, and
+that the targets are tried at once rather than one after another."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from overlaylab.steps.verify import ping_script
+
+FAKE_DOCKER = """#!/bin/sh
+# docker exec PROBE ping -c 1 -W 1 TARGET: logs start and end; "late" answers from its 3rd try
+for target; do :; done  # the last argument
+echo "start $target" >> "$LOG"
+sleep 0.3
+echo "end $target" >> "$LOG"
+case "$target" in
+  good*) exit 0 ;;
+  late*) n=$(grep -c "start $target" "$LOG"); [ "$n" -ge 3 ] && exit 0 ;;
+esac
+echo "1 packets transmitted, 0 packets received, 100% packet loss"; exit 1
+"""
+
+
+def run_script(tmp_path: Path, targets: list[tuple[str, str, str]], window: int) -> tuple[list[str], list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log)}
+    out = subprocess.run(["sh", "-c", ping_script("probe", targets, window)], capture_output=True, text=True, env=env)
+    return sorted(out.stdout.splitlines()), log.read_text().splitlines()
+
+
+def test_each_target_gets_one_line_and_a_late_one_is_retried_within_the_window(tmp_path: Path) -> None:
+    targets = [("h2", "ip", "good-1"), ("h2", "name", "late-1"), ("h3", "ip", "dead-1")]
+    lines, log = run_script(tmp_path, targets, window=3)
+    assert lines == [
+        "R h2 ip ok",
+        "R h2 name ok",
+        "R h3 ip fail 1 packets transmitted, 0 packets received, 100% packet loss",
+    ]
+    assert log.count("start late-1") == 3 and log.count("start good-1") == 1
+
+
+def test_the_targets_are_pinged_at_once(tmp_path: Path) -> None:
+    targets = [("h2", "ip", "good-1"), ("h2", "name", "good-2"), ("h3", "ip", "good-3")]
+    _, log = run_script(tmp_path, targets, window=3)
+    first_end = next(i for i, line in enumerate(log) if line.startswith("end "))
+    assert sorted(log[:first_end]) == ["start good-1", "start good-2", "start good-3"]
