@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 from fabric import task
 from invoke.exceptions import Exit
 
+from overlaylab import cluster, provision, remote
 from overlaylab import inventory as inventory_mod
-from overlaylab import provision, remote
 from overlaylab.errors import OverlaylabError
 from overlaylab.lab import lifecycle
 from overlaylab.report import Steps, columns
@@ -30,6 +30,7 @@ COMMON_HELP = {
     "accept_new_host_keys": "accept and record unknown host keys (never changed ones), "
     "like StrictHostKeyChecking=accept-new",
     "ask_sudo_password": "prompt for the sudo password (or set OVERLAYLAB_SUDO_PASSWORD); never printed",
+    "parallel": f"hosts worked on at once (default {cluster.MAX_PARALLEL})",
 }
 
 
@@ -82,12 +83,13 @@ def bootstrap_cluster(
     leave_other_swarm: bool = False,
     allow_restart: bool = False,
     ask_sudo_password: bool = False,
+    parallel: int = cluster.MAX_PARALLEL,
 ) -> None:
     """kv: Consul, the cluster-store drop-in, the overlay; swarm: init, join, an attachable overlay; then pings."""
     _provision(
         c, provision.bootstrap, inventory, ask_sudo_password, dry_run=dry_run, json=json,
         accept_new_host_keys=accept_new_host_keys, force_leave_swarm=force_leave_swarm,
-        leave_other_swarm=leave_other_swarm, allow_restart=allow_restart,
+        leave_other_swarm=leave_other_swarm, allow_restart=allow_restart, parallel=int(parallel),
     )  # fmt: skip
 
 
@@ -113,12 +115,13 @@ def join_node(
     leave_other_swarm: bool = False,
     allow_restart: bool = False,
     ask_sudo_password: bool = False,
+    parallel: int = cluster.MAX_PARALLEL,
 ) -> None:
     """Bring one worker into an existing cluster; re-running it changes nothing."""
     _provision(
         c, provision.join_node, inventory, ask_sudo_password, node, dry_run=dry_run, json=json,
         accept_new_host_keys=accept_new_host_keys, force_leave_swarm=force_leave_swarm,
-        leave_other_swarm=leave_other_swarm, allow_restart=allow_restart,
+        leave_other_swarm=leave_other_swarm, allow_restart=allow_restart, parallel=int(parallel),
     )  # fmt: skip
 
 
@@ -129,11 +132,13 @@ def verify(
     json: bool = False,
     accept_new_host_keys: bool = False,
     ask_sudo_password: bool = False,
+    parallel: int = cluster.MAX_PARALLEL,
 ) -> None:
     """The ping matrix alone: every ordered pair of hosts, by IP and by name."""
     _provision(
-        c, provision.verify_only, inventory, ask_sudo_password, json=json, accept_new_host_keys=accept_new_host_keys
-    )
+        c, provision.verify_only, inventory, ask_sudo_password, json=json,
+        accept_new_host_keys=accept_new_host_keys, parallel=int(parallel),
+    )  # fmt: skip
 
 
 @task(auto_shortflags=False, help=COMMON_HELP)
@@ -143,9 +148,13 @@ def status(
     json: bool = False,
     accept_new_host_keys: bool = False,
     ask_sudo_password: bool = False,
+    parallel: int = cluster.MAX_PARALLEL,
 ) -> None:
     """Per host: engine version, cluster flags in effect, Consul registration, overlay networks."""
-    _provision(c, provision.status, inventory, ask_sudo_password, json=json, accept_new_host_keys=accept_new_host_keys)
+    _provision(
+        c, provision.status, inventory, ask_sudo_password, json=json,
+        accept_new_host_keys=accept_new_host_keys, parallel=int(parallel),
+    )  # fmt: skip
 
 
 @task(
@@ -164,11 +173,12 @@ def teardown(
     allow_restart: bool = False,
     accept_new_host_keys: bool = False,
     ask_sudo_password: bool = False,
+    parallel: int = cluster.MAX_PARALLEL,
 ) -> None:
     """Put every host back as before overlaylab: original drop-in, no Consul, no network. Safe twice."""
     _provision(
         c, provision.teardown, inventory, ask_sudo_password, json=json, dry_run=dry_run,
-        allow_restart=allow_restart, accept_new_host_keys=accept_new_host_keys,
+        allow_restart=allow_restart, accept_new_host_keys=accept_new_host_keys, parallel=int(parallel),
     )  # fmt: skip
 
 

@@ -22,8 +22,17 @@ from overlaylab import facts, remote
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Host, Inventory
 
-MAX_PARALLEL = 8
+MAX_PARALLEL = 8  # hosts worked on at once, by default: the run's --parallel sets it
 T = TypeVar("T")
+_limit = MAX_PARALLEL
+
+
+def set_parallel(limit: int) -> None:
+    """The cap on hosts worked on at once, for this run (every parallel() below)."""
+    global _limit
+    if limit < 1:
+        raise InputError(f"--parallel: {limit} must be at least 1")
+    _limit = limit
 
 
 @dataclass
@@ -61,7 +70,7 @@ class Node:
 
 
 def parallel(
-    items: Sequence[T], fn: Callable[[T], object], limit: int = MAX_PARALLEL, key: Callable[[T], str] | None = None
+    items: Sequence[T], fn: Callable[[T], object], limit: int | None = None, key: Callable[[T], str] | None = None
 ) -> dict[str, BaseException]:
     """Run fn on every item; per-item exceptions come back keyed by name (as Fabric's
     GroupResult keys by connection), never lost and never raised for the others."""
@@ -69,7 +78,7 @@ def parallel(
     errors: dict[str, BaseException] = {}
     if not items:
         return errors
-    with ThreadPoolExecutor(max_workers=min(limit, len(items))) as pool:
+    with ThreadPoolExecutor(max_workers=min(limit or _limit, len(items))) as pool:
         futures = {name(item): pool.submit(fn, item) for item in items}
         for item_name, fut in futures.items():
             exc = fut.exception()

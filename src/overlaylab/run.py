@@ -37,6 +37,7 @@ class Options:
     leave_other_swarm: bool = False
     allow_restart: bool = False
     sudo_password: str | None = None
+    parallel: int = cluster.MAX_PARALLEL  # hosts worked on at once
 
 
 class Refused(InputError):
@@ -79,6 +80,7 @@ def run_task(task: str, inv: Inventory, opts: Options, fn: Pipeline, *args: obje
     """Common frame: report, connections, facts; maps every path to an exit code."""
     report = RunReport(task, [h.name for h in inv.hosts], opts.json)
     try:
+        cluster.set_parallel(opts.parallel)
         nodes = open_nodes(inv, opts)
     except InputError as exc:
         report.note(f"error: {exc}")
