@@ -112,9 +112,9 @@ def write_and_restart(
     """Write, reload, restart, wait; on failure roll back and raise with the journal.
     ``between`` runs on the laptop after ``before_restart`` and before the restart."""
     node = p.node
-    node.sh(
+    node.sh(  # braces: a `;` inside before_restart must not let it run after a failed backup or write
         f"{_backup_command()} && {write_file_command(DROPIN, p.wanted or '')} && systemctl daemon-reload && "
-        f"{before_restart}"
+        f"{{ {before_restart}; }}"
     )
     if between is not None:
         with contextlib.suppress(Exception):  # the restart goes ahead: never leave the host without dockerd
@@ -195,8 +195,10 @@ def clearing_restart(inv: Inventory, node: Node, d: DropIn) -> str:
     """
     base = render.base_command(node.facts.exec_start, node.facts.dropin)
     without = render.render(inv.cluster, base, base, BACKUP_DIR)
+    # `;` after the restart: the wanted drop-in goes back even if that start failed, and the
+    # restart that follows (with its rollback) decides; the host is never left on this one.
     return (
-        f"{write_file_command(DROPIN, without)} && systemctl daemon-reload && systemctl restart docker.service && "
+        f"{write_file_command(DROPIN, without)} && systemctl daemon-reload && systemctl restart docker.service; "
         f"{write_file_command(DROPIN, d.wanted or '')} && systemctl daemon-reload"
     )
 
