@@ -127,8 +127,8 @@ def close_all(nodes: list[Node]) -> None:
 
 def read_one(inv: Inventory, node: Node) -> None:
     """One remote command; read again by a run wherever it changed the host."""
-    consul_name = inv.consul_name if node.host.is_manager else None
-    _, out, err = node.result(facts.script(node.host.advertise, consul_name, inv.network))
+    store = facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port) if node.host.is_manager else None
+    _, out, err = node.result(facts.script(node.host.advertise, store, inv.network))
     if facts.MARK + "end" not in out:
         raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
     node.facts = facts.parse(out, node.host.advertise)

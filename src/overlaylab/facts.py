@@ -23,10 +23,21 @@ ROLE_LABEL = "overlaylab.role"
 MARK = "@@overlaylab:"
 
 
-def script(advertise: str, consul_name: str | None, network: str) -> str:
+@dataclass(frozen=True)
+class Store:
+    """Where the manager's facts look for Consul: its container, its volume, its HTTP port."""
+
+    container: str
+    volume: str
+    port: int
+
+
+def script(advertise: str, store: Store | None, network: str) -> str:
     """The facts script; runs under sudo. Each section may fail without stopping the rest."""
     q = shlex.quote
-    consul = f"docker inspect {q(consul_name)} 2>/dev/null" if consul_name else "true"
+    consul = f"docker inspect {q(store.container)} 2>/dev/null" if store else "true"
+    volume = f"docker volume inspect -f '{{{{.Name}}}}' {q(store.volume)} 2>/dev/null" if store else "true"
+    leader = store_leader_script(advertise, store.port) if store else "true"
     return "\n".join(
         [
             "export LC_ALL=C",
@@ -45,9 +56,11 @@ def script(advertise: str, consul_name: str | None, network: str) -> str:
             "s containers; timeout 20 docker ps -a --format "
             "'{{.Names}}\t{{.Label \"" + ROLE_LABEL + "\"}}\t{{.State}}' 2>/dev/null",
             f"s consul; {consul}",
+            f"s consul_volume; {volume}",
+            f"s store_leader; {leader}; echo",
             f"s network; timeout 20 docker network inspect {q(network)} 2>/dev/null",
             # the filter matches the name a container was attached by, also once the store lost it
-            f"s attached; timeout 20 docker ps -q --filter network={q(network)} | xargs -r timeout 20 docker inspect "
+            f"s attached; timeout 20 docker ps -aq --filter network={q(network)} | xargs -r timeout 20 docker inspect "
             f"-f {q(attached_format(network))} 2>/dev/null",
             "s gossip; ss -Hltn 'sport = :7946' 2>/dev/null",
             "s consul_backend; d=$(command -v dockerd || echo /usr/sbin/dockerd); "
@@ -63,8 +76,56 @@ def script(advertise: str, consul_name: str | None, network: str) -> str:
 
 
 def attached_format(network: str) -> str:
-    """`docker inspect` template: a container's name and the ID of the network it joined by that name."""
-    return "{{.Name}} {{with index .NetworkSettings.Networks " + json.dumps(network) + "}}{{.NetworkID}}{{end}}"
+    """`docker inspect` template, one tab-separated line per container: name, ID, running,
+    then of its endpoint on the network it joined by that name: the network's ID, its
+    aliases, its fixed IPv4 address if any; last the error of its last start."""
+    return (
+        "{{.Name}}\t{{.Id}}\t{{.State.Running}}\t{{with index .NetworkSettings.Networks "
+        + json.dumps(network)
+        + "}}{{.NetworkID}}\t{{range .Aliases}}{{.}},{{end}}\t{{with .IPAMConfig}}{{.IPv4Address}}{{end}}{{end}}"
+        "\t{{.State.Error}}"
+    ).replace("\\t", "\t")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A container on the network by its name, as its host's dockerd recorded it."""
+
+    container_id: str
+    network_id: str
+    running: bool
+    aliases: tuple[str, ...] = ()  # the user's: without the short ID dockerd adds itself
+    ip: str = ""  # a fixed IPv4 address (`--ip`), kept when it is connected again
+    error: str = ""  # why its last start failed
+
+    def failed_on(self, network_id: str) -> bool:
+        """Its last start failed because that network was gone (a restart on a lost network)."""
+        return network_id in self.error
+
+
+def parse_attached(text: str) -> dict[str, Attachment]:
+    out = {}
+    for line in text.splitlines():
+        name, cid, running, net_id, aliases, ip, error = ([*line.split("\t"), "", "", "", "", "", ""])[:7]
+        name = name.strip().lstrip("/")
+        if name and net_id.strip():
+            short = cid.strip()[:12]
+            kept = tuple(a for a in aliases.split(",") if a and a != short)
+            out[name] = Attachment(cid.strip(), net_id.strip(), running.strip() == "true", kept, ip.strip(), error)
+    return out
+
+
+def store_leader_script(advertise: str, port: int) -> str:
+    """Asks the manager's Consul for its leader over plain HTTP from bash (no curl on the
+    hosts). Only an answer tells a network the store lost from one it could not be asked
+    about: dockerd says "No such network" in both cases."""
+    q = shlex.quote
+    return (
+        f"a={q(advertise)}; case $a in *[!0-9.]*) a=$(ip -4 -o addr show dev $a 2>/dev/null | "
+        "awk '{print $4; exit}'); a=${a%/*};; esac; "
+        f'[ -n "$a" ] && timeout 3 bash -c "exec 3<>/dev/tcp/$a/{port} && '
+        "printf 'GET /v1/status/leader HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3\" 2>/dev/null | tail -n 1"
+    )
 
 
 # After a power cut, dockerd 20.10 finds its overlay endpoints' state on disk but their
@@ -222,7 +283,9 @@ class HostFacts:
     services: int = 0
     overlays: list[str] = field(default_factory=list)
     stray_threads: int = 0
-    attached: dict[str, str] = field(default_factory=dict)  # running container -> ID of the network it is on
+    attached: dict[str, Attachment] = field(default_factory=dict)  # container (any state) -> its endpoint's record
+    consul_volume: bool = False  # the manager: Consul's data volume exists
+    store_leader: str = ""  # the manager: Consul's leader as Consul said it while the facts were read; "" no answer
     restore_failed: bool = False  # this dockerd's overlay restore failed at its start
     gossip_gone: list[str] = field(default_factory=list)  # peers (hostnames) this dockerd last saw fail or leave
 
@@ -311,10 +374,9 @@ def parse(output: str, advertise: str) -> HostFacts:
     facts.overlays = sec.get("overlays", "").split()
     stray = sec.get("stray_threads", "0").strip()
     facts.stray_threads = int(stray) if stray.isdigit() else 0
-    for line in sec.get("attached", "").splitlines():
-        name, _, net_id = line.strip().lstrip("/").partition(" ")
-        if name and net_id and net_id != "<no value>":
-            facts.attached[name] = net_id
+    facts.attached = parse_attached(sec.get("attached", ""))
+    facts.consul_volume = bool(sec.get("consul_volume", "").strip())
+    facts.store_leader = sec.get("store_leader", "").strip().strip('"')
     facts.gossip_gone = gossip_gone(sec.get("gossip_events", ""))
     failed = sec.get("restore_failed", "0").strip()
     facts.restore_failed = failed.isdigit() and int(failed) > 0

@@ -80,6 +80,11 @@ class Inventory:
         return next(h for h in self.hosts if h.is_manager)
 
     @property
+    def consul_volume(self) -> str:
+        """Consul's data: the cluster store, which holds the overlay's definition."""
+        return f"{self.consul_name}-data"
+
+    @property
     def workers(self) -> list[Host]:
         return [h for h in self.hosts if not h.is_manager]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import shlex
 import socket
@@ -23,6 +24,11 @@ from invoke.exceptions import AuthFailure, CommandTimedOut
 from invoke.runners import Result
 
 from overlaylab.errors import InputError, OverlaylabError
+
+# paramiko logs a refused forward ("Secsh channel 3 open FAILED: Connection refused") while
+# Consul starts; the caller retries and reports what matters. Without a handler Python's
+# last resort would print it on stderr, in the middle of the run's own lines.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 class HostKeyError(InputError):

@@ -243,3 +243,21 @@ def test_a_thread_stray_only_for_a_moment_is_not_counted(tmp_path: Path) -> None
     script = _fake_daemon(tmp_path, threads, between=back_home)
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"  # 43 is still stray, 44 is not
+
+
+def test_attached_containers_are_parsed_with_their_endpoint_records_and_the_short_id_alias_dropped() -> None:
+    """Recorded on a lab host after Consul's data was lost and its dockerd restarted."""
+    old = "e14372a7efda037923c488104b73cb6741ff469eea3a983f792e7c8b85090d26"
+    text = (
+        f"/users_app2\td1d6e8405e0cc5683e18d418814c9aed1d38076aff5d6b84d75bfe4f9fbb8dd4\tfalse\t{old}\t"
+        f"d1d6e8405e0c,web,\t10.217.9.40\tnetwork {old} not found\n"
+        f"/overlaylab-anchor-bm-docker-02\ta45efcd75197f90d0b3d6d79054e1d5bc5fa21c3d7077298e76d045d0a59baae\ttrue\t{old}\t"
+        "a45efcd75197,\t\t\n"
+        "/elsewhere\t0000\ttrue\t\t\t\t\n"  # inspected, but not on the network by that name
+    )
+    parsed = facts.parse_attached(text)
+    assert set(parsed) == {"users_app2", "overlaylab-anchor-bm-docker-02"}
+    user = parsed["users_app2"]
+    assert (user.network_id, user.running, user.aliases, user.ip) == (old, False, ("web",), "10.217.9.40")
+    assert user.failed_on(old) and not parsed["overlaylab-anchor-bm-docker-02"].failed_on(old)
+    assert parsed["overlaylab-anchor-bm-docker-02"].running

@@ -18,7 +18,7 @@ import pytest
 from overlaylab import cluster as cluster_mod
 from overlaylab import run
 from overlaylab.cluster import Node
-from overlaylab.facts import HostFacts
+from overlaylab.facts import Attachment, HostFacts
 from overlaylab.inventory import Host, Inventory
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport
@@ -205,20 +205,87 @@ def test_a_manager_cut_off_from_gossip_is_restarted_alone() -> None:
     }
 
 
-def test_a_network_the_store_lost_is_planned_as_recreated_and_anchors_on_it_too() -> None:
-    inv, nodes, _ = cluster("bootstrapped")
+OLD = "0ld1d" * 8
+
+
+def store_lost(nodes: list[FakeNode]) -> None:
+    """Consul's data lost: the store answers, without the network; each host runs an anchor
+    and a user container on the lost network, and w2 also has a stopped one with an alias."""
     for node in nodes:
         node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
-        node.facts.attached = {f"overlaylab-anchor-{node.name}": "0ld1d" * 8, f"app-{node.name}": "0ld1d" * 8}
+        node.facts.containers[f"app-{node.name}"] = ""
+        node.facts.attached = {
+            f"overlaylab-anchor-{node.name}": Attachment("a" * 64, OLD, True),
+            f"app-{node.name}": Attachment("b" * 64, OLD, True),
+        }
         node.facts.gossip = True
-    nodes[0].facts.network = None  # Consul's data lost: the store no longer has it
-    code, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    nodes[2].facts.stopped["db"] = ""
+    nodes[2].facts.attached["db"] = Attachment("c" * 64, OLD, False, ("database",), "10.0.9.50")
+    nodes[0].facts.network, nodes[0].facts.store_leader = None, "10.210.1.11:8300"
+
+
+def test_a_network_the_store_lost_restarts_the_daemons_holding_it_then_is_made_again_and_reconnected() -> None:
+    inv, nodes, log = cluster("bootstrapped")
+    inv = Inventory(path=inv.path, cluster="lab", hosts=inv.hosts, subnet="10.0.9.0/24")
+    store_lost(nodes)
+    code, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True, allow_restart=True)
     assert code == 0
     detail = {(o["host"], o["step"]): o["detail"] for o in dry.outcomes}
     assert detail[("m", "network")] == (
         "would recreate ov_net1: the cluster store lost its definition (containers are on 0ld1d0ld1d0l)"
     )
-    assert all(detail[(n, "anchor")] == "would recreate (it is on the lost network 0ld1d0ld1d0l)" for n in NAMES)
+    assert dry.extra["restarts"] == {
+        n: f"the store lost ov_net1 (0ld1d0ld1d0l); this dockerd still runs it for app-{n}, overlaylab-anchor-{n}, "
+        "and its VXLAN ID would block the new one"
+        for n in NAMES
+    }
+    assert (
+        detail[("w2", "reconnect")]
+        == "would reconnect app-w2, db to ov_net1 (on the lost 0ld1d0ld1d0l), then start app-w2"
+    )
+    assert all(detail[(n, "anchor")] == "would create (dockerd restarted)" for n in NAMES)
+    with pytest.raises(Refused, match="restarting dockerd stops app-m"):
+        go(inv, nodes, kv.BOOTSTRAP)  # the restarts stop the user's containers: only with --allow-restart
+    assert log.lines == []
+    code, report = go(inv, nodes, kv.BOOTSTRAP, allow_restart=True)
+    assert code == 0 and log.commands("systemctl restart docker.service") == list(NAMES)
+    assert report.extra["left_on_lost_network"] == {"m": ["app-m"], "w1": ["app-w1"], "w2": ["app-w2", "db"]}
+    w2 = [c for h, c in log.lines if h == "w2" and "docker network connect" in c]
+    assert w2 == [
+        "docker network disconnect -f ov_net1 app-w2 && docker network connect ov_net1 app-w2 && "
+        "docker network disconnect -f ov_net1 db && docker network connect --alias database --ip 10.0.9.50 ov_net1 db"
+        " && docker start app-w2 >/dev/null"
+    ]
+    commands = [c for _, c in log.lines]
+    created = next(i for i, c in enumerate(commands) if "docker network create" in c)
+    assert created < commands.index(w2[0])  # connected to the network made again, once it is there
+    assert not [
+        c for c in commands if "docker rm" in c and ("app-" in c or " db" in c)
+    ]  # nothing of the user's removed
+
+
+def test_a_store_that_did_not_answer_lost_nothing_the_dry_run_waits_for_it() -> None:
+    """The Consul container removed, its volume kept: the facts, read while it was away, show
+    no network; the dry run plans no restart, no new network and no anchor change."""
+    inv, nodes, _ = cluster("bootstrapped")
+    store_lost(nodes)
+    nodes[0].facts.store_leader, nodes[0].facts.consul, nodes[0].facts.consul_volume = "", None, True
+    code, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    assert code == 0 and dry.extra["restarts"] == {}
+    detail = {(o["host"], o["step"]): o["detail"] for o in dry.outcomes}
+    assert detail[("m", "consul")] == "would create Consul (missing)"
+    assert detail[("m", "network")] == (
+        "ov_net1: not known until Consul is back with its data (kept on overlaylab-consul-data)"
+    )
+    assert all(detail[(n, "anchor")] == "running" for n in NAMES)
+    assert not [k for k in detail if k[1] == "reconnect"]
+
+
+def test_consul_made_without_its_volume_is_an_empty_store_the_network_is_created_not_waited_for() -> None:
+    inv, nodes, _ = cluster("fresh")
+    code, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    detail = {(o["host"], o["step"]): o["detail"] for o in dry.outcomes}
+    assert code == 0 and detail[("m", "network")] == "would create ov_net1"
 
 
 def test_a_restart_that_stops_a_users_container_refuses_the_whole_run_before_any_command() -> None:

@@ -10,6 +10,7 @@ from overlaylab.steps.anchor import Anchor, RemoveAnchor
 from overlaylab.steps.consul import Consul, RemoveConsul
 from overlaylab.steps.dockerd import Dockerd, RestoreDropin
 from overlaylab.steps.network import Network, RemoveNetwork
+from overlaylab.steps.reconnect import Reconnect
 from overlaylab.steps.registered import Registered
 from overlaylab.steps.swarm import LeaveSwarm
 from overlaylab.steps.verify import RemoveProbes
@@ -20,6 +21,7 @@ BOOTSTRAP: tuple[Step, ...] = (
     Dockerd(),
     Registered(),
     Network(),
+    Reconnect(),
     Anchor(),
 )
 

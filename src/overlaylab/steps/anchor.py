@@ -25,6 +25,7 @@ import shlex
 from overlaylab.cluster import Node
 from overlaylab.facts import ROLE_LABEL, HostFacts
 from overlaylab.plan import Action, Context, Scope, Step
+from overlaylab.steps import network
 
 PREFIX = "overlaylab-anchor-"
 # PID 1 must exit on SIGTERM, or every dockerd restart waits the 10 s stop timeout.
@@ -77,9 +78,8 @@ class Anchor(Step):
             return Action(node.name, True, "create (dockerd restarted)")
         if present(node):
             on = node.facts.attached.get(name(node))
-            current = (ctx.manager.facts.network or {}).get("Id")
-            if on and on != current:  # the store lost the network it joined, which was made again
-                return Action(node.name, True, f"recreate (it is on the lost network {on[:12]})")
+            if on and on.network_id in network.lost(ctx):  # the store lost the network it joined
+                return Action(node.name, True, f"recreate (it is on the lost network {on.network_id[:12]})")
             return Action(node.name, False, "running")
         return Action(node.name, True, "create")
 

@@ -52,10 +52,6 @@ def raft_args(inv: Inventory, manager: Node) -> tuple[list[str], str]:
     return [], f"{version} has no raft_multiplier"
 
 
-def volume(inv: Inventory) -> str:
-    return f"{inv.consul_name}-data"
-
-
 def run_command(inv: Inventory, ip: str, extra: list[str] | None = None) -> str:
     """Host network: the manager's own dockerd restart then costs ~1 s instead of ~30 s
     (a published port makes dockerd call the store through its own port forward)."""
@@ -63,7 +59,7 @@ def run_command(inv: Inventory, ip: str, extra: list[str] | None = None) -> str:
     parts = [
         "docker", "run", "-d", "--name", inv.consul_name, "--network", "host", "--restart", "always",
         "--label", f"{ROLE_LABEL}=consul", "--label", f"{SPEC_LABEL}={spec_hash(inv, ip)}",
-        "-v", f"{volume(inv)}:{FLAVOR_DATA_DIR[inv.consul_flavor]}",
+        "-v", f"{inv.consul_volume}:{FLAVOR_DATA_DIR[inv.consul_flavor]}",
         inv.consul_image, *args(inv, ip), *(extra or []),
     ]  # fmt: skip
     return " ".join(q(p) for p in parts)
@@ -166,10 +162,13 @@ class Consul(Step):
             return early
         if how == "ok":
             return Action(node.name, False, why, check=True)  # the run waits for its leader
+        fresh = not node.facts.consul_volume
 
         def project(facts: HostFacts) -> None:
             labels = {ROLE_LABEL: "consul", SPEC_LABEL: spec_hash(ctx.inv, node.advertise_ip)}
             facts.consul = {"Config": {"Labels": labels}, "State": {"Running": True}}
+            if fresh:  # an empty store: it answers, and holds no network
+                facts.consul_volume, facts.store_leader, facts.network = True, "(new)", None
 
         return Action(node.name, True, f"{how} Consul ({why})", data=(how, why), project=project)
 
@@ -178,8 +177,11 @@ class Consul(Step):
         if action.change:
             how, why = action.data
             timing = create(ctx.inv, node, recreate=how == "recreate")
-            done = f"{how}d ({why}; {timing})"
-        return f"{done}; leader {wait_leader(ctx.inv, node)}"
+            done = f"{how}d ({why}{'' if node.facts.consul_volume else ', with an empty store'}; {timing})"
+        leader = wait_leader(ctx.inv, node)
+        if not node.facts.store_leader:  # the facts were read while the store did not answer
+            ctx.stale.add(node.name)
+        return f"{done}; leader {leader}"
 
 
 class RemoveConsul(Step):
@@ -203,8 +205,6 @@ class RemoveConsul(Step):
         return Action(node.name, True, "remove Consul and its volume" + self.why, project=project)
 
     def apply(self, ctx: Context, node: Node, action: Action) -> str:
-        q = shlex.quote
-        node.sh(
-            f"docker rm -f {q(ctx.inv.consul_name)} >/dev/null && docker volume rm -f {q(volume(ctx.inv))} >/dev/null"
-        )
+        name, data = shlex.quote(ctx.inv.consul_name), shlex.quote(ctx.inv.consul_volume)
+        node.sh(f"docker rm -f {name} >/dev/null && docker volume rm -f {data} >/dev/null")
         return "removed" + self.why

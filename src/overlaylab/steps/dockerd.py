@@ -28,7 +28,7 @@ from overlaylab.facts import (
 )
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Order, Scope, Step, fail
-from overlaylab.steps import anchor, consul
+from overlaylab.steps import anchor, consul, network
 
 READY_TIMEOUT = 60  # dockerd answering, cluster store in docker info, gossip listening
 
@@ -273,7 +273,11 @@ class Dockerd(Step):
     def plan(self, ctx: Context, node: Node) -> Action:
         manager_ip = ctx.manager.advertise_ip
         d = dropin(ctx.inv, node, manager_ip)
-        reason = restart_reason(node, d, render.store_url(manager_ip, ctx.inv.consul_port)) or partitioned(ctx, node)
+        reason = (
+            restart_reason(node, d, render.store_url(manager_ip, ctx.inv.consul_port))
+            or partitioned(ctx, node)
+            or network.holds_lost(ctx, node)
+        )
         if reason is None:
             return Action(node.name, False, "drop-in up to date, dockerd running with it", check=not node.facts.gossip)
         return Action(

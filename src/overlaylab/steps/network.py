@@ -9,7 +9,6 @@ from overlaylab.cluster import Node
 from overlaylab.facts import ROLE_LABEL
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Scope, Step
-from overlaylab.steps import anchor, verify
 
 
 def differences(inv: Inventory, data: dict[str, Any], scope: str = "global") -> list[str]:
@@ -50,6 +49,9 @@ class Network(Step):
                 ids = ", ".join(i[:12] for i in gone)
                 why = f"recreate {inv.network}: the cluster store lost its definition (containers are on {ids})"
                 return Action(node.name, True, why, data=gone)
+            if not node.facts.store_leader:
+                why = f"{inv.network}: not known until Consul is back with its data (kept on {inv.consul_volume})"
+                return Action(node.name, False, why)
             return Action(node.name, True, f"create {inv.network}")
         diffs = differences(inv, data, self.net_scope)
         if diffs:
@@ -74,31 +76,57 @@ class Network(Step):
         ctx.report.extra["left_on_lost_network"] = left
         if left:
             ctx.report.note(
-                f"containers of yours are still on the lost {inv.network} ({', '.join(i[:12] for i in action.data)}); "
-                "overlaylab leaves them as they are: "
+                f"containers of yours were left on the lost {inv.network} ({', '.join(i[:12] for i in action.data)}): "
                 + "; ".join(f"{host}: {', '.join(names)}" for host, names in left.items())
-                + ". Reconnect them to the new network."
+                + f". They are connected to the new {inv.network} (the reconnect step), with their aliases and "
+                "fixed addresses; none is removed."
             )
         return f"recreated {inv.network} with a new ID {net_id[:12]} (the lost one was {action.data[0][:12]})"
 
 
 def lost(ctx: Context) -> list[str]:
-    """IDs of a network by our name that running containers are on but the store no longer
-    has (Consul's data lost): the network must be created again, and its old ID named."""
-    current = (ctx.manager.facts.network or {}).get("Id")
-    return sorted({i for n in ctx.nodes.values() for i in n.facts.attached.values() if i != current})
+    """IDs of a network by our name that containers are on but the store no longer has
+    (Consul's data lost): the network must be created again, and its old ID named.
+
+    Only a store that answered can have lost anything: while Consul is away (its
+    container removed, its data kept) dockerd says "No such network" just the same."""
+    m = ctx.manager.facts
+    if not m.store_leader:
+        return []
+    current = (m.network or {}).get("Id")
+    return sorted({a.network_id for n in ctx.nodes.values() for a in n.facts.attached.values()} - {current})
+
+
+def ours(node: Node, container: str) -> bool:
+    """An anchor or a probe: overlaylab's own, by its role label."""
+    return bool(node.facts.containers.get(container) or node.facts.stopped.get(container))
 
 
 def stranded(ctx: Context, gone: list[str]) -> dict[str, list[str]]:
     """host -> the user's containers on a lost network."""
     out = {}
     for host, node in sorted(ctx.nodes.items()):
-        names = sorted(
-            c for c, i in node.facts.attached.items() if i in gone and not c.startswith((verify.PREFIX, anchor.PREFIX))
-        )
+        names = sorted(c for c, a in node.facts.attached.items() if a.network_id in gone and not ours(node, c))
         if names:
             out[host] = names
     return out
+
+
+def holds_lost(ctx: Context, node: Node) -> str | None:
+    """Why this dockerd must restart before the network the store lost can be made again:
+    it keeps the lost one in memory. Where containers still run on it, its sandbox holds
+    the VXLAN ID the new network gets again ("failed to create bridge ...: file exists");
+    the manager, which creates it, holds its address pool ("Pool overlaps"). Both measured."""
+    gone = lost(ctx)
+    if not gone:
+        return None
+    head = f"the store lost {ctx.inv.network} ({', '.join(i[:12] for i in gone)}); this dockerd still"
+    running = sorted(c for c, a in node.facts.attached.items() if a.running and a.network_id in gone)
+    if running:
+        return f"{head} runs it for {', '.join(running)}, and its VXLAN ID would block the new one"
+    if node.name == ctx.topo.manager and ctx.manager.facts.network is None and ctx.inv.subnet:
+        return f"{head} holds its address pool, which refuses {ctx.inv.subnet} to the new one"
+    return None
 
 
 def users(ctx: Context) -> list[str]:
@@ -108,7 +136,7 @@ def users(ctx: Context) -> list[str]:
         data = node.facts.network or {}
         for container in (data.get("Containers") or {}).values():
             name = str(container.get("Name", ""))
-            if name and not name.startswith((verify.PREFIX, anchor.PREFIX)):
+            if name and not ours(node, name):
                 found.append(name)
     return sorted(set(found))
 
