@@ -106,7 +106,7 @@ def no_remote_services(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(consul, "wait_leader", lambda inv, node, timeout=60: "10.210.1.11:8300")
     monkeypatch.setattr(consul, "wait_registered", lambda inv, node, wanted, timeout=45: dict.fromkeys(wanted, True))
     monkeypatch.setattr(cluster_mod, "read_one", lambda inv, node: None)
-    monkeypatch.setattr(run, "verify_step", lambda inv, nodes, report, sources=None: True)
+    monkeypatch.setattr(run, "verify_step", lambda inv, nodes, report, sources=None, quiet=False: True)
 
 
 def go(

@@ -1,6 +1,7 @@
-"""Unit: the verify step's ping script, run by a real `sh` with a fake `docker` on PATH (no
-container, no network): each target's result line, its retries inside the window, and
-that the targets are tried at once rather than one after another."""
+"""Unit: the verify step's ping script, run by a real `sh` with a fake `docker` and a fake
+`ping` on PATH (no container, no network): one docker exec per host, each target's result
+line, its retries inside the window, and that the targets are tried at once rather than
+one after another."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from pathlib import Path
 from overlaylab.steps.verify import ping_script
 
 FAKE_DOCKER = """#!/bin/sh
-# docker exec PROBE ping -c 1 -W 1 TARGET: logs start and end; "late" answers from its 3rd try
+# docker exec PROBE COMMAND...: the command runs here
+echo "exec $2" >> "$LOG"
+shift 2
+exec "$@"
+"""
+
+FAKE_PING = """#!/bin/sh
+# ping -c 1 -W 1 TARGET: logs start and end; "late" answers from its 3rd try
 for target; do :; done  # the last argument
 echo "start $target" >> "$LOG"
 sleep 0.3
@@ -27,12 +35,15 @@ echo "1 packets transmitted, 0 packets received, 100% packet loss"; exit 1
 def run_script(tmp_path: Path, targets: list[tuple[str, str, str]], window: int) -> tuple[list[str], list[str]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "docker").write_text(FAKE_DOCKER)
-    (bin_dir / "docker").chmod(0o755)
+    for tool, text in (("docker", FAKE_DOCKER), ("ping", FAKE_PING)):
+        (bin_dir / tool).write_text(text)
+        (bin_dir / tool).chmod(0o755)
     log = tmp_path / "log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log)}
     out = subprocess.run(["sh", "-c", ping_script("probe", targets, window)], capture_output=True, text=True, env=env)
-    return sorted(out.stdout.splitlines()), log.read_text().splitlines()
+    lines = log.read_text().splitlines()
+    assert lines[0] == "exec probe" and lines.count("exec probe") == 1
+    return sorted(out.stdout.splitlines()), lines[1:]
 
 
 def test_each_target_gets_one_line_and_a_late_one_is_retried_within_the_window(tmp_path: Path) -> None:

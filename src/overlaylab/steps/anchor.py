@@ -41,6 +41,19 @@ def present(node: Node) -> bool:
     return node.facts.containers.get(name(node)) == "anchor"
 
 
+def standing(nodes: list[Node], network: str) -> dict[str, tuple[str, str]] | None:
+    """host -> (its anchor, its IP on the network), as each host's own facts show it; None
+    unless every host has one running (a no-op re-run then pings between them)."""
+    found = {}
+    for node in nodes:
+        local = ((node.facts.network or {}).get("Containers") or {}).values()
+        ip = next((str(c.get("IPv4Address", "")).split("/")[0] for c in local if c.get("Name") == name(node)), "")
+        if not (present(node) and ip):
+            return None
+        found[node.name] = (name(node), ip)
+    return found
+
+
 def create(node: Node, network: str, image: str = "busybox:latest", witness: Node | None = None) -> None:
     """(Re)create the anchor: a stopped one, or one that outlived a restart, is replaced.
 

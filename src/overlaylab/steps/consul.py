@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 import shlex
 import time
@@ -122,6 +123,21 @@ def registered(inv: Inventory, manager: Node) -> set[str]:
     with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
         _, keys = client.kv.get("docker/nodes/", keys=True)
     return {k.rsplit("/", 1)[-1] for k in keys or []}
+
+
+def endpoints(inv: Inventory, manager: Node, network_id: str) -> set[str] | None:
+    """The names of the endpoints the store holds for the network; None if it holds no such network."""
+    prefix = "docker/network/v1.0"
+    with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
+        _, net = client.kv.get(f"{prefix}/network/{network_id}/")
+        if net is None:
+            return None
+        _, records = client.kv.get(f"{prefix}/endpoint/{network_id}/", recurse=True)
+    names = set()
+    for record in records or []:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            names.add(str(json.loads(record["Value"]).get("name", "")))
+    return names
 
 
 def forget(inv: Inventory, manager: Node, ip: str) -> None:
