@@ -61,6 +61,7 @@ class Action:
     diff: str = ""
     project: Callable[[HostFacts], None] | None = None  # the change's effect on the facts, for the dry pass
     data: Any = None  # the step's own payload (a rendered drop-in)
+    reads_back: bool = False  # apply reads back what it changed into the facts: no re-read of the host after it
 
 
 @dataclass
@@ -191,7 +192,7 @@ def apply_one(ctx: Context, step: Step, action: Action) -> bool:
         fail(ctx, step.name, action.host, f"unreachable: {type(exc).__name__}: {exc}".rstrip(": "))
         return False
     ctx.report.record(action.host, step.name, "changed" if action.change else "ok", done)
-    if action.change:
+    if action.change and not action.reads_back:
         if action.project is not None:
             action.project(node.facts)  # what the host should look like now, until it is read again
         ctx.stale.add(action.host)

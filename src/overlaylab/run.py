@@ -148,38 +148,45 @@ def run_steps(
     report.extra.update(restarts=ctx.restarts, diffs=ctx.diffs)
     if whole and not teardown:
         live = [n for n in nodes if n.name not in ctx.failed]
-        anchored = any(isinstance(s, anchor.Anchor) for s in steps)
-        quiet = anchored and not ctx.joining and not report.changes and not report.failed
-        verify_step(inv, live, report, [n for n in live if n.name in targets] if ctx.joining else None, quiet)
+        anchored = any(isinstance(s, anchor.Anchor) for s in steps) and not ctx.joining and not report.failed
+        verify_step(inv, live, report, [n for n in live if n.name in targets] if ctx.joining else None, anchored)
     return 1 if report.failed or not whole else 0
 
 
-def standing_anchors(inv: Inventory, nodes: list[Node]) -> dict[str, tuple[str, str]] | None:
-    """A no-op re-run's probes: the anchors, when every host runs one and the store shows the
-    network and every anchor's endpoint (the registrations were checked by the run). Any
-    doubt, and verify starts fresh probes as always."""
-    found = anchor.standing(nodes, inv.network)
+def standing_anchors(inv: Inventory, nodes: list[Node], report: RunReport) -> dict[str, tuple[str, str]] | None:
+    """The anchors as verify's probes: each one running (as the facts saw it, or created by
+    this run after its host's last change, the way a probe would be) and shown by the store
+    with its address, on its own host's registration. Any doubt, and None: fresh probes."""
+    created = {o["host"] for o in report.outcomes if o["step"] == "anchor" and o["status"] == "changed"}
     manager = next((n for n in nodes if n.host.is_manager), None)
     network_id = str(((manager.facts.network if manager else None) or {}).get("Id", ""))
-    if found is None or manager is None or not network_id:
+    if manager is None or not network_id:
         return None
     try:
         held = consul.endpoints(inv, manager, network_id)
     except (OverlaylabError, requests.RequestException, ConsulException, OSError):
         return None
-    return found if held is not None and {name for name, _ in found.values()} <= held else None
+    found = {}
+    for node in nodes:
+        name = anchor.name(node)
+        ip, on = (held or {}).get(name, ("", ""))
+        if not ip or on != node.advertise_ip or not (anchor.present(node) or node.name in created):
+            return None
+        found[node.name] = (name, ip)
+    return found
 
 
 def verify_step(
-    inv: Inventory, nodes: list[Node], report: RunReport, sources: list[Node] | None = None, quiet: bool = False
+    inv: Inventory, nodes: list[Node], report: RunReport, sources: list[Node] | None = None, anchored: bool = False
 ) -> bool:
     """The ping matrix; its time and the time before it are figures of the report (bench/).
 
-    ``quiet`` (a re-run that changed nothing): the running anchors ping each other, if the
-    store shows them; only if they fail are fresh probes started, whose result stands."""
+    ``anchored`` (a kv run that failed nowhere): the anchors ping each other, if the store
+    shows them all; only if they fail are fresh probes started, whose result stands.
+    `fab verify` alone always starts fresh probes."""
     before = time.monotonic()
     report.extra["seconds_to_verify"] = round(before - report.started, 2)
-    standing = standing_anchors(inv, nodes) if quiet else None
+    standing = standing_anchors(inv, nodes, report) if anchored else None
     matrix = verify.run(inv.network, nodes, sources, standing) if standing else None
     report.extra["verified_with"] = "anchors" if matrix is not None and matrix.ok else "probes"
     if matrix is None or not matrix.ok:

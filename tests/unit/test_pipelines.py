@@ -56,8 +56,8 @@ class FakeNode(Node):
         for host, fragment in self.log.fail.items():
             if host == self.name and fragment in command:
                 return 1, "not-ready", "failed"
-        if "docker network create" in command:
-            return 0, "0123456789abcdef\n", ""
+        if "docker network create" in command:  # and the inspect that reads it back
+            return 0, '[{"Id": "0123456789abcdef", "Name": "ov_net1", "Driver": "overlay", "Scope": "global"}]\n', ""
         if "join-token" in command:
             return 0, "SWMTKN-secret\n", ""
         if "systemctl is-active docker.service" in command:
@@ -106,7 +106,8 @@ def no_remote_services(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(consul, "wait_leader", lambda inv, node, timeout=60: "10.210.1.11:8300")
     monkeypatch.setattr(consul, "wait_registered", lambda inv, node, wanted, timeout=45: dict.fromkeys(wanted, True))
     monkeypatch.setattr(cluster_mod, "read_one", lambda inv, node: None)
-    monkeypatch.setattr(run, "verify_step", lambda inv, nodes, report, sources=None, quiet=False: True)
+    monkeypatch.setattr(consul, "endpoints", lambda inv, node, network_id: None)  # the store cannot tell
+    monkeypatch.setattr(run, "verify_step", lambda inv, nodes, report, sources=None, anchored=False: True)
 
 
 def go(
@@ -451,3 +452,52 @@ def test_the_raft_multiplier_is_passed_only_to_a_consul_that_knows_it(version: s
 
     manager = Versioned(nodes[0].host, nodes[0].conn, nodes[0].facts)
     assert consul.raft_args(inv, manager)[0] == args
+
+
+def test_an_anchor_whose_name_the_store_does_not_hold_is_created_in_one_command_without_a_witness(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inv, nodes, log = cluster()
+    monkeypatch.setattr(consul, "endpoints", lambda inv, node, network_id: {})  # the network, no endpoint yet
+    code, _ = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 0
+    assert not log.commands("docker network disconnect")
+    assert sorted(log.commands("docker run -d --name overlaylab-anchor-")) == sorted(NAMES)
+
+
+def test_an_anchor_whose_name_the_store_may_hold_clears_the_record_from_another_host_first() -> None:
+    inv, nodes, log = cluster()  # the fixture's store cannot tell (None): the careful way
+    code, _ = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 0
+    clears = [(h, c) for h, c in log.lines if "docker network disconnect -f ov_net1 overlaylab-anchor-" in c]
+    assert {c.split()[5] for h, c in clears if not c.startswith("docker rm")} == {
+        f"overlaylab-anchor-{n}" for n in NAMES
+    }
+    assert all(h != c.split()[5].removeprefix("overlaylab-anchor-") for h, c in clears if not c.startswith("docker rm"))
+
+
+def anchors_report(created: tuple[str, ...]) -> RunReport:
+    report = RunReport("t", list(NAMES), json_mode=True, stream=io.StringIO())
+    for name in created:
+        report.record(name, "anchor", "changed", "created")
+    return report
+
+
+def test_verify_uses_the_anchors_only_when_the_store_shows_each_on_its_own_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inv, nodes, _ = cluster("bootstrapped")
+    ips = {n.name: n.advertise_ip for n in nodes}
+    held = {f"overlaylab-anchor-{n}": (f"10.0.9.{i + 2}", ips[n]) for i, n in enumerate(NAMES)}
+    monkeypatch.setattr(consul, "endpoints", lambda inv, node, network_id: held)
+    assert run.standing_anchors(inv, list(nodes), anchors_report(NAMES)) == {
+        n: (f"overlaylab-anchor-{n}", f"10.0.9.{i + 2}") for i, n in enumerate(NAMES)
+    }
+    assert run.standing_anchors(inv, list(nodes), anchors_report(("m", "w1"))) is None  # w2's: neither seen nor made
+    for node in nodes:
+        node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
+    assert run.standing_anchors(inv, list(nodes), anchors_report(())) is not None  # running, as the facts saw
+    held["overlaylab-anchor-w2"] = ("10.0.9.4", ips["w1"])  # the record is another host's
+    assert run.standing_anchors(inv, list(nodes), anchors_report(())) is None
+    del held["overlaylab-anchor-w2"]
+    assert run.standing_anchors(inv, list(nodes), anchors_report(())) is None

@@ -20,12 +20,18 @@ daemon is ready.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+from collections.abc import Container
+
+import requests
+from consul import ConsulException
 
 from overlaylab.cluster import Node
+from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL, HostFacts
 from overlaylab.plan import Action, Context, Scope, Step
-from overlaylab.steps import network
+from overlaylab.steps import consul, network
 
 PREFIX = "overlaylab-anchor-"
 # PID 1 must exit on SIGTERM, or every dockerd restart waits the 10 s stop timeout.
@@ -41,30 +47,20 @@ def present(node: Node) -> bool:
     return node.facts.containers.get(name(node)) == "anchor"
 
 
-def standing(nodes: list[Node], network: str) -> dict[str, tuple[str, str]] | None:
-    """host -> (its anchor, its IP on the network), as each host's own facts show it; None
-    unless every host has one running (a no-op re-run then pings between them)."""
-    found = {}
-    for node in nodes:
-        local = ((node.facts.network or {}).get("Containers") or {}).values()
-        ip = next((str(c.get("IPv4Address", "")).split("/")[0] for c in local if c.get("Name") == name(node)), "")
-        if not (present(node) and ip):
-            return None
-        found[node.name] = (name(node), ip)
-    return found
-
-
-def create(node: Node, network: str, image: str = "busybox:latest", witness: Node | None = None) -> None:
+def create(
+    node: Node, network: str, image: str = "busybox:latest", witness: Node | None = None, recorded: bool = True
+) -> None:
     """(Re)create the anchor: a stopped one, or one that outlived a restart, is replaced.
 
     A record of our own name that outlived its container (its daemon stopped while the
     store was away, or was killed) would block the name with "endpoint with name ...
     already exists". `docker network disconnect -f` clears exactly that record, but only
     on a daemon that has no container of that name (moby#27398): so it runs on another
-    host (``witness``) once the old anchor is gone, and on this one as a fallback.
+    host (``witness``) once the old anchor is gone, and on this one as a fallback. Where
+    the store holds no record of the name (``recorded`` False), neither is needed.
     """
     q = shlex.quote
-    clear = f"docker network disconnect -f {q(network)} {name(node)} >/dev/null 2>&1; true"
+    clear = f"docker network disconnect -f {q(network)} {name(node)} >/dev/null 2>&1; true" if recorded else "true"
     if witness is not None:
         node.sh(stop_command(node))
         witness.sh(clear)
@@ -98,8 +94,25 @@ class Anchor(Step):
 
     def apply(self, ctx: Context, node: Node, action: Action) -> str:
         others = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts) if n != node.name]
-        create(node, ctx.inv.network, witness=others[0] if others else None)
+        recorded = name(node) in held(ctx)
+        create(node, ctx.inv.network, witness=others[0] if others and recorded else None, recorded=recorded)
         return "created"
+
+
+def held(ctx: Context) -> Container[str]:
+    """The endpoint names the store holds for the network; when it cannot tell, every name
+    (the anchor is then created the careful way)."""
+    network_id = str((ctx.manager.facts.network or {}).get("Id", ""))
+    with contextlib.suppress(OverlaylabError, requests.RequestException, ConsulException, OSError):
+        records = consul.endpoints(ctx.inv, ctx.manager, network_id) if network_id else None
+        if records is not None:
+            return set(records)
+    return Everything()
+
+
+class Everything:
+    def __contains__(self, item: object) -> bool:
+        return True
 
 
 class RemoveAnchor(Step):

@@ -125,19 +125,21 @@ def registered(inv: Inventory, manager: Node) -> set[str]:
     return {k.rsplit("/", 1)[-1] for k in keys or []}
 
 
-def endpoints(inv: Inventory, manager: Node, network_id: str) -> set[str] | None:
-    """The names of the endpoints the store holds for the network; None if it holds no such network."""
+def endpoints(inv: Inventory, manager: Node, network_id: str) -> dict[str, tuple[str, str]] | None:
+    """The endpoints the store holds for the network: name -> (its IPv4 address, the cluster
+    address of the host it is on); None if the store holds no such network."""
     prefix = "docker/network/v1.0"
     with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
         _, net = client.kv.get(f"{prefix}/network/{network_id}/")
         if net is None:
             return None
         _, records = client.kv.get(f"{prefix}/endpoint/{network_id}/", recurse=True)
-    names = set()
+    found = {}
     for record in records or []:
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            names.add(str(json.loads(record["Value"]).get("name", "")))
-    return names
+        with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+            ep = json.loads(record["Value"])
+            found[str(ep["name"])] = (str(ep["ep_iface"]["addr"]).split("/")[0], str(ep.get("locator", "")))
+    return found
 
 
 def forget(inv: Inventory, manager: Node, ip: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from typing import Any
 
@@ -48,11 +49,11 @@ class Network(Step):
             if gone:
                 ids = ", ".join(i[:12] for i in gone)
                 why = f"recreate {inv.network}: the cluster store lost its definition (containers are on {ids})"
-                return Action(node.name, True, why, data=gone)
+                return Action(node.name, True, why, data=gone, reads_back=True)
             if not node.facts.store_leader:
                 why = f"{inv.network}: not known until Consul is back with its data (kept on {inv.consul_volume})"
                 return Action(node.name, False, why)
-            return Action(node.name, True, f"create {inv.network}")
+            return Action(node.name, True, f"create {inv.network}", reads_back=True)
         diffs = differences(inv, data, self.net_scope)
         if diffs:
             why = (
@@ -66,10 +67,14 @@ class Network(Step):
         inv = ctx.inv
         extra = " --attachable" if self.net_scope == "swarm" else ""
         subnet = f" --subnet {shlex.quote(inv.subnet)}" if inv.subnet else ""
-        net_id = node.sh(
-            f"docker network create --driver overlay{extra}{subnet} --label {ROLE_LABEL}=network "
-            f"{shlex.quote(inv.network)}"
-        ).strip()
+        name = shlex.quote(inv.network)
+        out = node.sh(
+            f"docker network create --driver overlay{extra}{subnet} --label {ROLE_LABEL}=network {name} >/dev/null && "
+            f"docker network inspect {name}"
+        )
+        created = json.loads(out)[0]  # read back: the manager's facts need no second read for the steps after
+        node.facts.network, net_id = created, str(created["Id"])
+        node.facts.overlays = sorted({*node.facts.overlays, inv.network})
         if not action.data:
             return f"created {inv.network} ({net_id[:12]})"
         left = stranded(ctx, action.data)
