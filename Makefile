@@ -33,6 +33,7 @@ lab-down: setup
 bench: setup
 	$(BIN)/python bench/lab_bench.py
 	$(BIN)/python bench/bootstrap_bench.py
+	$(BIN)/python bench/split_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

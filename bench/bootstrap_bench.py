@@ -1,4 +1,4 @@
-"""Prints bootstrap-cluster figures on the lab, for 3 and 6 hosts: from clean; a
+"""Prints bootstrap-cluster figures on the lab, for 3, 6 and 12 hosts (OVERLAYLAB_BENCH_HOSTS): from clean; a
 re-run with nothing to change (in all, steps 1-7 and verify apart, remote commands
 per host); and, as the floor, the tutorial's own commands scripted over plain ssh in
 an order that works, with no checks, as it is and tuned (the floor's commands with
@@ -9,6 +9,7 @@ fails here. Run as root: `make bench`. Uses a lab named "bench" and removes it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -114,13 +115,16 @@ def main() -> None:
         f"{'1-7':>6}  {'verify':>6}  {'cmds/host':>9}"
     )
     results = {}
-    for count in (3, 6):
+    phases = {}
+    counts = [int(n) for n in os.environ.get("OVERLAYLAB_BENCH_HOSTS", "3,6,12").split(",")]
+    for count in counts:
         fresh_lab(count, inventory)
         bottom = floor(count)
         fresh_lab(count, inventory)
         tuned = floor(count, tuned=True)
         fresh_lab(count, inventory)
-        first, _ = fab("bootstrap-cluster", "--inventory", str(inventory))
+        first, boot = fab("bootstrap-cluster", "--inventory", str(inventory))
+        phases[count] = boot["step_seconds"]
         noop, again = fab("bootstrap-cluster", "--inventory", str(inventory))
         cmds = again["remote_commands"]
         assert isinstance(cmds, dict)
@@ -131,7 +135,16 @@ def main() -> None:
             f"{noop:>5.1f}s  {again['seconds_to_verify']:>5}s  {again['seconds_verify']:>5}s  {per_host:>9}",
             flush=True,
         )
-    print(f"6 hosts / 3 hosts bootstrap: {results[6] / results[3]:.2f}x")
+    for count in counts[1:]:
+        print(f"{count} hosts / {counts[0]} hosts bootstrap: {results[count] / results[counts[0]]:.2f}x")
+    print("bootstrap phases (seconds each step took, from the run's start to its last line):")
+    for count, steps in phases.items():
+        marks = sorted(steps.items(), key=lambda kv: kv[1])
+        parts, last = [], 0.0
+        for step, at in marks:
+            parts.append(f"{'facts+' if not parts else ''}{step} {at - last:.1f}")
+            last = at
+        print(f"{count:>5}  " + ", ".join(parts), flush=True)
     print(f"{'mode':>5}  {'engine':>6}  {'bootstrap':>9}  {'re-run 1-7':>10}  {'verify':>6}")
     for mode, engine in (("kv", "legacy"), ("swarm", "modern"), ("swarm", "legacy")):
         fresh_lab(3, inventory, engine, mode)

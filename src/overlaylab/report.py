@@ -62,6 +62,7 @@ class RunReport:
         self.notes: list[str] = []
         self.extra: dict[str, object] = {}
         self.started = time.monotonic()  # before connecting: timings include SSH set-up
+        self.step_seconds: dict[str, float] = {}  # step -> when its last outcome came, from the start (bench/)
         self._lock = threading.Lock()
 
     def record(self, host: str, step: str, status: str, detail: str = "") -> None:
@@ -70,6 +71,7 @@ class RunReport:
         with self._lock:
             self.outcomes.append({"host": host, "step": step, "status": status, "detail": detail})
             elapsed = time.monotonic() - self.started
+            self.step_seconds[step] = round(elapsed, 2)
             text = f" {mark} {host:<14} {step:<10} {status}" + (f": {detail}" if detail else "") + f" [{elapsed:.1f}s]"
             print(text, file=self.stream, flush=True)
 
@@ -114,5 +116,6 @@ class RunReport:
             "failed": self.failed,
             "exit_code": exit_code,
             "hosts": per_host,
+            "step_seconds": self.step_seconds,
             **self.extra,
         }

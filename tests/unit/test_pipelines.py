@@ -501,3 +501,11 @@ def test_verify_uses_the_anchors_only_when_the_store_shows_each_on_its_own_host(
     assert run.standing_anchors(inv, list(nodes), anchors_report(())) is None
     del held["overlaylab-anchor-w2"]
     assert run.standing_anchors(inv, list(nodes), anchors_report(())) is None
+
+
+def test_swarm_mode_creates_its_network_whatever_consul_says() -> None:
+    """kv's "the store did not answer" does not apply: a swarm keeps its networks itself."""
+    inv, nodes, _ = cluster("fresh")
+    code, dry = go(inv, nodes, swarm.BOOTSTRAP, dry_run=True)
+    detail = {(o["host"], o["step"]): o["detail"] for o in dry.outcomes}
+    assert code == 0 and detail[("m", "network")] == "would create ov_net1"

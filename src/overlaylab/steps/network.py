@@ -50,7 +50,7 @@ class Network(Step):
                 ids = ", ".join(i[:12] for i in gone)
                 why = f"recreate {inv.network}: the cluster store lost its definition (containers are on {ids})"
                 return Action(node.name, True, why, data=gone, reads_back=True)
-            if not node.facts.store_leader:
+            if self.net_scope == "global" and not node.facts.store_leader:  # kv: the store did not answer
                 why = f"{inv.network}: not known until Consul is back with its data (kept on {inv.consul_volume})"
                 return Action(node.name, False, why)
             return Action(node.name, True, f"create {inv.network}", reads_back=True)
