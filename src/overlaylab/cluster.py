@@ -128,7 +128,7 @@ def close_all(nodes: list[Node]) -> None:
 def read_one(inv: Inventory, node: Node) -> None:
     """One remote command; read again by a run wherever it changed the host."""
     store = facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port) if node.host.is_manager else None
-    _, out, err = node.result(facts.script(node.host.advertise, store, inv.network))
+    _, out, err = node.result(facts.script(node.host.advertise, store, inv.network, (*facts.PORTS, inv.consul_port)))
     if facts.MARK + "end" not in out:
         raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
     node.facts = facts.parse(out, node.host.advertise)

@@ -32,7 +32,10 @@ class Store:
     port: int
 
 
-def script(advertise: str, store: Store | None, network: str) -> str:
+PORTS = (7946, 4789, 2377)  # gossip, VXLAN data, swarm control; the Consul port is added
+
+
+def script(advertise: str, store: Store | None, network: str, ports: tuple[int, ...] = PORTS) -> str:
     """The facts script; runs under sudo. Each section may fail without stopping the rest.
 
     The sections run at once, each into a file of its own, and are printed in order: a
@@ -86,6 +89,15 @@ def script(advertise: str, store: Store | None, network: str) -> str:
         ("restore_failed", RESTORE_FAILED_SCRIPT),
         ("gossip_events", GOSSIP_EVENTS_SCRIPT),
         ("overlays", "timeout 20 docker network ls --filter driver=overlay --format '{{.Name}}' 2>/dev/null"),
+        # preflight: who holds the cluster's ports, the kernel's VXLAN, free space, the images there
+        ("listening", f"ss -Hlntup {q('( ' + ' or '.join(f'sport = :{p}' for p in ports) + ' )')} 2>/dev/null"),
+        (
+            "kernel",
+            "uname -r; if [ -d /sys/module/vxlan ]; then echo loaded; "
+            "elif modprobe -n vxlan >/dev/null 2>&1; then echo loadable; else echo missing; fi",
+        ),
+        ("disk", "df -Pk 2>/dev/null"),
+        ("images", "timeout 20 docker images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null"),
     ]
     run = [f'( {command} ) > "$_o/{n}" &' for n, (_, command) in enumerate(sections)]
     show = [f"echo '{MARK}{name}'; cat \"$_o/{n}\"" for n, (name, _) in enumerate(sections)]
@@ -176,6 +188,11 @@ def gossip_last(events: str) -> dict[str, tuple[str, str]]:
     return last
 
 
+def gossip_alive(events: str) -> list[str]:
+    """The peers whose last event is a join or an update: gossip reaches them."""
+    return sorted(peer for peer, (event, _) in gossip_last(events).items() if event not in GOSSIP_GONE)
+
+
 def gossip_gone(events: str) -> list[str]:
     """The peers whose last event is a failure or a leave."""
     return sorted(peer for peer, (event, _) in gossip_last(events).items() if event in GOSSIP_GONE)
@@ -210,6 +227,49 @@ def stray_threads_script(
         f'a=$(_stray); if [ -n "$a" ]; then {between}; a=$(printf "%s\\n" $a $(_stray) | sort | uniq -d); fi; '
         'echo "$a" | grep -c . || true; fi'
     )
+
+
+@dataclass(frozen=True)
+class Socket:
+    """A listening socket on one of the cluster's ports, from `ss -Hlntup`."""
+
+    proto: str  # tcp | udp
+    address: str
+    port: int
+    process: str = ""  # "" for the kernel's own (a VXLAN device's UDP socket)
+    pid: int = 0
+
+    def holder(self) -> str:
+        return f"{self.process} (PID {self.pid})" if self.process else "the kernel (a VXLAN device)"
+
+
+SS_USER = re.compile(r'\(\("([^"]*)",pid=(\d+)')
+
+
+def parse_sockets(text: str) -> list[Socket]:
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 5 or parts[0] not in ("tcp", "udp"):
+            continue
+        address, _, port = parts[4].rpartition(":")
+        if not port.isdigit():
+            continue
+        user = SS_USER.search(line)
+        out.append(
+            Socket(parts[0], address.strip("[]"), int(port), user[1] if user else "", int(user[2]) if user else 0)
+        )
+    return out
+
+
+def parse_disk(text: str) -> dict[str, int]:
+    """mount point -> free KiB, from `df -Pk`."""
+    out = {}
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 6 and parts[3].isdigit():
+            out[" ".join(parts[5:])] = int(parts[3])
+    return out
 
 
 def sections(output: str) -> dict[str, str]:
@@ -305,6 +365,28 @@ class HostFacts:
     store_leader: str = ""  # the manager: Consul's leader as Consul said it while the facts were read; "" no answer
     restore_failed: bool = False  # this dockerd's overlay restore failed at its start
     gossip_gone: list[str] = field(default_factory=list)  # peers (hostnames) this dockerd last saw fail or leave
+    gossip_alive: list[str] = field(default_factory=list)  # peers (hostnames) it last saw join
+    sockets: list[Socket] = field(default_factory=list)  # listening on the cluster's ports
+    kernel_release: str = ""
+    vxlan: str = ""  # loaded | loadable | missing; "" not read
+    disk: dict[str, int] = field(default_factory=dict)  # mount point -> free KiB
+    images: set[str] | None = None  # repository:tag; None: not read (recorded facts from before the section)
+
+    @property
+    def data_root(self) -> str:
+        return str(self.info.get("DockerRootDir") or "/var/lib/docker")
+
+    def free_kib(self, path: str) -> tuple[str, int] | None:
+        """The mount that holds ``path`` and its free KiB (the longest mount point that is a prefix)."""
+        mounts = [m for m in self.disk if path == m or path.startswith(m.rstrip("/") + "/")]
+        if not mounts:
+            return None
+        mount = max(mounts, key=len)
+        return mount, self.disk[mount]
+
+    def has_image(self, image: str) -> bool:
+        name = image if ":" in image.rsplit("/", 1)[-1] else f"{image}:latest"
+        return self.images is None or name in self.images or f"docker.io/{name}" in self.images
 
     @property
     def version(self) -> str:
@@ -392,9 +474,16 @@ def parse(output: str, advertise: str) -> HostFacts:
     stray = sec.get("stray_threads", "0").strip()
     facts.stray_threads = int(stray) if stray.isdigit() else 0
     facts.attached = parse_attached(sec.get("attached", ""))
+    facts.sockets = parse_sockets(sec.get("listening", ""))
+    kernel = sec.get("kernel", "").split()
+    facts.kernel_release, facts.vxlan = [*kernel, "", ""][:2]
+    facts.disk = parse_disk(sec.get("disk", ""))
+    if "images" in sec:
+        facts.images = set(sec["images"].split())
     facts.consul_volume = bool(sec.get("consul_volume", "").strip())
     facts.store_leader = sec.get("store_leader", "").strip().strip('"')
     facts.gossip_gone = gossip_gone(sec.get("gossip_events", ""))
+    facts.gossip_alive = gossip_alive(sec.get("gossip_events", ""))
     failed = sec.get("restore_failed", "0").strip()
     facts.restore_failed = failed.isdigit() and int(failed) > 0
     return facts

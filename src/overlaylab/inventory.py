@@ -18,6 +18,9 @@ import yaml
 from overlaylab.errors import InputError
 from overlaylab.mode import MODES
 
+# Preflight's floor for free space under Docker's data root: images, the overlay's
+# sandboxes and Consul's data live there, and a full disk fails container starts midway.
+MIN_FREE_DISK_MB = 1024
 # dockerd's discovery defaults (heartbeat 20 s, TTL 60 s) make a daemon wait up to 20 s
 # before its gossip starts; 3 s and 20 s took the tutorial's flow from 33 s to 25 s on
 # the lab. Under 20 s of TTL, Consul rejects libkv's session and dockerd never registers.
@@ -72,6 +75,7 @@ class Inventory:
     extra_flags: tuple[str, ...] = ()
     discovery: tuple[int, int] = (3, 20)  # dockerd's discovery heartbeat and TTL, seconds
     mode: str = "kv"
+    min_free_disk_mb: int = 1024  # free space preflight wants under Docker's data root
     swarm_addr_pool: str | None = None
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -202,7 +206,10 @@ def load(path: str | Path) -> Inventory:
     if root is None:
         raise InputError(f"{path}: the inventory is empty")
     doc = _mapping(
-        r, r.data(root, ""), "", {"cluster", "mode", "ssh", "consul", "network", "dockerd", "swarm", "hosts"}
+        r,
+        r.data(root, ""),
+        "",
+        {"cluster", "mode", "ssh", "consul", "network", "dockerd", "swarm", "hosts", "preflight"},
     )
     mode = _typed(r, doc, "mode", "", str, "kv")
     if mode not in MODES:
@@ -215,6 +222,10 @@ def load(path: str | Path) -> Inventory:
     consul = _mapping(r, doc.get("consul"), "consul", {"image", "flavor", "port", "name", "raft_multiplier"})
     network = _mapping(r, doc.get("network"), "network", {"name", "subnet"})
     dockerd = _mapping(r, doc.get("dockerd"), "dockerd", {"extra_flags", "discovery_heartbeat", "discovery_ttl"})
+    checks = _mapping(r, doc.get("preflight"), "preflight", {"min_free_disk_mb"})
+    min_free = _typed(r, checks, "min_free_disk_mb", "preflight", int, MIN_FREE_DISK_MB)
+    if min_free < 0:
+        raise r.fail("preflight.min_free_disk_mb", f"{min_free} must be 0 (no check) or more")
 
     flavor = _typed(r, consul, "flavor", "consul", str, "progrium")
     if flavor not in FLAVORS:
@@ -301,6 +312,7 @@ def load(path: str | Path) -> Inventory:
         subnet=subnet,
         extra_flags=tuple(flags),
         discovery=(heartbeat, ttl),
+        min_free_disk_mb=min_free,
         mode=mode,
         swarm_addr_pool=pool,
         lines=dict(r.lines),

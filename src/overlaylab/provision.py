@@ -13,7 +13,7 @@ from overlaylab.mode import Mode
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport, columns
 from overlaylab.run import Options, mode_step, preflight_step, run_steps, run_task, verify_step
-from overlaylab.steps import anchor, consul
+from overlaylab.steps import anchor, consul, ports
 
 __all__ = ["Options", "bootstrap", "join_node", "status", "teardown", "verify_only"]
 
@@ -28,7 +28,8 @@ def _bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepo
     mode = mode_step(inv, nodes, report)
     preflight_step(inv, nodes, report, mode)
     targets = [only] if only else [h.name for h in inv.hosts]
-    return run_steps(inv, opts, nodes, report, BACKENDS[mode].BOOTSTRAP, targets)
+    probe = lambda: ports.check(inv, nodes, mode)  # noqa: E731
+    return run_steps(inv, opts, nodes, report, BACKENDS[mode].BOOTSTRAP, targets, probe=probe)
 
 
 def bootstrap(inv: Inventory, opts: Options) -> int:

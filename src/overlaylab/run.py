@@ -125,6 +125,7 @@ def run_steps(
     steps: Sequence[Step],
     targets: Sequence[str],
     teardown: bool = False,
+    probe: Callable[[], dict[str, list[str]]] | None = None,
 ) -> int:
     """A backend's steps, dry or for real. The real run is planned whole first (a silent dry
     pass), so that a refusal anywhere leaves every host as it was, and its report is then
@@ -132,6 +133,12 @@ def run_steps(
     topo = Topology.of(inv)
     ctx = Context(inv, opts, topo, {n.name: n for n in nodes}, tuple(targets), report, dry=False, halt=not teardown)
     planned = preview(steps, ctx)
+    if probe is not None and planned.report.changes and not planned.refusals:
+        blocked = probe()  # only where something will change: a no-op re-run stays two commands a host
+        for host, found in blocked.items():
+            report.record(host, "preflight", "failed", "; ".join(found))
+        if blocked:
+            raise Refused("preflight refused: " + "; ".join(f for found in blocked.values() for f in found))
     if opts.dry_run or planned.refusals:
         replay(planned, report)
         report.extra.update(dry_run=opts.dry_run, restarts={} if planned.refusals else planned.restarts)
@@ -197,6 +204,10 @@ def verify_step(
         report.note(f"--- {host}: dockerd journal (last lines) ---\n{lines}")
     report.extra["ping_matrix"] = matrix.as_dict()
     failures = matrix.failures()
+    hints = verify.diagnose(matrix, nodes)
+    for (src, dst), hint in sorted(hints.items()):
+        report.note(f"{src} -> {dst}: {hint}")
+    failures += [f"{src} -> {dst}: {hint}" for (src, dst), hint in sorted(hints.items())]
     for node in nodes:
         if sources is not None and node not in sources and not any(f.startswith(f"{node.name} ") for f in failures):
             continue

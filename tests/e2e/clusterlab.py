@@ -88,9 +88,10 @@ def statuses(doc: dict[str, Any], step: str) -> dict[str, str]:
     return {h: s[step]["status"] for h, s in doc["hosts"].items() if step in s}
 
 
-def host_state(lab: Lab, hosts: list[int]) -> dict[int, tuple[str, str, str]]:
-    """(dockerd PID, drop-in bytes or '-', running containers) per host."""
-    state = {}
+def host_state(lab: Lab, hosts: list[int], full: bool = False) -> dict[int, tuple[str, ...]]:
+    """(dockerd PID, drop-in bytes or '-', containers) per host; ``full`` adds networks, volumes
+    and any listener the preflight's port probe could have left (systemd-socket-activate)."""
+    state: dict[int, tuple[str, ...]] = {}
     for i in hosts:
         conn = lab.conn(i)
         state[i] = (
@@ -98,6 +99,12 @@ def host_state(lab: Lab, hosts: list[int]) -> dict[int, tuple[str, str, str]]:
             sh(conn, f"cat {DROPIN} 2>/dev/null || echo -"),
             sh(conn, "docker ps -a --format '{{.Names}}' | sort | tr '\\n' ' '"),
         )
+        if full:
+            state[i] += (
+                sh(conn, "docker network ls -q | sort | tr '\\n' ' '"),
+                sh(conn, "docker volume ls -q | sort | tr '\\n' ' '"),
+                sh(conn, "ss -Hlntup | grep -c systemd-socket || true"),
+            )
         conn.close()
     return state
 

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +120,76 @@ def test_unknown_and_changed_host_keys_are_refused(lab: Lab) -> None:
     assert code == 2 and "host key CHANGED" in err  # never accepted
 
 
+def refused_by_preflight(lab: Lab, fault: dict[int, str], undo: dict[int, str]) -> dict[str, str]:
+    """The fault made for real on the hosts, one bootstrap run, the fault undone. The run must
+    exit 2 within 10 s and change nothing: dockerd PIDs, drop-ins, containers, networks,
+    volumes, and no listener of the probe left. Returns each host's preflight detail."""
+    hosts = [1, 2, 3]
+    for i, command in fault.items():
+        conn = lab.conn(i)
+        sh(conn, command)
+        conn.close()
+    try:
+        before = host_state(lab, hosts, full=True)
+        start = time.monotonic()
+        code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", hosts)))
+        took = time.monotonic() - start
+        assert code == 2 and doc["changes"] == 0, err
+        assert took < 10, f"refused after {took:.1f}s"
+        assert host_state(lab, hosts, full=True) == before
+        print(f"refused in {took:.1f}s")
+        return {h: s["preflight"]["detail"] for h, s in doc["hosts"].items() if "preflight" in s}
+    finally:
+        for i, command in undo.items():
+            conn = lab.conn(i)
+            sh(conn, command)
+            conn.close()
+
+
+DROP_VXLAN = "INPUT -p udp --dport 4789 -j DROP"
+
+
+def test_a_blocked_vxlan_port_on_one_host_is_refused_naming_each_blocked_path(lab: Lab) -> None:
+    details = refused_by_preflight(lab, {3: f"iptables -I {DROP_VXLAN}"}, {3: f"iptables -D {DROP_VXLAN}"})
+    for source in ("bm-docker-01", "bm-docker-02"):
+        assert f"{source} -> bm-docker-03: udp/4789 (VXLAN data) blocked" in details["bm-docker-03"]
+    assert "udp/4789" not in details["bm-docker-01"] + details["bm-docker-02"]
+
+
+def test_gossip_blocked_between_two_hosts_is_refused_naming_that_path_only(lab: Lab) -> None:
+    rule = f"INPUT -p tcp --dport 7946 -s {lab.spec.hosts[0].cluster_ip} -j DROP"
+    details = refused_by_preflight(lab, {2: f"iptables -I {rule}"}, {2: f"iptables -D {rule}"})
+    assert "bm-docker-01 -> bm-docker-02: tcp/7946 (gossip) blocked" in details["bm-docker-02"]
+    assert "tcp/7946" not in details["bm-docker-01"] + details["bm-docker-03"]
+    assert "bm-docker-03 -> bm-docker-02" not in details["bm-docker-02"]
+
+
+def test_the_consul_port_taken_by_another_program_is_refused_naming_it(lab: Lab) -> None:
+    ip = lab.spec.hosts[0].cluster_ip
+    squat = f"systemd-run -q --unit olab-squatter /usr/bin/systemd-socket-activate -l {ip}:8500 /bin/cat"
+    conn = lab.conn(1)
+    sh(conn, squat + " && sleep 0.5")
+    pid = sh(conn, "systemctl show -p MainPID --value olab-squatter")
+    conn.close()
+    details = refused_by_preflight(lab, {}, {1: "systemctl stop olab-squatter"})
+    assert (
+        f"tcp/8500 on {ip} is held by systemd-socket- (PID {pid}); Consul (consul.port) needs it"
+        in (details["bm-docker-01"])
+    )
+
+
+def test_a_missing_busybox_image_is_refused_with_how_to_load_it(lab: Lab) -> None:
+    keep = "overlaylab-kept/busybox:latest"
+    details = refused_by_preflight(
+        lab,
+        {2: f"docker tag busybox:latest {keep} && docker rmi -f busybox:latest >/dev/null"},
+        {2: f"docker tag {keep} busybox:latest && docker rmi {keep} >/dev/null"},
+    )
+    assert "busybox:latest is not on this host" in details["bm-docker-02"]
+    assert "docker save busybox:latest | ssh" in details["bm-docker-02"]
+    assert "busybox" not in details["bm-docker-01"] + details["bm-docker-03"]
+
+
 def test_bootstrap_from_a_clean_lab_and_every_pair_pings_by_ip_and_name(lab: Lab) -> None:
     code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
     assert code == 0, err
@@ -140,6 +211,24 @@ def test_a_second_run_changes_nothing_and_restarts_nothing(lab: Lab) -> None:
     assert set(statuses(doc, "dockerd").values()) == {"ok"}
     assert host_state(lab, [1, 2, 3]) == before  # same dockerd PIDs, drop-ins, containers
     assert set(statuses(doc, "anchor").values()) == {"ok"}
+
+
+def test_verify_on_a_cluster_whose_vxlan_port_got_blocked_names_udp_4789(lab: Lab) -> None:
+    conn = lab.conn(3)
+    sh(conn, f"iptables -I {DROP_VXLAN}")
+    try:
+        code, doc, err = fab("verify", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
+    finally:
+        sh(conn, f"iptables -D {DROP_VXLAN}")
+        conn.close()
+    assert code == 1, err
+    failed = {h: s["verify"]["detail"] for h, s in doc["hosts"].items() if s["verify"]["status"] == "failed"}
+    assert set(failed) == {"bm-docker-01", "bm-docker-02", "bm-docker-03"}  # every pair with bm-docker-03
+    assert "bm-docker-01 -> bm-docker-03: gossip between the two hosts works" in failed["bm-docker-01"]
+    assert "udp/4789 (VXLAN data) is likely blocked" in failed["bm-docker-03"]
+    assert "bm-docker-01 -> bm-docker-02" not in failed["bm-docker-01"]
+    code, _, err = fab("verify", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
+    assert code == 0, err  # unblocked, the cluster pings again, with no re-run
 
 
 def test_the_smoke_suite_passes_on_the_bootstrapped_cluster(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:

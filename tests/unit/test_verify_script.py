@@ -62,3 +62,26 @@ def test_the_targets_are_pinged_at_once(tmp_path: Path) -> None:
     _, log = run_script(tmp_path, targets, window=3)
     first_end = next(i for i, line in enumerate(log) if line.startswith("end "))
     assert sorted(log[:first_end]) == ["start good-1", "start good-2", "start good-3"]
+
+
+def test_a_failed_pair_whose_gossip_works_names_udp_4789() -> None:
+    """diagnose(): facts only (each dockerd's last gossip event per peer), no host."""
+    from overlaylab.cluster import Node
+    from overlaylab.facts import HostFacts
+    from overlaylab.inventory import Host
+    from overlaylab.steps.verify import LIKELY_VXLAN, Matrix, diagnose
+    from tests.unit.test_facts_render import FakeConn
+
+    def node(name: str, alive: list[str]) -> Node:
+        return Node(Host(name, name, "worker", "eth1"), FakeConn(), HostFacts(hostname=name, gossip_alive=alive))
+
+    a, b, c = node("a", ["b", "c"]), node("b", ["a", "c"]), node("c", ["b"])  # c last saw a fail
+    matrix = Matrix(["a", "b", "c"], set())
+    matrix.results = {
+        ("a", "b", "ip"): (False, "100% packet loss"),
+        ("a", "b", "name"): (False, "100% packet loss"),
+        ("a", "c", "ip"): (False, "100% packet loss"),
+        ("b", "c", "ip"): (True, ""),
+    }
+    assert diagnose(matrix, [a, b, c]) == {("a", "b"): LIKELY_VXLAN}
+    assert "udp/4789" in LIKELY_VXLAN

@@ -7,8 +7,83 @@ from collections import defaultdict
 
 from overlaylab import render
 from overlaylab.cluster import Node
+from overlaylab.facts import HostFacts, parse_version
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode, engine_problem
+from overlaylab.steps import consul
+
+PROBE_IMAGE = "busybox:latest"  # the anchors' and verify's probes
+MIN_KERNEL = (3, 16)  # the oldest kernel Docker's overlay driver supports
+WILDCARD = ("0.0.0.0", "*", "::", "")
+
+
+def kernel_problems(f: HostFacts) -> list[str]:
+    problems = []
+    if f.vxlan == "missing":
+        problems.append(
+            "the kernel has no vxlan module (not loaded, and `modprobe vxlan` cannot load it): the overlay needs "
+            "it; install the running kernel's modules"
+        )
+    version = parse_version(f.kernel_release.split("-")[0] + ".0" * (2 - f.kernel_release.split("-")[0].count(".")))
+    if version and version[:2] < MIN_KERNEL:
+        problems.append(
+            f"kernel {f.kernel_release} is older than {'.'.join(map(str, MIN_KERNEL))}, the oldest Docker's overlay "
+            "driver supports: upgrade the kernel"
+        )
+    return problems
+
+
+def disk_problem(inv: Inventory, f: HostFacts) -> str | None:
+    found = f.free_kib(f.data_root) if inv.min_free_disk_mb else None
+    if found is None or found[1] >= inv.min_free_disk_mb * 1024:
+        return None
+    mount, free = found
+    return (
+        f"only {free // 1024} MB free on {mount}, which holds Docker's data root {f.data_root}; preflight wants "
+        f"{inv.min_free_disk_mb} MB (preflight.min_free_disk_mb): free some space there"
+    )
+
+
+def image_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
+    wanted = [PROBE_IMAGE] + ([inv.consul_image] if mode == Mode.KV and node.host.is_manager else [])
+    return [
+        f"{image} is not on this host, and overlaylab does not pull (a pull may not reach a registry, and is a "
+        f"change): `docker pull {image}` there, or from a host that has it: "
+        f"`docker save {image} | ssh {node.host.address} sudo docker load`"
+        for image in wanted
+        if not node.facts.has_image(image)
+    ]
+
+
+def port_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
+    """The ports the cluster binds on this host, held by another program. dockerd's own
+    (gossip, swarm), our running Consul's and the kernel's VXLAN socket are the cluster's use."""
+    f = node.facts
+    consul_running = consul.ours(node) and bool((f.consul or {}).get("State", {}).get("Running"))
+    needs: list[tuple[str, int, str, tuple[str, ...]]] = [  # proto, port, for what, holders that are ours
+        ("tcp", 7946, "dockerd's gossip", ("dockerd",)),
+        ("udp", 7946, "dockerd's gossip", ("dockerd",)),
+        ("udp", 4789, "VXLAN data", ("",)),  # "": the kernel's own socket, a VXLAN device's
+    ]
+    if node.host.is_manager and mode == Mode.KV:
+        needs.append(("tcp", inv.consul_port, "Consul (consul.port)", ("consul",) if consul_running else ()))
+    if node.host.is_manager and mode == Mode.SWARM:
+        needs.append(("tcp", 2377, "swarm control", ("dockerd",)))
+    problems = []
+    for proto, port, what, ours in needs:
+        held = [
+            sock
+            for sock in f.sockets
+            if (sock.proto, sock.port) == (proto, port)
+            and sock.address in (*WILDCARD, node.advertise_ip)
+            and sock.process not in ours
+        ]
+        if held:
+            problems.append(
+                f"{proto}/{port} on {held[0].address} is held by {held[0].holder()}; {what} needs it: stop that "
+                "program, or move it to another port"
+            )
+    return problems
 
 
 def host_problems(inv: Inventory, node: Node, mode: str = Mode.KV) -> list[str]:
@@ -18,6 +93,11 @@ def host_problems(inv: Inventory, node: Node, mode: str = Mode.KV) -> list[str]:
         problems.append(f"docker.service is {f.docker_active or 'not installed'}, it must be installed and running")
     if not f.advertise_ips:
         problems.append(f"advertise {node.host.advertise!r}: no such interface or address with an IPv4 address")
+    problems += kernel_problems(f)
+    disk = disk_problem(inv, f)
+    problems += [disk] if disk else []
+    problems += image_problems(inv, node, mode)
+    problems += port_problems(inv, node, mode)
     if mode == Mode.SWARM:
         return problems  # swarm mode writes no drop-in: the cluster-store checks do not apply
     engine = engine_problem(node)

@@ -164,6 +164,29 @@ def run(
     return matrix
 
 
+LIKELY_VXLAN = (
+    "gossip between the two hosts works (names resolve), their traffic does not: "
+    "udp/4789 (VXLAN data) is likely blocked between them"
+)
+
+
+def diagnose(matrix: Matrix, nodes: list[Node]) -> dict[tuple[str, str], str]:
+    """(source, target) -> why a failed pair likely failed, where the facts can tell: each
+    dockerd's gossip last saw the other join, so the control plane (7946) works while the
+    data plane does not, which is VXLAN's port."""
+    by_name = {n.name: n for n in nodes}
+    hints = {}
+    for (src, dst, _), (ok, _) in matrix.results.items():
+        a, b = by_name.get(src), by_name.get(dst)
+        if ok or a is None or b is None or (src, dst) in hints:
+            continue
+        if (b.facts.hostname or b.name) in a.facts.gossip_alive and (
+            a.facts.hostname or a.name
+        ) in b.facts.gossip_alive:
+            hints[(src, dst)] = LIKELY_VXLAN
+    return hints
+
+
 class RemoveProbes(Step):
     """Teardown: probes a run left behind (verify removes its own, also on failure)."""
 
