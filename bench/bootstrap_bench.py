@@ -124,7 +124,7 @@ def main() -> None:
         tuned = floor(count, tuned=True)
         fresh_lab(count, inventory)
         first, boot = fab("bootstrap-cluster", "--inventory", str(inventory))
-        phases[count] = boot["step_seconds"]
+        phases[count] = {**boot["step_seconds"], "port probe": boot.get("seconds_port_probe", 0)}
         noop, again = fab("bootstrap-cluster", "--inventory", str(inventory))
         cmds = again["remote_commands"]
         assert isinstance(cmds, dict)
@@ -137,9 +137,12 @@ def main() -> None:
         )
     for count in counts[1:]:
         print(f"{count} hosts / {counts[0]} hosts bootstrap: {results[count] / results[counts[0]]:.2f}x")
+    print("a healthy preflight (SSH, facts and the checks from them; then the port probe between the hosts):")
+    for count, steps in phases.items():
+        print(f"{count:>5}  {steps['preflight']:.1f}s + port probe {steps['port probe']:.1f}s", flush=True)
     print("bootstrap phases (seconds each step took, from the run's start to its last line):")
     for count, steps in phases.items():
-        marks = sorted(steps.items(), key=lambda kv: kv[1])
+        marks = sorted(((k, v) for k, v in steps.items() if k != "port probe"), key=lambda kv: kv[1])
         parts, last = [], 0.0
         for step, at in marks:
             parts.append(f"{'facts+' if not parts else ''}{step} {at - last:.1f}")

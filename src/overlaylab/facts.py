@@ -20,6 +20,8 @@ BACKUP_DIR = "/var/lib/overlaylab/backup"
 BACKUP = f"{BACKUP_DIR}/10-machine.conf"
 BACKUP_ABSENT = f"{BACKUP_DIR}/10-machine.conf.absent"
 ROLE_LABEL = "overlaylab.role"
+ANCHOR_PREFIX = "overlaylab-anchor-"  # + the host: steps/anchor.py
+PROBE_PREFIX = "olab-probe-"  # + the host and the run: steps/verify.py
 MARK = "@@overlaylab:"
 
 

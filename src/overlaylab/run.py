@@ -134,7 +134,9 @@ def run_steps(
     ctx = Context(inv, opts, topo, {n.name: n for n in nodes}, tuple(targets), report, dry=False, halt=not teardown)
     planned = preview(steps, ctx)
     if probe is not None and planned.report.changes and not planned.refusals:
+        probing = time.monotonic()
         blocked = probe()  # only where something will change: a no-op re-run stays two commands a host
+        report.extra["seconds_port_probe"] = round(time.monotonic() - probing, 2)
         for host, found in blocked.items():
             report.record(host, "preflight", "failed", "; ".join(found))
         if blocked:

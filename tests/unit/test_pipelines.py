@@ -509,3 +509,20 @@ def test_swarm_mode_creates_its_network_whatever_consul_says() -> None:
     code, dry = go(inv, nodes, swarm.BOOTSTRAP, dry_run=True)
     detail = {(o["host"], o["step"]): o["detail"] for o in dry.outcomes}
     assert code == 0 and detail[("m", "network")] == "would create ov_net1"
+
+
+def test_teardown_plans_to_remove_the_network_its_anchors_leave_as_the_run_does() -> None:
+    """The dry pass projects the anchors gone; the network's own record still lists them
+    (it is read once): they are overlaylab's by name, not a user's containers on it."""
+    inv, nodes, _ = cluster("bootstrapped")
+    m = nodes[0].facts
+    assert m.network is not None
+    m.network["Containers"] = {"ep-1": {"Name": "overlaylab-anchor-m"}}
+    m.containers["overlaylab-anchor-m"] = "anchor"
+    code, dry = go(inv, nodes, kv.TEARDOWN, dry_run=True, teardown=True, allow_restart=True)
+    detail = {(o["host"], o["step"]): o["detail"] for o in dry.outcomes}
+    assert code == 0 and detail[("m", "network")] == "would remove ov_net1"
+    m.network["Containers"]["ep-2"] = {"Name": "users_app"}
+    code, dry = go(inv, nodes, kv.TEARDOWN, dry_run=True, teardown=True, allow_restart=True)
+    detail = {(o["host"], o["step"]): o["detail"] for o in dry.outcomes}
+    assert detail[("m", "network")] == "ov_net1 kept: containers of yours are on it (users_app)"

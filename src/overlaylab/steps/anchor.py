@@ -29,11 +29,11 @@ from consul import ConsulException
 
 from overlaylab.cluster import Node
 from overlaylab.errors import OverlaylabError
-from overlaylab.facts import ROLE_LABEL, HostFacts
+from overlaylab.facts import ANCHOR_PREFIX, ROLE_LABEL, HostFacts
 from overlaylab.plan import Action, Context, Scope, Step
 from overlaylab.steps import consul, network
 
-PREFIX = "overlaylab-anchor-"
+PREFIX = ANCHOR_PREFIX
 # PID 1 must exit on SIGTERM, or every dockerd restart waits the 10 s stop timeout.
 COMMAND = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"
 

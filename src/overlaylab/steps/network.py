@@ -7,7 +7,7 @@ import shlex
 from typing import Any
 
 from overlaylab.cluster import Node
-from overlaylab.facts import ROLE_LABEL
+from overlaylab.facts import ANCHOR_PREFIX, PROBE_PREFIX, ROLE_LABEL
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Scope, Step
 
@@ -103,8 +103,10 @@ def lost(ctx: Context) -> list[str]:
 
 
 def ours(node: Node, container: str) -> bool:
-    """An anchor or a probe: overlaylab's own, by its role label."""
-    return bool(node.facts.containers.get(container) or node.facts.stopped.get(container))
+    """An anchor or a probe: overlaylab's own, by its name (also once a dry pass projected it
+    gone from the host's containers) or its role label."""
+    labelled = node.facts.containers.get(container) or node.facts.stopped.get(container)
+    return bool(labelled) or container.startswith((ANCHOR_PREFIX, PROBE_PREFIX))
 
 
 def stranded(ctx: Context, gone: list[str]) -> dict[str, list[str]]:

@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from overlaylab.cluster import Node, journal, parallel
-from overlaylab.facts import ROLE_LABEL
+from overlaylab.facts import PROBE_PREFIX, ROLE_LABEL
 from overlaylab.plan import Action, Context, Scope, Step
 from overlaylab.report import columns
 
@@ -21,7 +21,7 @@ CONVERGE_SECONDS = 20
 
 
 RUN_ID = secrets.token_hex(3)
-PREFIX = "olab-probe-"
+PREFIX = PROBE_PREFIX
 
 
 def probe_name(node: Node) -> str:
