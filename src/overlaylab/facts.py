@@ -45,7 +45,11 @@ def script(advertise: str, store: Store | None, network: str, ports: tuple[int, 
     q = shlex.quote
     consul = f"docker inspect {q(store.container)} 2>/dev/null" if store else "true"
     volume = f"docker volume inspect -f '{{{{.Name}}}}' {q(store.volume)} 2>/dev/null" if store else "true"
-    leader = f"{store_leader_script(advertise, store.port)}; echo" if store else "true"
+    # only our own Consul is asked: whatever else holds the port is none of the facts' business
+    leader = "true"
+    if store:
+        running = f"docker inspect -f '{{{{.State.Running}}}}' {q(store.container)} 2>/dev/null | grep -qx true"
+        leader = f"{running} && {{ {store_leader_script(advertise, store.port)}; }}; echo"
     sections = [
         ("hostname", "hostname"),
         ("active", "systemctl is-active docker.service 2>&1"),

@@ -166,7 +166,7 @@ def test_gossip_blocked_between_two_hosts_is_refused_naming_that_path_only(lab: 
 
 def test_the_consul_port_taken_by_another_program_is_refused_naming_it(lab: Lab) -> None:
     ip = lab.spec.hosts[0].cluster_ip
-    squat = f"systemd-run -q --unit olab-squatter /usr/bin/systemd-socket-activate -l {ip}:8500 /bin/cat"
+    squat = f"systemd-run -q --unit olab-squatter /usr/bin/systemd-socket-activate -a -l {ip}:8500 --inetd /bin/cat"
     conn = lab.conn(1)
     sh(conn, squat + " && sleep 0.5")
     pid = sh(conn, "systemctl show -p MainPID --value olab-squatter")
