@@ -104,6 +104,7 @@ def script(advertise: str, store: Store | None, network: str, ports: tuple[int, 
         ),
         ("disk", "df -Pk 2>/dev/null"),
         ("images", "timeout 20 docker images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null"),
+        ("route", "ip -4 route show default 2>/dev/null; ip -6 route show default 2>/dev/null"),
     ]
     run = [f'( {command} ) > "$_o/{n}" &' for n, (_, command) in enumerate(sections)]
     show = [f"echo '{MARK}{name}'; cat \"$_o/{n}\"" for n, (name, _) in enumerate(sections)]
@@ -377,6 +378,16 @@ class HostFacts:
     vxlan: str = ""  # loaded | loadable | missing; "" not read
     disk: dict[str, int] = field(default_factory=dict)  # mount point -> free KiB
     images: set[str] | None = None  # repository:tag; None: not read (recorded facts from before the section)
+    default_route: bool | None = None  # None: not read
+
+    @property
+    def can_pull(self) -> bool:
+        """A registry may be reachable: a default route, a proxy, or a registry mirror. Read
+        from the host alone: asking a registry would be a pull's traffic, and on the lab's
+        isolated hosts traffic that must not leave the machine."""
+        mirrors = (self.info.get("RegistryConfig") or {}).get("Mirrors")
+        proxy = self.info.get("HttpProxy") or self.info.get("HttpsProxy")
+        return self.default_route is not False or bool(mirrors) or bool(proxy)
 
     @property
     def data_root(self) -> str:
@@ -486,6 +497,8 @@ def parse(output: str, advertise: str) -> HostFacts:
     facts.disk = parse_disk(sec.get("disk", ""))
     if "images" in sec:
         facts.images = set(sec["images"].split())
+    if "route" in sec:
+        facts.default_route = bool(sec["route"].strip())
     facts.consul_volume = bool(sec.get("consul_volume", "").strip())
     facts.store_leader = sec.get("store_leader", "").strip().strip('"')
     facts.gossip_gone = gossip_gone(sec.get("gossip_events", ""))

@@ -100,14 +100,18 @@ def test_too_little_free_space_under_the_data_root_is_refused_and_the_threshold_
     assert problems(n) == []
 
 
-def test_a_missing_image_is_refused_with_how_to_load_it() -> None:
+def test_a_missing_image_on_a_host_that_cannot_pull_is_refused_with_how_to_load_it() -> None:
     n = node()
-    assert n.facts.images is not None
+    assert n.facts.images is not None and n.facts.default_route is False  # the lab's hosts: no way out
     n.facts.images -= {"busybox:latest", "progrium/consul:latest"}
     assert problems(n) == [
-        f"{image} is not on this host, and overlaylab does not pull (a pull may not reach a registry, and is a "
-        f"change): `docker pull {image}` there, or from a host that has it: "
-        f"`docker save {image} | ssh 10.0.0.11 sudo docker load`"
+        f"{image} is not on this host, and the host cannot pull it (no default route, proxy or registry mirror): "
+        f"load it from a host that has it: `docker save {image} | ssh 10.0.0.11 sudo docker load`"
         for image in ("busybox:latest", "progrium/consul")
     ]
     assert len(problems(n, mode=Mode.SWARM)) == 1  # swarm mode needs no Consul image
+    n.facts.default_route = True  # it can pull: Docker pulls when the step runs the image
+    assert problems(n) == []
+    n.facts.default_route = False
+    n.facts.info = {**n.facts.info, "HttpsProxy": "http://proxy.example:3128"}
+    assert problems(n) == []

@@ -45,11 +45,14 @@ def disk_problem(inv: Inventory, f: HostFacts) -> str | None:
 
 
 def image_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
+    """An image the run needs that is not on the host and that the host cannot pull (see
+    HostFacts.can_pull); one it can pull, Docker pulls when the step runs it."""
     wanted = [PROBE_IMAGE] + ([inv.consul_image] if mode == Mode.KV and node.host.is_manager else [])
+    if node.facts.can_pull:
+        return []
     return [
-        f"{image} is not on this host, and overlaylab does not pull (a pull may not reach a registry, and is a "
-        f"change): `docker pull {image}` there, or from a host that has it: "
-        f"`docker save {image} | ssh {node.host.address} sudo docker load`"
+        f"{image} is not on this host, and the host cannot pull it (no default route, proxy or registry mirror): "
+        f"load it from a host that has it: `docker save {image} | ssh {node.host.address} sudo docker load`"
         for image in wanted
         if not node.facts.has_image(image)
     ]
