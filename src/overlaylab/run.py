@@ -14,9 +14,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import requests
-from consul import ConsulException
-
 from overlaylab import cluster
 from overlaylab import mode as modes
 from overlaylab.cluster import Node
@@ -168,17 +165,13 @@ def standing_anchors(inv: Inventory, nodes: list[Node], report: RunReport) -> di
     with its address, on its own host's registration. Any doubt, and None: fresh probes."""
     created = {o["host"] for o in report.outcomes if o["step"] == "anchor" and o["status"] == "changed"}
     manager = next((n for n in nodes if n.host.is_manager), None)
-    network_id = str(((manager.facts.network if manager else None) or {}).get("Id", ""))
-    if manager is None or not network_id:
-        return None
-    try:
-        held = consul.endpoints(inv, manager, network_id)
-    except (OverlaylabError, requests.RequestException, ConsulException, OSError):
+    held = consul.network_endpoints(inv, manager) if manager else None
+    if held is None:
         return None
     found = {}
     for node in nodes:
         name = anchor.name(node)
-        ip, on = (held or {}).get(name, ("", ""))
+        ip, on = held.get(name, ("", ""))
         if not ip or on != node.advertise_ip or not (anchor.present(node) or node.name in created):
             return None
         found[node.name] = (name, ip)

@@ -20,15 +20,9 @@ daemon is ready.
 
 from __future__ import annotations
 
-import contextlib
 import shlex
-from collections.abc import Container
-
-import requests
-from consul import ConsulException
 
 from overlaylab.cluster import Node
-from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ANCHOR_PREFIX, ROLE_LABEL, HostFacts
 from overlaylab.plan import Action, Context, Scope, Step
 from overlaylab.steps import consul, network
@@ -94,25 +88,10 @@ class Anchor(Step):
 
     def apply(self, ctx: Context, node: Node, action: Action) -> str:
         others = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts) if n != node.name]
-        recorded = name(node) in held(ctx)
+        held = consul.network_endpoints(ctx.inv, ctx.manager)
+        recorded = held is None or name(node) in held  # the store cannot tell: the careful way
         create(node, ctx.inv.network, witness=others[0] if others and recorded else None, recorded=recorded)
         return "created"
-
-
-def held(ctx: Context) -> Container[str]:
-    """The endpoint names the store holds for the network; when it cannot tell, every name
-    (the anchor is then created the careful way)."""
-    network_id = str((ctx.manager.facts.network or {}).get("Id", ""))
-    with contextlib.suppress(OverlaylabError, requests.RequestException, ConsulException, OSError):
-        records = consul.endpoints(ctx.inv, ctx.manager, network_id) if network_id else None
-        if records is not None:
-            return set(records)
-    return Everything()
-
-
-class Everything:
-    def __contains__(self, item: object) -> bool:
-        return True
 
 
 class RemoveAnchor(Step):

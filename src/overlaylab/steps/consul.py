@@ -142,6 +142,18 @@ def endpoints(inv: Inventory, manager: Node, network_id: str) -> dict[str, tuple
     return found
 
 
+def network_endpoints(inv: Inventory, manager: Node) -> dict[str, tuple[str, str]] | None:
+    """endpoints() of the network the manager's facts show; None when the store cannot tell
+    (no network in the facts, the store away, an error): callers then take the careful way."""
+    network_id = str((manager.facts.network or {}).get("Id", ""))
+    if not network_id:
+        return None
+    try:
+        return endpoints(inv, manager, network_id)
+    except (OverlaylabError, requests.RequestException, consul.ConsulException, OSError):
+        return None
+
+
 def forget(inv: Inventory, manager: Node, ip: str) -> None:
     """Remove a dockerd's registration: one whose address moved, so that, restarted, it does
     not pick its own old address as the one gossip neighbour it joins (it would never retry)."""
