@@ -1,6 +1,6 @@
 """Prints bootstrap-cluster figures on the lab, for 3, 6 and 12 hosts (OVERLAYLAB_BENCH_HOSTS): from clean; a
 re-run with nothing to change (in all, steps 1-7 and verify apart, remote commands
-per host); and, as the floor, the tutorial's own commands scripted over plain ssh in
+per host); `fab verify` alone (fresh probes) against the same work by hand; and, as the floor, the tutorial's own commands scripted over plain ssh in
 an order that works, with no checks, as it is and tuned (the floor's commands with
 the two timing settings overlaylab applies). Ratios are against both, from one run. Figures only: nothing passes or
 fails here. Run as root: `make bench`. Uses a lab named "bench" and removes it.
@@ -47,13 +47,9 @@ def fab(*args: str) -> tuple[float, dict[str, object]]:
     return took, json.loads(proc.stdout)
 
 
-def floor(count: int, tuned: bool = False) -> float:
-    """The tutorial by hand, scripted: no facts, no checks, the order that works. ``tuned``:
-    the same commands with the two timing settings overlaylab applies (Consul's
-    raft_multiplier 1, dockerd's discovery heartbeat 3 s and TTL 20 s): the limit."""
-    spec = build_spec(NAME, "legacy", count, addr_range=RANGE)
+def ssh_command() -> list[str]:
     state = keys.state_dir(NAME)
-    ssh = [
+    return [
         "ssh",
         "-o",
         "BatchMode=yes",
@@ -62,6 +58,53 @@ def floor(count: int, tuned: bool = False) -> float:
         "-i",
         str(state / "id_ed25519"),
     ]
+
+
+def verify_floor(count: int) -> float:
+    """`fab verify`'s work by hand, on the bootstrapped cluster: a busybox per host started at
+    once, every host pinging every other by IP and by name at once (each until it answers),
+    then all removed at once. No facts, no report: the floor for a fresh-probe verify."""
+    spec = build_spec(NAME, "legacy", count, addr_range=RANGE)
+    ssh = ssh_command()
+
+    def on_all(commands: dict[str, str]) -> dict[str, str]:
+        procs = {
+            h: subprocess.Popen([*ssh, f"admin@{h}", c], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+            for h, c in commands.items()
+        }
+        out = {h: p.communicate()[0] for h, p in procs.items()}
+        assert all(p.returncode == 0 for p in procs.values())
+        return out
+
+    fmt = "'{{(index .NetworkSettings.Networks \"ov_net1\").IPAddress}}'"
+    start = time.monotonic()
+    ips = on_all(
+        {
+            h.mgmt_ip: f"sudo docker run -d --name vf-{h.name} --network ov_net1 busybox sleep 600 >/dev/null && "
+            f"sudo docker inspect -f {fmt} vf-{h.name}"
+            for h in spec.hosts
+        }
+    )
+    targets = {h.name: [f"vf-{h.name}", ips[h.mgmt_ip].strip()] for h in spec.hosts}
+    loop = "until ping -c 1 -W 1 {0} >/dev/null 2>&1; do sleep 0.5; done &"
+    on_all(
+        {
+            h.mgmt_ip: f"sudo docker exec vf-{h.name} sh -c '"
+            + " ".join(loop.format(t) for o in spec.hosts if o is not h for t in targets[o.name])
+            + " wait'"
+            for h in spec.hosts
+        }
+    )
+    on_all({h.mgmt_ip: f"sudo docker rm -f vf-{h.name} >/dev/null" for h in spec.hosts})
+    return time.monotonic() - start
+
+
+def floor(count: int, tuned: bool = False) -> float:
+    """The tutorial by hand, scripted: no facts, no checks, the order that works. ``tuned``:
+    the same commands with the two timing settings overlaylab applies (Consul's
+    raft_multiplier 1, dockerd's discovery heartbeat 3 s and TTL 20 s): the limit."""
+    spec = build_spec(NAME, "legacy", count, addr_range=RANGE)
+    ssh = ssh_command()
     manager, ip = spec.hosts[0], spec.hosts[0].cluster_ip
 
     def on(host: str, command: str) -> None:
@@ -112,7 +155,7 @@ def main() -> None:
     inventory = Path("/tmp/overlaylab-bench.yaml")
     print(
         f"{'hosts':>5}  {'floor':>7}  {'tuned':>7}  {'bootstrap':>9}  {'/floor':>6}  {'/tuned':>6}  {'no-op':>6}  "
-        f"{'1-7':>6}  {'verify':>6}  {'cmds/host':>9}"
+        f"{'1-7':>6}  {'verify':>6}  {'cmds/host':>9}  {'fab verify':>10}  {'by hand':>7}  {'/hand':>5}"
     )
     results = {}
     phases = {}
@@ -130,9 +173,12 @@ def main() -> None:
         assert isinstance(cmds, dict)
         per_host = max(cmds.values())
         results[count] = first
+        alone, _ = fab("verify", "--inventory", str(inventory))
+        by_hand = verify_floor(count)
         print(
             f"{count:>5}  {bottom:>6.1f}s  {tuned:>6.1f}s  {first:>8.1f}s  {first / bottom:>6.2f}  {first / tuned:>6.2f}  "
-            f"{noop:>5.1f}s  {again['seconds_to_verify']:>5}s  {again['seconds_verify']:>5}s  {per_host:>9}",
+            f"{noop:>5.1f}s  {again['seconds_to_verify']:>5}s  {again['seconds_verify']:>5}s  {per_host:>9}  "
+            f"{alone:>9.1f}s  {by_hand:>6.1f}s  {alone / by_hand:>5.2f}",
             flush=True,
         )
     for count in counts[1:]:

@@ -125,18 +125,19 @@ def close_all(nodes: list[Node]) -> None:
             node.conn.close()
 
 
-def read_one(inv: Inventory, node: Node) -> None:
+def read_one(inv: Inventory, node: Node, only: tuple[str, ...] | None = None) -> None:
     """One remote command; read again by a run wherever it changed the host."""
     store = facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port) if node.host.is_manager else None
-    _, out, err = node.result(facts.script(node.host.advertise, store, inv.network, (*facts.PORTS, inv.consul_port)))
+    ports = (*facts.PORTS, inv.consul_port)
+    _, out, err = node.result(facts.script(node.host.advertise, store, inv.network, ports, only))
     if facts.MARK + "end" not in out:
         raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
     node.facts = facts.parse(out, node.host.advertise)
 
 
-def read_facts(inv: Inventory, nodes: list[Node]) -> None:
+def read_facts(inv: Inventory, nodes: list[Node], only: tuple[str, ...] | None = None) -> None:
     """Facts for every node, in parallel, one remote command each; sudo failures are input errors."""
-    errors = parallel(nodes, lambda node: read_one(inv, node))
+    errors = parallel(nodes, lambda node: read_one(inv, node, only))
     if errors:
         raise InputError("\n".join(str(e) for e in errors.values()))
 

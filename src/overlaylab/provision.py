@@ -8,6 +8,7 @@ import sys
 from overlaylab import render
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError
+from overlaylab.facts import VERIFY_SECTIONS
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode
 from overlaylab.pipelines import kv, swarm
@@ -49,7 +50,7 @@ def _verify_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
 
 
 def verify_only(inv: Inventory, opts: Options) -> int:
-    return run_task("verify", inv, opts, _verify_task)
+    return run_task("verify", inv, opts, _verify_task, facts=VERIFY_SECTIONS)
 
 
 def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:

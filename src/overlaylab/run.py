@@ -44,10 +44,10 @@ class Refused(InputError):
     """Preflight or plan refused: nothing has been changed on any host."""
 
 
-def open_nodes(inv: Inventory, opts: Options) -> list[Node]:
+def open_nodes(inv: Inventory, opts: Options, only: tuple[str, ...] | None = None) -> list[Node]:
     nodes = cluster.connect_all(inv, list(inv.hosts), opts.accept_new_host_keys, opts.sudo_password)
     try:
-        cluster.read_facts(inv, nodes)
+        cluster.read_facts(inv, nodes, only)
     except BaseException:
         cluster.close_all(nodes)
         raise
@@ -76,12 +76,15 @@ def preflight_step(inv: Inventory, nodes: list[Node], report: RunReport, mode: M
         raise Refused("preflight refused: " + "; ".join(f"{h}: {'; '.join(p)}" for h, p in problems.items()))
 
 
-def run_task(task: str, inv: Inventory, opts: Options, fn: Pipeline, *args: object) -> int:
-    """Common frame: report, connections, facts; maps every path to an exit code."""
+def run_task(
+    task: str, inv: Inventory, opts: Options, fn: Pipeline, *args: object, facts: tuple[str, ...] | None = None
+) -> int:
+    """Common frame: report, connections, facts (``facts``: only those sections); maps every
+    path to an exit code."""
     report = RunReport(task, [h.name for h in inv.hosts], opts.json)
     try:
         cluster.set_parallel(opts.parallel)
-        nodes = open_nodes(inv, opts)
+        nodes = open_nodes(inv, opts, facts)
     except InputError as exc:
         report.note(f"error: {exc}")
         return finish(report, 2)

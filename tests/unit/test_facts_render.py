@@ -58,6 +58,15 @@ def test_missing_sections_parse_to_empty_facts() -> None:
     assert f.hostname == "h" and f.version == "" and f.dropin is None and f.exec_start is None
 
 
+def test_verify_reads_only_the_sections_it_needs_and_every_one_of_them_exists() -> None:
+    full = facts.script("eth1", None, "ov_net1")
+    named = set(re.findall(r"echo '@@overlaylab:(\w+)'", full))
+    assert set(facts.VERIFY_SECTIONS) <= named  # a renamed section would leave verify blind
+    only = facts.script("eth1", None, "ov_net1", only=facts.VERIFY_SECTIONS)
+    assert set(re.findall(r"echo '@@overlaylab:(\w+)'", only)) == {*facts.VERIFY_SECTIONS, "end"}
+    assert "docker info" not in only and "docker network inspect" in only
+
+
 def test_effective_exec_start_follows_systemd_override_rules() -> None:
     unit = (
         "# /lib/systemd/system/docker.service\n[Service]\nExecStart=/usr/bin/dockerd -H fd://\n"

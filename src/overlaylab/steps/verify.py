@@ -119,7 +119,7 @@ def run(
         probe = probe_name(node)
         fmt = "'{{(index .NetworkSettings.Networks " + f'"{network}"' + ").IPAddress}}'"
         out = node.sh(
-            f"docker rm -f {probe} >/dev/null 2>&1; docker run -d --name {probe} --label {ROLE_LABEL}=probe "
+            f"docker run -d --name {probe} --label {ROLE_LABEL}=probe "
             f"--network {shlex.quote(network)} busybox sleep 600 >/dev/null && docker inspect -f {fmt} {probe}"
         )
         probes[node.name] = (probe, out.strip())
