@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import secrets
 import select
+import shlex
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -68,6 +70,20 @@ class Node:
         res = remote.run(self.conn, command, sudo=True, check=False, host=self.name)
         return int(res.exited), str(res.stdout), str(res.stderr)
 
+    def put_secret(self, path: str, content: str) -> None:
+        """A root-only file whose content never appears on a command line (`ps`) or in a
+        log: over SFTP into a file only the SSH user can read, then moved into place by root."""
+        tmp = f"/tmp/.overlaylab-{secrets.token_hex(6)}"
+        sftp = self.conn.sftp()
+        with sftp.open(tmp, "w") as f:
+            f.chmod(0o600)  # before the first byte
+            f.write(content)
+        q = shlex.quote
+        self.sh(
+            f"mkdir -p -m 0700 {q(str(Path(path).parent))} && install -m 0600 -o root -g root {tmp} {q(path)}; "
+            f"rc=$?; rm -f {tmp}; exit $rc"
+        )
+
 
 def parallel(
     items: Sequence[T], fn: Callable[[T], object], limit: int | None = None, key: Callable[[T], str] | None = None
@@ -127,8 +143,9 @@ def close_all(nodes: list[Node]) -> None:
 
 def read_one(inv: Inventory, node: Node, only: tuple[str, ...] | None = None) -> None:
     """One remote command; read again by a run wherever it changed the host."""
-    store = facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port) if node.host.is_manager else None
-    ports = (*facts.PORTS, inv.consul_port)
+    manager = node.host.is_manager
+    store = facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port, manager) if manager or inv.ha else None
+    ports = (*facts.PORTS, inv.consul_port, *((facts.CONSUL_GOSSIP,) if inv.ha else ()))
     _, out, err = node.result(facts.script(node.host.advertise, store, inv.network, ports, only))
     if facts.MARK + "end" not in out:
         raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")

@@ -23,6 +23,8 @@ ROLE_LABEL = "overlaylab.role"
 ANCHOR_PREFIX = "overlaylab-anchor-"  # + the host: steps/anchor.py
 PROBE_PREFIX = "olab-probe-"  # + the host and the run: steps/verify.py
 MARK = "@@overlaylab:"
+INFO_TIMEOUT = 20  # seconds `docker info` may take; 124: it did not answer (see mode.engine_problem)
+CONSUL_KEY_FILE = "/etc/overlaylab/consul/gossip.json"  # HA mode's gossip key, root-only (steps/consul.py)
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,10 @@ class Store:
     container: str
     volume: str
     port: int
+    manager: bool = True  # the store the run reads: its volume and its leader too (HA: an agent's container only)
 
 
+CONSUL_GOSSIP = 8301  # Consul's LAN gossip, between HA mode's agents
 PORTS = (7946, 4789, 2377)  # gossip, VXLAN data, swarm control; the Consul port is added
 
 
@@ -55,10 +59,11 @@ def script(
     CPU, which at 12 hosts on a small machine is seconds (`fab verify` reads three)."""
     q = shlex.quote
     consul = f"docker inspect {q(store.container)} 2>/dev/null" if store else "true"
-    volume = f"docker volume inspect -f '{{{{.Name}}}}' {q(store.volume)} 2>/dev/null" if store else "true"
+    manager = store is not None and store.manager
+    volume = f"docker volume inspect -f '{{{{.Name}}}}' {q(store.volume)} 2>/dev/null" if store and manager else "true"
     # only our own Consul is asked: whatever else holds the port is none of the facts' business
     leader = "true"
-    if store:
+    if store and manager:
         running = f"docker inspect -f '{{{{.State.Running}}}}' {q(store.container)} 2>/dev/null | grep -qx true"
         leader = f"{running} && {{ {store_leader_script(advertise, store.port)}; }}; echo"
     sections = [
@@ -66,7 +71,10 @@ def script(
         ("active", "systemctl is-active docker.service 2>&1"),
         ("mainpid", "systemctl show -p MainPID --value docker.service 2>&1"),
         ("unit", "systemctl cat docker.service 2>&1"),
-        ("info", "timeout 20 docker info --format '{{json .}}' 2>&1"),
+        (
+            "info",
+            f"timeout {INFO_TIMEOUT} docker info --format '{{{{json .}}}}' 2>&1 || echo \"docker info exited $?\"",
+        ),
         ("dropin", f"test -e {DROPIN} && {{ echo present; base64 -w0 {DROPIN}; echo; }}"),
         ("backup", f"ls {BACKUP_DIR} 2>/dev/null"),
         ("backup_content", f"test -e {BACKUP} && base64 -w0 {BACKUP}; echo"),
@@ -81,6 +89,8 @@ def script(
         ),
         ("consul", consul),
         ("consul_volume", volume),
+        # HA mode's gossip key: a digest, to compare between hosts; the key itself is never read here
+        ("gossip_key", f"test -s {CONSUL_KEY_FILE} && sha256sum {CONSUL_KEY_FILE} | cut -c1-16"),
         ("store_leader", leader),
         ("network", f"timeout 20 docker network inspect {q(network)} 2>/dev/null"),
         # the filter matches the name a container was attached by, also once the store lost it
@@ -382,6 +392,7 @@ class HostFacts:
     stray_threads: int = 0
     attached: dict[str, Attachment] = field(default_factory=dict)  # container (any state) -> its endpoint's record
     consul_volume: bool = False  # the manager: Consul's data volume exists
+    gossip_key: str = ""  # a digest of HA mode's gossip key file; "" none
     store_leader: str = ""  # the manager: Consul's leader as Consul said it while the facts were read; "" no answer
     restore_failed: bool = False  # this dockerd's overlay restore failed at its start
     gossip_gone: list[str] = field(default_factory=list)  # peers (hostnames) this dockerd last saw fail or leave
@@ -513,6 +524,7 @@ def parse(output: str, advertise: str) -> HostFacts:
     if "route" in sec:
         facts.default_route = bool(sec["route"].strip())
     facts.consul_volume = bool(sec.get("consul_volume", "").strip())
+    facts.gossip_key = sec.get("gossip_key", "").strip()
     facts.store_leader = sec.get("store_leader", "").strip().strip('"')
     facts.gossip_gone = gossip_gone(sec.get("gossip_events", ""))
     facts.gossip_alive = gossip_alive(sec.get("gossip_events", ""))

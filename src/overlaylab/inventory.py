@@ -69,6 +69,7 @@ class Inventory:
     consul_flavor: str = "progrium"
     consul_port: int = 8500
     consul_name: str = "overlaylab-consul"
+    consul_servers: tuple[str, ...] = ()  # host names; () means the manager alone (the tutorial's layout)
     raft_multiplier: int = 1  # Consul's raft timing scale, where its Consul knows it (1.0 and later)
     network: str = "ov_net1"
     subnet: str | None = None
@@ -82,6 +83,17 @@ class Inventory:
     @property
     def manager(self) -> Host:
         return next(h for h in self.hosts if h.is_manager)
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """The Consul servers: the manager alone, or the 3 or 5 hosts of HA mode."""
+        return self.consul_servers or (self.manager.name,)
+
+    @property
+    def ha(self) -> bool:
+        """HA mode: several Consul servers, a client agent on every other host, each dockerd
+        pointed at its own host's agent (libkv's Consul backend takes one address)."""
+        return len(self.servers) > 1
 
     @property
     def consul_volume(self) -> str:
@@ -189,6 +201,43 @@ def _address(r: _Reader, value: str, where: str) -> str:
     return value
 
 
+SERVER_COUNTS = (1, 3, 5)
+
+
+def _servers(r: _Reader, value: Any, names: list[str], manager: str) -> tuple[str, ...]:
+    """consul.servers: a count (the manager, then the next hosts in the file's order) or a
+    list of host names. An odd count: Raft needs a majority, and a fourth server adds
+    no loss it can survive over three."""
+    where = "consul.servers"
+    if isinstance(value, bool) or not isinstance(value, int | list | None):
+        raise r.fail(where, f"must be a count (1, 3 or 5) or a list of host names, got {value!r}")
+    if value is None or value == 1:
+        return ()
+    if isinstance(value, int):
+        if value not in SERVER_COUNTS:
+            even = " (an even number: a majority of it survives no more losses than one server fewer)"
+            raise r.fail(where, f"{value} must be 1, 3 or 5{even if value % 2 == 0 else ''}")
+        if value > len(names):
+            raise r.fail(where, f"{value} servers, but the inventory has {len(names)} hosts")
+        return (manager, *[n for n in names if n != manager][: value - 1])
+    chosen: list[str] = []
+    for i, name in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(name, str):
+            raise r.fail(at, f"must be a host name, got {name!r}")
+        if name not in names:
+            raise r.fail(at, f"{name!r} is not a host of this inventory (hosts: {', '.join(names)})")
+        if name in chosen:
+            raise r.fail(at, f"{name!r} is named twice")
+        chosen.append(name)
+    if len(chosen) not in SERVER_COUNTS:
+        even = " (an even number: a majority of it survives no more losses than one server fewer)"
+        raise r.fail(where, f"{len(chosen)} servers: there must be 1, 3 or 5{even if len(chosen) % 2 == 0 else ''}")
+    if len(chosen) == 1 and chosen[0] != manager:
+        raise r.fail(where, f"one server runs on the manager ({manager}), as in the tutorial: name it, or 3 or 5 hosts")
+    return () if len(chosen) == 1 else tuple(chosen)
+
+
 def load(path: str | Path) -> Inventory:
     path = Path(path)
     r = _Reader(path)
@@ -219,7 +268,7 @@ def load(path: str | Path) -> Inventory:
 
     cluster = _mapping(r, doc.get("cluster"), "cluster", {"name"})
     ssh = _mapping(r, doc.get("ssh"), "ssh", {"user", "key", "known_hosts", "port"})
-    consul = _mapping(r, doc.get("consul"), "consul", {"image", "flavor", "port", "name", "raft_multiplier"})
+    consul = _mapping(r, doc.get("consul"), "consul", {"image", "flavor", "port", "name", "raft_multiplier", "servers"})
     network = _mapping(r, doc.get("network"), "network", {"name", "subnet"})
     dockerd = _mapping(r, doc.get("dockerd"), "dockerd", {"extra_flags", "discovery_heartbeat", "discovery_ttl"})
     checks = _mapping(r, doc.get("preflight"), "preflight", {"min_free_disk_mb"})
@@ -294,6 +343,8 @@ def load(path: str | Path) -> Inventory:
     if len(managers) > 1:
         raise r.fail(f"hosts.{managers[1]}.role", f"a second manager ({', '.join(managers)}): exactly one is allowed")
 
+    servers = _servers(r, consul.get("servers"), list(hosts_raw), managers[0])
+
     key = _typed(r, ssh, "key", "ssh", str)
     return Inventory(
         path=path,
@@ -307,6 +358,7 @@ def load(path: str | Path) -> Inventory:
         consul_flavor=flavor,
         consul_port=int(_port(r, _typed(r, consul, "port", "consul", int, 8500), "consul.port") or 8500),
         consul_name=consul_name,
+        consul_servers=servers,
         raft_multiplier=raft,
         network=net_name,
         subnet=subnet,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import Protocol
 
-from overlaylab.facts import HostFacts
+from overlaylab.facts import INFO_TIMEOUT, HostFacts
 
 
 class Node(Protocol):
@@ -39,6 +39,11 @@ def engine_problem(node: Node) -> str | None:
     f = node.facts
     version = f.version_tuple
     if version is None:
+        if f.info_error.endswith("exited 124"):
+            return (
+                f"docker info did not answer in {INFO_TIMEOUT} s (a dockerd with a cluster store stalls while it "
+                "cannot reach the store: is the manager's Consul reachable at the address its drop-in names?)"
+            )
         return f"cannot read the Docker engine version ({f.info_error or 'docker info gave nothing'})"
     if version >= LAST_KV_ENGINE:
         return (

@@ -56,7 +56,8 @@ def verify_only(inv: Inventory, opts: Options) -> int:
 def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:
     manager = next(n for n in nodes if n.name == inv.manager.name)
     registered: set[str] | None = None
-    if consul.state(inv, manager)[0] == "ok":
+    join = consul.join_list(inv, {n.name: n for n in nodes})
+    if consul.state(inv, manager, consul.role(inv, manager.name), join)[0] == "ok":
         try:
             registered = consul.registered(inv, manager)
         except Exception as exc:

@@ -64,6 +64,10 @@ def finish(report: RunReport, code: int) -> int:
 
 def preflight_step(inv: Inventory, nodes: list[Node], report: RunReport, mode: Mode = Mode.KV) -> None:
     problems = preflight.check(inv, nodes, mode)
+    if not problems and mode == Mode.KV:
+        old = preflight.consul_version_problem(inv, nodes)
+        if old is not None:
+            problems = {old[0]: [old[1]]}
     for node in nodes:
         if node.name in problems:
             report.record(node.name, "preflight", "failed", "; ".join(problems[node.name]))

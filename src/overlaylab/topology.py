@@ -13,12 +13,25 @@ from overlaylab.inventory import Inventory
 class Topology:
     manager: str
     workers: tuple[str, ...]
-    consul_servers: tuple[str, ...]  # today the manager alone: the tutorial's `-server -bootstrap`
+    consul_servers: tuple[str, ...]  # the manager alone (the tutorial's `-server -bootstrap`), or 3 or 5 hosts
+    consul_agents: tuple[str, ...] = ()  # HA mode: every other host runs a client agent
 
     @classmethod
     def of(cls, inv: Inventory) -> Topology:
         manager = inv.manager.name
-        return cls(manager, tuple(h.name for h in inv.workers), (manager,))
+        servers = inv.servers
+        agents = tuple(h.name for h in inv.hosts if h.name not in servers) if inv.ha else ()
+        return cls(manager, tuple(h.name for h in inv.workers), servers, agents)
+
+    @property
+    def ha(self) -> bool:
+        return len(self.consul_servers) > 1
+
+    def consul_role(self, name: str) -> str | None:
+        """'server', 'agent', or None: the host runs no Consul."""
+        if name in self.consul_servers:
+            return "server"
+        return "agent" if name in self.consul_agents else None
 
     @property
     def hosts(self) -> tuple[str, ...]:

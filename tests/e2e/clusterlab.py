@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from xml.etree import ElementTree
 
 import pytest
@@ -60,13 +61,14 @@ def fab(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, A
     return proc.returncode, doc, proc.stderr
 
 
-def run_smoke(inventory: Path, junit: Path) -> tuple[int, dict[str, str], float]:
-    """The packaged smoke suite, as a user runs it: (passed, {failed test id: message}, seconds)."""
+def run_smoke(inventory: Path, junit: Path, *select: str) -> tuple[int, dict[str, str], float]:
+    """The packaged smoke suite, as a user runs it: (passed, {failed test id: message}, seconds);
+    ``select``: pytest's own options to run part of it (`-m ha`)."""
     start = time.monotonic()
     env = {**os.environ, "CI": "true"}  # a skipped smoke test must fail here
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--pyargs", "overlaylab.smoke",
-         "--inventory", str(inventory), f"--junitxml={junit}", "-q"],
+         "--inventory", str(inventory), f"--junitxml={junit}", "-q", *select],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, cwd=str(junit.parent),
     )  # fmt: skip
     took = time.monotonic() - start
@@ -91,22 +93,35 @@ def statuses(doc: dict[str, Any], step: str) -> dict[str, str]:
 def host_state(lab: Lab, hosts: list[int], full: bool = False) -> dict[int, tuple[str, ...]]:
     """(dockerd PID, drop-in bytes or '-', containers) per host; ``full`` adds networks, volumes
     and any listener the preflight's port probe could have left (systemd-socket-activate)."""
-    state: dict[int, tuple[str, ...]] = {}
-    for i in hosts:
+
+    def one(i: int) -> tuple[str, ...]:
         conn = lab.conn(i)
-        state[i] = (
-            sh(conn, "systemctl show -p MainPID --value docker"),
-            sh(conn, f"cat {DROPIN} 2>/dev/null || echo -"),
-            sh(conn, "docker ps -a --format '{{.Names}}' | sort | tr '\\n' ' '"),
-        )
-        if full:
-            state[i] += (
-                sh(conn, "docker network ls -q | sort | tr '\\n' ' '"),
-                sh(conn, "docker volume ls -q | sort | tr '\\n' ' '"),
-                sh(conn, "ss -Hlntup | grep -c systemd-socket || true"),
+        try:
+            found: tuple[str, ...] = (
+                sh(conn, "systemctl show -p MainPID --value docker"),
+                sh(conn, f"cat {DROPIN} 2>/dev/null || echo -"),
+                sh(conn, "docker ps -a --format '{{.Names}}' | sort | tr '\\n' ' '"),
             )
-        conn.close()
-    return state
+            if full:
+                found += (
+                    sh(conn, "docker network ls -q | sort | tr '\\n' ' '"),
+                    sh(conn, "docker volume ls -q | sort | tr '\\n' ' '"),
+                    sh(conn, "ss -Hlntup | grep -c systemd-socket || true"),
+                )
+            return found
+        finally:
+            conn.close()
+
+    return each_host(hosts, one)
+
+
+T = TypeVar("T")
+
+
+def each_host(hosts: list[int], read: Callable[[int], T]) -> dict[int, T]:
+    """A reading of every host at once (a 12-host lab read one host at a time takes seconds)."""
+    with ThreadPoolExecutor(max_workers=len(hosts) or 1) as pool:
+        return dict(zip(hosts, pool.map(read, hosts), strict=True))
 
 
 def ping_pairs(doc: dict[str, Any]) -> dict[tuple[str, str, str], bool]:

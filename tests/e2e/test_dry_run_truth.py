@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.clusterlab import DROPIN, Lab, fab, module_lab, ping_pairs
+from tests.e2e.clusterlab import DROPIN, Lab, each_host, fab, module_lab, ping_pairs, run_smoke
 from tests.e2e.labtools import sh
 
 NAME, RANGE = "e2eplan", "10.216.0.0/16"
@@ -74,11 +75,15 @@ def consul_kv(lab: Lab) -> str:
 
 
 def snapshot(lab: Lab) -> dict[str, dict[str, Any]]:
-    state = {}
-    for i in HOSTS:
+    def read(i: int) -> list[str]:
         conn = lab.conn(i)
-        lines = sh(conn, SNAPSHOT).splitlines()
-        conn.close()
+        try:
+            return sh(conn, SNAPSHOT).splitlines()
+        finally:
+            conn.close()
+
+    state = {}
+    for i, lines in each_host(HOSTS, read).items():
         kinds: dict[str, Any] = {"pid": "", "files": set(), "containers": set(), "networks": set(), "volumes": set()}
         for line in lines:
             kind, _, rest = line.partition(" ")
@@ -249,12 +254,49 @@ def test_and_back_from_swarm_to_kv(lab: Lab) -> None:
     all_ping(real, HOSTS)
 
 
+def network_id(lab: Lab) -> str:
+    conn = lab.conn(1)
+    found = sh(conn, "docker network inspect -f '{{.Id}}' ov_net1")
+    conn.close()
+    return found
+
+
+def test_one_to_three_consul_servers_by_a_re_run(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    """HA Consul: servers on hosts 1-3, agents on 4 and 5, each dockerd on its own agent."""
+    before = network_id(lab)
+    path = inventory(lab, HOSTS, consul={"port": 8501, "servers": 3})
+    code, dry, real = truth(lab, "bootstrap-cluster", "--inventory", path)
+    every = {f"bm-docker-{i:02d}" for i in HOSTS}
+    assert code == 0 and changed_steps(dry, "consul") == every and set(real["restarts"]) == every
+    assert network_id(lab) == before  # the overlay network keeps its ID: the store kept its data
+    all_ping(real, HOSTS)
+    conn = lab.conn(4)
+    key = json.loads(sh(conn, "cat /etc/overlaylab/consul/gossip.json"))["encrypt"]
+    assert sh(conn, "stat -c '%a %U' /etc/overlaylab/consul/gossip.json") == "600 root"
+    seen = sh(conn, "ps -eo args; docker inspect overlaylab-consul")
+    conn.close()
+    assert len(key) == 44 and key not in seen and key not in json.dumps(dry) + json.dumps(real)
+    # the HA checks of the smoke suite (the rest of it runs on the other labs, one server each)
+    passed, failures, took = run_smoke(Path(path), lab.dir / "smoke-ha.xml", "-m", "ha")
+    with capsys.disabled():  # a figure for the log, not a threshold
+        print(f"\n    smoke suite's HA checks on 5 hosts: {passed} passed in {took:.1f}s")
+    assert failures == {} and passed == 1 + 2 * len(HOSTS), failures
+    code, again, _ = fab("bootstrap-cluster", "--inventory", path)
+    assert code == 0 and again["changes"] == 0
+
+
 def test_teardown(lab: Lab) -> None:
-    code, dry, real = truth(lab, "teardown", "--inventory", inventory(lab, HOSTS))
+    code, dry, real = truth(lab, "teardown", "--inventory", inventory(lab, HOSTS, consul={"port": 8501, "servers": 3}))
     assert code == 0 and set(real["restarts"]) == {f"bm-docker-{i:02d}" for i in HOSTS}
+    assert changed_steps(real, "consul") == {f"bm-docker-{i:02d}" for i in HOSTS}  # the servers and the agents
+    for i in HOSTS:
+        conn = lab.conn(i)
+        left = sh(conn, "docker ps -a --format '{{.Names}}'; docker volume ls -q; ls /etc/overlaylab/consul 2>&1; true")
+        conn.close()
+        assert "overlaylab-consul" not in left and "No such file" in left, left
     assert "-ExecStart=" in dry["diffs"]["bm-docker-02"]  # our drop-in goes
     conn = lab.conn(4)  # docker-machine's drop-in is back, byte for byte
     assert sh(conn, f"cat {DROPIN}") == MACHINE_DROPIN.strip()
     conn.close()
-    code, again = fab("teardown", "--inventory", inventory(lab, HOSTS))[:2]
+    code, again = fab("teardown", "--inventory", inventory(lab, HOSTS, consul={"port": 8501, "servers": 3}))[:2]
     assert code == 0 and again["changes"] == 0

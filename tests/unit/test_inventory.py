@@ -136,3 +136,53 @@ def test_consuls_raft_multiplier_defaults_to_1_and_is_bounded(tmp_path: Path) ->
     assert inventory.load(write(tmp_path, GOOD.replace(consul, consul + ", raft_multiplier: 5"))).raft_multiplier == 5
     with pytest.raises(InputError, match=r"inv\.yaml:3: consul\.raft_multiplier: 0 must be 1 .* to 10"):
         inventory.load(write(tmp_path, GOOD.replace(consul, consul + ", raft_multiplier: 0")))
+
+
+FIVE = """\
+consul: {servers: SERVERS}
+hosts:
+  e: {address: 10.0.0.5, role: worker, advertise: eth1}
+  b: {address: 10.0.0.2, role: worker, advertise: eth1}
+  a: {address: 10.0.0.1, role: manager, advertise: eth1}
+  d: {address: 10.0.0.4, role: worker, advertise: eth1}
+  c: {address: 10.0.0.3, role: worker, advertise: eth1}
+"""
+
+
+def test_one_consul_server_is_the_manager_alone_and_not_ha(tmp_path: Path) -> None:
+    for servers in ("1", "[a]"):
+        inv = inventory.load(write(tmp_path, FIVE.replace("SERVERS", servers)))
+        assert inv.servers == ("a",) and not inv.ha
+
+
+def test_a_server_count_takes_the_manager_then_the_next_hosts_in_the_files_order(tmp_path: Path) -> None:
+    inv = inventory.load(write(tmp_path, FIVE.replace("SERVERS", "3")))
+    assert inv.servers == ("a", "e", "b") and inv.ha
+    inv = inventory.load(write(tmp_path, FIVE.replace("SERVERS", "[c, d, a]")))
+    assert inv.servers == ("c", "d", "a")
+
+
+@pytest.mark.parametrize(
+    ("servers", "message"),
+    [
+        ("2", r"inv\.yaml:1: consul\.servers: 2 must be 1, 3 or 5 \(an even number"),
+        ("7", r"inv\.yaml:1: consul\.servers: 7 must be 1, 3 or 5$"),
+        ("[a, b, c, d]", r"inv\.yaml:1: consul\.servers: 4 servers: there must be 1, 3 or 5 \(an even number"),
+        ("[a, b, x]", r"inv\.yaml:1: consul\.servers\[2\]: 'x' is not a host of this inventory"),
+        ("[a, b, b]", r"inv\.yaml:1: consul\.servers\[2\]: 'b' is named twice"),
+        ("[b]", r"consul\.servers: one server runs on the manager \(a\)"),
+        ("yes", r"consul\.servers: must be a count \(1, 3 or 5\) or a list of host names"),
+    ],
+)
+def test_a_bad_consul_server_set_is_refused_naming_the_field(tmp_path: Path, servers: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        inventory.load(write(tmp_path, FIVE.replace("SERVERS", servers)))
+
+
+def test_more_servers_than_hosts_is_refused(tmp_path: Path) -> None:
+    three = "consul: {servers: 5}\nhosts:\n" + "".join(
+        f"  h{i}: {{address: 10.0.0.{i}, role: {'manager' if i == 1 else 'worker'}, advertise: eth1}}\n"
+        for i in (1, 2, 3)
+    )
+    with pytest.raises(InputError, match=r"inv\.yaml:1: consul\.servers: 5 servers, but the inventory has 3 hosts"):
+        inventory.load(write(tmp_path, three))

@@ -34,6 +34,8 @@ class Log:
     lines: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     fail: dict[str, str] = field(default_factory=dict)  # host -> a command fragment that fails there
+    secrets: list[str] = field(default_factory=list)  # what put_secret wrote, never in a command
+    consul_version: str = "Consul v1.8.7"  # what `consul version` of the image answers
 
     def add(self, host: str, what: str) -> None:
         with self.lock:
@@ -60,9 +62,15 @@ class FakeNode(Node):
             return 0, '[{"Id": "0123456789abcdef", "Name": "ov_net1", "Driver": "overlay", "Scope": "global"}]\n', ""
         if "join-token" in command:
             return 0, "SWMTKN-secret\n", ""
+        if "consul version" in command:
+            return 0, self.log.consul_version + "\n", ""
         if "systemctl is-active docker.service" in command:
             return 0, "active\n", ""
         return 0, "ready\n", ""
+
+    def put_secret(self, path: str, content: str) -> None:
+        self.log.add(self.name, f"put-secret {path} {len(content)} bytes")
+        self.log.secrets.append(content)
 
     def sh(self, command: str, check: bool = True) -> str:
         code, out, err = self.result(command)
@@ -526,3 +534,54 @@ def test_teardown_plans_to_remove_the_network_its_anchors_leave_as_the_run_does(
     code, dry = go(inv, nodes, kv.TEARDOWN, dry_run=True, teardown=True, allow_restart=True)
     detail = {(o["host"], o["step"]): o["detail"] for o in dry.outcomes}
     assert detail[("m", "network")] == "ov_net1 kept: containers of yours are on it (users_app)"
+
+
+def ha_cluster(count: int = 5, servers: int = 3) -> tuple[Inventory, list[FakeNode], Log]:
+    """A fresh cluster of ``count`` hosts whose inventory asks for ``servers`` Consul servers."""
+    log = Log()
+    manager, worker = recorded("facts-manager-kv.txt"), recorded("facts-worker-kv.txt")
+    names = ["m", *[f"w{i}" for i in range(1, count)]]
+    hosts = tuple(Host(n, f"{n}.example", "manager" if n == "m" else "worker", "eth1") for n in names)
+    nodes = [
+        FakeNode(h, FakeConn(), fresh(manager if i == 0 else worker, f"10.210.1.{11 + i}", f"bm-{i}"), log=log)
+        for i, h in enumerate(hosts)
+    ]
+    inv = Inventory(path=Path("inv.yaml"), cluster="lab", hosts=hosts, consul_servers=tuple(names[:servers]))
+    return inv, nodes, log
+
+
+def test_ha_bootstrap_writes_one_key_everywhere_then_the_servers_then_the_agents_and_points_dockerd_at_its_agent() -> (
+    None
+):
+    inv, nodes, log = ha_cluster()
+    report = RunReport("t", [n.name for n in nodes], json_mode=True, stream=io.StringIO())
+    code = run_steps(inv, Options(), list(nodes), report, kv.BOOTSTRAP, [n.name for n in nodes])
+    assert code == 0, report.outcomes
+    assert sorted(log.commands("put-secret")) == ["m", "w1", "w2", "w3", "w4"]
+    assert len(set(log.secrets)) == 1  # one key, the same on every host
+    key = log.secrets[0]
+    assert all(key not in c for _, c in log.lines)  # never on a command line
+    runs = {h: (i, c) for i, (h, c) in enumerate(log.lines) if "docker run -d --name overlaylab-consul" in c}
+    assert set(runs) == {"m", "w1", "w2", "w3", "w4"}
+    assert max(runs[s][0] for s in ("m", "w1", "w2")) < min(runs[a][0] for a in ("w3", "w4"))
+    assert all("-bootstrap-expect=3" in runs[s][1] for s in ("m", "w1", "w2"))
+    assert all("-server" not in runs[a][1] and "-retry-join=10.210.1.11" in runs[a][1] for a in ("w3", "w4"))
+    assert all("'-client=127.0.0.1 10.210.1.1" in c for _, c in runs.values())
+    assert all(f"{consul.KEY_FILE}:{consul.KEY_MOUNT}:ro" in c for _, c in runs.values())
+    written = [c for _, c in log.lines if "10-machine.conf" in c and "base64 -d" in c]
+    assert len(written) == 5
+
+
+def test_ha_mode_refuses_a_consul_older_than_1_0_in_preflight_before_anything_changes() -> None:
+    inv, nodes, log = ha_cluster()
+    log.consul_version = "Consul v0.5.2"
+    from overlaylab.steps import preflight
+
+    problem = preflight.consul_version_problem(inv, list(nodes))
+    assert problem is not None and problem[0] == "m"
+    assert "needs Consul 1.0 or later in progrium/consul" in problem[1] and "Consul v0.5.2" in problem[1]
+    assert [c for _, c in log.lines] == ["docker run --rm --entrypoint consul progrium/consul version 2>&1 | head -n 1"]
+    log.consul_version = "Consul v1.8.7"
+    assert preflight.consul_version_problem(inv, list(nodes)) is None
+    single, _, _ = ha_cluster(servers=1)
+    assert preflight.consul_version_problem(single, list(nodes)) is None  # one server: any Consul

@@ -104,7 +104,7 @@ def test_engine_version_has_the_cluster_store(smoke_cluster: Cluster, host: str)
 def test_dockerd_runs_with_our_cluster_flags(smoke_cluster: Cluster, host: str) -> None:
     c = smoke_cluster
     args = c.sh(host, "ps -o args= -C dockerd", check=False)
-    store = f"--cluster-store=consul://{c.manager.advertise_ip}:{c.inv.consul_port}"
+    store = f"--cluster-store=consul://{dockerd.store_ip(c.inv, c.manager.advertise_ip)}:{c.inv.consul_port}"
     advertise = f"--cluster-advertise={c.nodes[host].host.advertise}:2376"
     assert store in args and advertise in args, (
         f"{host}: dockerd runs `{args or 'nothing'}`, wanted {store} {advertise}"
@@ -148,6 +148,38 @@ def test_consul_has_a_leader(smoke_cluster: Cluster) -> None:
     c = smoke_cluster
     with consul_client(c.manager, c.manager.advertise_ip, c.inv.consul_port) as client:
         assert client.status.leader(), f"{c.manager.name}: Consul on {c.manager.advertise_ip} has no leader"
+
+
+@pytest.mark.mode("kv")
+@pytest.mark.ha
+def test_consul_has_as_many_raft_peers_as_servers(smoke_cluster: Cluster) -> None:
+    c = smoke_cluster
+    with consul_client(c.manager, c.manager.advertise_ip, c.inv.consul_port) as client:
+        peers = sorted(client.status.peers())
+    wanted = sorted(f"{c.nodes[s].advertise_ip}:8300" for s in c.inv.servers)
+    assert peers == wanted, f"Consul's Raft peers are {peers}, the inventory's servers {wanted}"
+
+
+@pytest.mark.mode("kv")
+@pytest.mark.ha
+def test_hosts_consul_agent_is_an_alive_member_with_encrypted_gossip(smoke_cluster: Cluster, host: str) -> None:
+    c = smoke_cluster
+    node = c.nodes[host]
+    with consul_client(node, node.advertise_ip, c.inv.consul_port) as client:  # this host's own agent
+        me = client.agent.self()
+        members = {m["Addr"]: m["Status"] for m in client.agent.members()}
+    assert me["Member"]["Addr"] == node.advertise_ip, f"{host}: the agent answering is {me['Member']['Addr']}'s"
+    assert members.get(node.advertise_ip) == 1, f"{host}: not an alive member of Consul's gossip ({members})"
+    encrypted = me["Stats"]["serf_lan"]["encrypted"]
+    assert encrypted == "true", f"{host}: Consul's gossip is not encrypted (serf_lan.encrypted={encrypted})"
+
+
+@pytest.mark.mode("kv")
+@pytest.mark.ha
+def test_dockerds_cluster_store_is_its_own_hosts_agent(smoke_cluster: Cluster, host: str) -> None:
+    c = smoke_cluster
+    store = c.sh(host, "docker info --format '{{.ClusterStore}}'", check=False)
+    assert store == f"consul://127.0.0.1:{c.inv.consul_port}", f"{host}: dockerd's cluster store is {store!r}"
 
 
 @pytest.mark.mode("kv")

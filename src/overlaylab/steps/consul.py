@@ -4,12 +4,15 @@ through an SSH forward, since the laptop may not reach the cluster network."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
 import re
+import secrets
 import shlex
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import consul
@@ -20,20 +23,59 @@ from overlaylab.cluster import Node, consul_client
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL, HostFacts
 from overlaylab.inventory import FLAVOR_DATA_DIR, FLAVORS, Inventory
-from overlaylab.plan import Action, Context, Scope, Step, foundation
+from overlaylab.plan import Action, Context, Scope, Step, apply_at_once, fail, foundation
 
 SPEC_LABEL = "overlaylab.consul-spec"
 
 
-def args(inv: Inventory, ip: str) -> list[str]:
-    return [a.format(ip=ip, port=inv.consul_port) for a in FLAVORS[inv.consul_flavor]]
+LOOPBACK = "127.0.0.1"
+KEY_DIR = "/etc/overlaylab/consul"  # root-only; the gossip key reaches Consul as a file, never on a command line
+KEY_FILE = f"{KEY_DIR}/gossip.json"
+KEY_MOUNT = "/overlaylab/gossip.json"
+HA_MIN_VERSION = (1, 0)  # several HTTP addresses (loopback and the cluster's) and -hcl: Consul 1.0
 
 
-def spec_hash(inv: Inventory, ip: str) -> str:
+def args(inv: Inventory, ip: str, role: str = "server", join: tuple[str, ...] = ()) -> list[str]:
+    """The agent's arguments after the image. One server: the flavour's own (the tutorial's
+    `-server -bootstrap`). HA: servers expect their number and every agent retry-joins the
+    servers; HTTP on loopback (this host's dockerd) and the cluster address (the admin's
+    reads); the gossip key from a mounted file; no DNS (nothing uses it, and port 53 is
+    often taken on a host)."""
+    if not inv.ha:
+        return [a.format(ip=ip, port=inv.consul_port) for a in FLAVORS[inv.consul_flavor]]
+    lead = ["agent"] if inv.consul_flavor == "hashicorp" else []
+    server = ["-server", f"-bootstrap-expect={len(inv.servers)}"] if role == "server" else []
+    return [
+        *lead, *server, f"-bind={ip}", f"-advertise={ip}", f"-client={LOOPBACK} {ip}",
+        f"-http-port={inv.consul_port}", "-dns-port=-1", f"-config-file={KEY_MOUNT}",
+        *[f"-retry-join={peer}" for peer in join if peer != ip],
+    ]  # fmt: skip
+
+
+def spec_hash(inv: Inventory, ip: str, role: str = "server", join: tuple[str, ...] = ()) -> str:
     """What the Consul container was made from; a Consul made before the raft setting
     existed differs, and is recreated once with it."""
-    text = "\0".join([inv.consul_image, inv.consul_flavor, *args(inv, ip), f"raft_multiplier={inv.raft_multiplier}"])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    made = [inv.consul_image, inv.consul_flavor, *args(inv, ip, role, join), f"raft_multiplier={inv.raft_multiplier}"]
+    return hashlib.sha256("\0".join(made).encode()).hexdigest()[:16]
+
+
+def version_problem(image: str, version_text: str) -> str | None:
+    """HA mode's refusal of a Consul older than HA_MIN_VERSION (progrium/consul's registry
+    image ships 0.5.2), from `consul version`'s first line."""
+    match = VERSION_RE.search(version_text)
+    if match and (int(match[1]), int(match[2])) >= HA_MIN_VERSION:
+        return None
+    full = re.search(r"Consul v[\d.]+", version_text)
+    found = full[0] if full else f"no Consul version ({version_text.strip()[:80] or 'no output'})"
+    need = ".".join(map(str, HA_MIN_VERSION))
+    return (
+        f"consul.servers > 1 needs Consul {need} or later in {image} (HTTP on loopback and the cluster "
+        f"address at once); it has {found}: set consul.image to a newer Consul, or consul.servers: 1"
+    )
+
+
+def image_version(inv: Inventory, node: Node) -> str:
+    return node.sh(f"docker run --rm --entrypoint consul {shlex.quote(inv.consul_image)} version 2>&1 | head -n 1")
 
 
 VERSION_RE = re.compile(r"Consul v(\d+)\.(\d+)")
@@ -42,7 +84,7 @@ VERSION_RE = re.compile(r"Consul v(\d+)\.(\d+)")
 def raft_args(inv: Inventory, manager: Node) -> tuple[list[str], str]:
     """`-hcl` with the raft multiplier where the image's Consul takes it (1.0 and later: the
     flag; older ones, such as progrium/consul's 0.5.2, keep their own, already fast, timing)."""
-    out = manager.sh(f"docker run --rm --entrypoint consul {shlex.quote(inv.consul_image)} version 2>&1 | head -n 1")
+    out = image_version(inv, manager)
     match = VERSION_RE.search(out)
     if match and (int(match[1]), int(match[2])) >= (1, 0):
         return [
@@ -53,21 +95,25 @@ def raft_args(inv: Inventory, manager: Node) -> tuple[list[str], str]:
     return [], f"{version} has no raft_multiplier"
 
 
-def run_command(inv: Inventory, ip: str, extra: list[str] | None = None) -> str:
+def run_command(
+    inv: Inventory, ip: str, extra: list[str] | None = None, role: str = "server", join: tuple[str, ...] = ()
+) -> str:
     """Host network: the manager's own dockerd restart then costs ~1 s instead of ~30 s
     (a published port makes dockerd call the store through its own port forward)."""
     q = shlex.quote
+    key = ["-v", f"{KEY_FILE}:{KEY_MOUNT}:ro"] if inv.ha else []
     parts = [
         "docker", "run", "-d", "--name", inv.consul_name, "--network", "host", "--restart", "always",
-        "--label", f"{ROLE_LABEL}=consul", "--label", f"{SPEC_LABEL}={spec_hash(inv, ip)}",
-        "-v", f"{inv.consul_volume}:{FLAVOR_DATA_DIR[inv.consul_flavor]}",
-        inv.consul_image, *args(inv, ip), *(extra or []),
+        "--label", f"{ROLE_LABEL}=consul", "--label", f"{SPEC_LABEL}={spec_hash(inv, ip, role, join)}",
+        "-v", f"{inv.consul_volume}:{FLAVOR_DATA_DIR[inv.consul_flavor]}", *key,
+        inv.consul_image, *args(inv, ip, role, join), *(extra or []),
     ]  # fmt: skip
     return " ".join(q(p) for p in parts)
 
 
-def state(inv: Inventory, manager: Node) -> tuple[str, str]:
-    """('ok'|'create'|'recreate'|'refuse', why)."""
+def state(inv: Inventory, manager: Node, role: str = "server", join: tuple[str, ...] = ()) -> tuple[str, str]:
+    """('ok'|'create'|'recreate'|'refuse', why), of the Consul a host runs (``manager``: the
+    manager alone in single-server mode; any host in HA mode)."""
     data: dict[str, Any] | None = manager.facts.consul
     if data is None:
         return "create", "missing"
@@ -77,25 +123,35 @@ def state(inv: Inventory, manager: Node) -> tuple[str, str]:
             "refuse",
             f"a container named {inv.consul_name} exists and is not overlaylab's: rename it or set consul.name",
         )
-    was, now = render.store_ip(manager.facts.dropin), manager.advertise_ip
-    if was and now and was != now:  # read from the drop-in: dockerd may not answer while its store is away
-        return (
-            "refuse",
-            f"the manager's cluster address changed from {was} to {now} ({manager.host.advertise}): Consul and "
-            f"every worker's cluster store use {was}. Put {was} back, or run teardown-cluster and "
-            "bootstrap-cluster again",
-        )
-    if labels.get(SPEC_LABEL) != spec_hash(inv, manager.advertise_ip):
+    if manager.host.is_manager:
+        gone = moved(manager)
+        if gone:
+            return "refuse", gone
+    if labels.get(SPEC_LABEL) != spec_hash(inv, manager.advertise_ip, role, join):
         return "recreate", "image or arguments differ"
     if not data.get("State", {}).get("Running"):
         return "recreate", f"not running ({data.get('State', {}).get('Status', '?')})"
     return "ok", "running with the wanted image and arguments"
 
 
-def create(inv: Inventory, manager: Node, recreate: bool) -> str:
-    extra, timing = raft_args(inv, manager)
+def moved(manager: Node) -> str | None:
+    """The manager's cluster address is not the one its drop-in points every dockerd's store
+    at. Read from the drop-in: dockerd may not answer while its store is away (workers'
+    `docker info` then stalls for seconds). HA mode's stores are each host's own agent."""
+    was, now = render.store_ip(manager.facts.dropin), manager.advertise_ip
+    if not (was and now and was != now and was != LOOPBACK):
+        return None
+    return (
+        f"the manager's cluster address changed from {was} to {now} ({manager.host.advertise}): Consul and "
+        f"every worker's cluster store use {was}. Put {was} back, or run teardown-cluster and "
+        "bootstrap-cluster again"
+    )
+
+
+def create(inv: Inventory, manager: Node, recreate: bool, role: str = "server", join: tuple[str, ...] = ()) -> str:
+    extra, timing = raft_args(inv, manager) if role == "server" else ([], "agent")
     remove = f"docker rm -f {shlex.quote(inv.consul_name)} >/dev/null && " if recreate else ""
-    manager.sh(remove + run_command(inv, manager.advertise_ip, extra))
+    manager.sh(remove + run_command(inv, manager.advertise_ip, extra, role, join))
     return timing
 
 
@@ -179,46 +235,138 @@ def ours(manager: Node) -> bool:
     return data is not None and (data.get("Config", {}).get("Labels") or {}).get(ROLE_LABEL) == "consul"
 
 
+def key_document(key: str) -> str:
+    return json.dumps({"encrypt": key}) + "\n"
+
+
+def new_key() -> str:
+    """Consul's gossip key: 32 random bytes, base64 (what `consul keygen` makes)."""
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def read_key(node: Node) -> str:
+    """The gossip key from a host that has it; kept in memory only, never printed."""
+    try:
+        return str(json.loads(node.sh(f"cat {KEY_FILE}"))["encrypt"])
+    except (ValueError, KeyError, TypeError):
+        raise OverlaylabError(f"{KEY_FILE} on {node.name} holds no gossip key") from None
+
+
+def join_list(inv: Inventory, nodes: Mapping[str, Node]) -> tuple[str, ...]:
+    """HA mode: the servers' cluster addresses, which every agent retry-joins; () otherwise."""
+    return tuple(nodes[n].advertise_ip for n in inv.servers if n in nodes) if inv.ha else ()
+
+
+def role(inv: Inventory, name: str) -> str:
+    """The Consul a host runs, when it runs one: 'server' or (HA mode) 'agent'."""
+    return "server" if name in inv.servers else "agent"
+
+
 class Consul(Step):
-    """Consul on the manager, with a leader; nothing else proceeds without it."""
+    """Consul with a leader; nothing else proceeds without it. One server on the manager,
+    or (HA) 3 or 5 servers and a client agent on every other host, gossip encrypted."""
 
     name = "consul"
     scope = Scope.MANAGER
 
-    def plan(self, ctx: Context, node: Node) -> Action:
-        how, why = state(ctx.inv, node)
-        early = foundation(ctx, node, how, why, "Consul is not running as wanted")
-        if early is not None:
-            return early
-        if how == "ok":
-            return Action(node.name, False, why, check=True)  # the run waits for its leader
+    def hosts(self, ctx: Context) -> list[str]:
+        return ctx.live(list(ctx.topo.hosts)) if ctx.topo.ha or not ctx.joining else super().hosts(ctx)
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
+        role = ctx.topo.consul_role(node.name)
+        if role is None:
+            if node.facts.containers.get(ctx.inv.consul_name) == "consul":
+                why = (
+                    "a Consul agent of HA mode runs here, and consul.servers is 1: going back to one server "
+                    "is not done by a re-run; run teardown-cluster, then bootstrap-cluster (README: HA Consul)"
+                )
+                return Action(node.name, False, why, refusal=why)
+            return None
+        join = join_list(ctx.inv, ctx.nodes)
+        how, why = state(ctx.inv, node, role, join)
+        if role == "server" or how == "refuse":  # join-node may start an agent, not the servers
+            early = foundation(ctx, node, how, why, "Consul is not running as wanted")
+            if early is not None:
+                return early
+        key_missing = ctx.topo.ha and not node.facts.gossip_key
+        if ctx.topo.ha:
+            digests = {ctx.nodes[n].facts.gossip_key for n in ctx.topo.hosts} - {""}
+            if len(digests) > 1:
+                why = f"the hosts hold different gossip keys in {KEY_FILE}: keep one on every host, or teardown first"
+                return Action(node.name, False, why, refusal=why)
+        if how == "ok" and not key_missing:
+            # the run waits for a leader through the manager; a running agent is not asked again
+            return Action(node.name, False, why, check=node.name == ctx.topo.manager)
         fresh = not node.facts.consul_volume
+        what = f"{how} Consul {role if ctx.topo.ha else ''}".rstrip() + f" ({why})" if how != "ok" else ""
+        detail = "; ".join(x for x in (what, "write the gossip key" if key_missing else "") if x)
 
         def project(facts: HostFacts) -> None:
-            labels = {ROLE_LABEL: "consul", SPEC_LABEL: spec_hash(ctx.inv, node.advertise_ip)}
+            labels = {ROLE_LABEL: "consul", SPEC_LABEL: spec_hash(ctx.inv, node.advertise_ip, role, join)}
             facts.consul = {"Config": {"Labels": labels}, "State": {"Running": True}}
-            if fresh:  # an empty store: it answers, and holds no network
+            facts.containers[ctx.inv.consul_name] = "consul"
+            if key_missing:
+                facts.gossip_key = "(written)"
+            if fresh and role == "server" and node.host.is_manager:  # an empty store: it answers, no network
                 facts.consul_volume, facts.store_leader, facts.network = True, "(new)", None
 
-        return Action(node.name, True, f"{how} Consul ({why})", data=(how, why), project=project)
+        return Action(node.name, True, detail, data={"how": how, "why": why, "role": role, "join": join,
+                                                     "key": key_missing}, project=project)  # fmt: skip
+
+    def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+        """HA: the gossip key first (read from a host that has it, else made once), then the
+        servers at once and their leader, then the agents at once."""
+        if not ctx.topo.ha:
+            return super().apply_all(ctx, actions)
+        if any(a.change and a.data["key"] for a in actions):
+            holder = next((ctx.nodes[n] for n in ctx.topo.hosts if ctx.nodes[n].facts.gossip_key), None)
+            try:
+                key = read_key(holder) if holder is not None else new_key()
+            except (OverlaylabError, OSError) as exc:
+                for a in actions:
+                    fail(ctx, self.name, a.host, f"the gossip key could not be read: {exc}")
+                return None
+            for a in actions:
+                if a.change:
+                    a.data["secret"] = key
+        servers = [a for a in actions if ctx.topo.consul_role(a.host) == "server"]
+        apply_at_once(ctx, self, servers)
+        manager = ctx.manager
+        if manager.name not in ctx.failed:
+            try:
+                wait_leader(ctx.inv, manager)
+            except OverlaylabError as exc:
+                fail(ctx, self.name, manager.name, str(exc))
+                return None
+        apply_at_once(ctx, self, [a for a in actions if a not in servers])
+        return None
 
     def apply(self, ctx: Context, node: Node, action: Action) -> str:
         done = action.detail
         if action.change:
-            how, why = action.data
-            timing = create(ctx.inv, node, recreate=how == "recreate")
-            done = f"{how}d ({why}{'' if node.facts.consul_volume else ', with an empty store'}; {timing})"
+            data = action.data
+            if data["key"]:
+                node.put_secret(KEY_FILE, key_document(data["secret"]))
+            if data["how"] != "ok":
+                timing = create(ctx.inv, node, data["how"] == "recreate", data["role"], data["join"])
+                empty = "" if node.facts.consul_volume or not node.host.is_manager else ", with an empty store"
+                done = f"{data['how']}d ({data['why']}{empty}; {timing})"
+                if data["key"]:
+                    done += "; gossip key written"
+        if ctx.topo.ha and ctx.topo.consul_role(node.name) == "server":
+            return done  # the leader is awaited once all servers run (apply_all)
         leader = wait_leader(ctx.inv, node)
-        if not node.facts.store_leader:  # the facts were read while the store did not answer
+        if node.host.is_manager and not node.facts.store_leader:  # the facts were read while the store did not answer
             ctx.stale.add(node.name)
         return f"{done}; leader {leader}"
 
 
 class RemoveConsul(Step):
-    """Teardown, and swarm mode (which needs no Consul): our Consul container and its volume go."""
+    """Teardown, and swarm mode (which needs no Consul): every Consul container of ours
+    (the server, or HA mode's servers and agents), its volume and the gossip key go."""
 
     name = "consul"
-    scope = Scope.MANAGER
+    scope = Scope.ALL
 
     def __init__(self, why: str = "", report_absent: bool = True) -> None:
         self.why, self.report_absent = why, report_absent
@@ -226,15 +374,17 @@ class RemoveConsul(Step):
     def plan(self, ctx: Context, node: Node) -> Action | None:
         if ctx.joining:
             return None  # join-node leaves the cluster's Consul alone
-        if not ours(node):
-            return Action(node.name, False, "absent") if self.report_absent else None
+        f = node.facts
+        if not ours(node) and f.containers.get(ctx.inv.consul_name) != "consul" and not f.gossip_key:
+            return Action(node.name, False, "absent") if self.report_absent and node.host.is_manager else None
 
         def project(facts: HostFacts) -> None:
-            facts.consul = None
+            facts.consul, facts.gossip_key = None, ""
+            facts.containers.pop(ctx.inv.consul_name, None)
 
         return Action(node.name, True, "remove Consul and its volume" + self.why, project=project)
 
     def apply(self, ctx: Context, node: Node, action: Action) -> str:
         name, data = shlex.quote(ctx.inv.consul_name), shlex.quote(ctx.inv.consul_volume)
-        node.sh(f"docker rm -f {name} >/dev/null && docker volume rm -f {data} >/dev/null")
+        node.sh(f"docker rm -f {name} >/dev/null && docker volume rm -f {data} >/dev/null && rm -rf {KEY_DIR}")
         return "removed" + self.why

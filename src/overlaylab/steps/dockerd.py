@@ -52,10 +52,17 @@ class DropIn:
         return "".join(difflib.unified_diff(before, after, f"{label} (now)", f"{label} (wanted)"))
 
 
+def store_ip(inv: Inventory, manager_ip: str) -> str:
+    """Where a dockerd finds its cluster store: the manager's Consul, or in HA mode its own
+    host's agent (libkv's Consul backend takes a single address)."""
+    return consul.LOOPBACK if inv.ha else manager_ip
+
+
 def dropin(inv: Inventory, node: Node, manager_ip: str) -> DropIn:
     """What the templates render for this host from dockerd's command line before overlaylab."""
     base = render.base_command(node.facts.exec_start, node.facts.dropin)
-    argv = render.cluster_argv(base, manager_ip, inv.consul_port, node.host.advertise, inv.extra_flags, inv.discovery)
+    store = store_ip(inv, manager_ip)
+    argv = render.cluster_argv(base, store, inv.consul_port, node.host.advertise, inv.extra_flags, inv.discovery)
     wanted = render.render(inv.cluster, base, argv, BACKUP_DIR)
     return DropIn(node, wanted, node.facts.dropin)
 
@@ -274,7 +281,7 @@ class Dockerd(Step):
         manager_ip = ctx.manager.advertise_ip
         d = dropin(ctx.inv, node, manager_ip)
         reason = (
-            restart_reason(node, d, render.store_url(manager_ip, ctx.inv.consul_port))
+            restart_reason(node, d, render.store_url(store_ip(ctx.inv, manager_ip), ctx.inv.consul_port))
             or partitioned(ctx, node)
             or network.holds_lost(ctx, node)
         )

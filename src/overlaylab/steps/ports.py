@@ -23,6 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from overlaylab.cluster import Node, parallel
+from overlaylab.facts import CONSUL_GOSSIP
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode
 
@@ -52,6 +53,9 @@ def wanted(inv: Inventory, mode: str) -> list[Port]:
     ports = [Port("udp", 4789, "VXLAN data"), Port("tcp", 7946, "gossip"), Port("udp", 7946, "gossip")]
     if mode == Mode.SWARM:
         return [*ports, Port("tcp", 2377, "swarm control", manager_only=True)]
+    if inv.ha:  # every host's agent: its HTTP port for its dockerd, and Consul's own gossip between all
+        return [*ports, Port("tcp", inv.consul_port, "Consul"), Port("tcp", CONSUL_GOSSIP, "Consul gossip"),
+                Port("udp", CONSUL_GOSSIP, "Consul gossip")]  # fmt: skip
     return [*ports, Port("tcp", inv.consul_port, "Consul", manager_only=True)]
 
 

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 from overlaylab import render
 from overlaylab.cluster import Node
-from overlaylab.facts import HostFacts, parse_version
+from overlaylab.facts import CONSUL_GOSSIP, HostFacts, parse_version
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode, engine_problem
 from overlaylab.steps import consul
@@ -47,7 +47,8 @@ def disk_problem(inv: Inventory, f: HostFacts) -> str | None:
 def image_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
     """An image the run needs that is not on the host and that the host cannot pull (see
     HostFacts.can_pull); one it can pull, Docker pulls when the step runs it."""
-    wanted = [PROBE_IMAGE] + ([inv.consul_image] if mode == Mode.KV and node.host.is_manager else [])
+    runs_consul = node.name in inv.servers or inv.ha  # HA: an agent on every host
+    wanted = [PROBE_IMAGE] + ([inv.consul_image] if mode == Mode.KV and runs_consul else [])
     if node.facts.can_pull:
         return []
     return [
@@ -68,8 +69,11 @@ def port_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
         ("udp", 7946, "dockerd's gossip", ("dockerd",)),
         ("udp", 4789, "VXLAN data", ("",)),  # "": the kernel's own socket, a VXLAN device's
     ]
-    if node.host.is_manager and mode == Mode.KV:
+    if (node.host.is_manager or inv.ha) and mode == Mode.KV:
         needs.append(("tcp", inv.consul_port, "Consul (consul.port)", ("consul",) if consul_running else ()))
+    if inv.ha and mode == Mode.KV:
+        mine = ("consul",) if consul_running else ()
+        needs += [("tcp", CONSUL_GOSSIP, "Consul's gossip", mine), ("udp", CONSUL_GOSSIP, "Consul's gossip", mine)]
     if node.host.is_manager and mode == Mode.SWARM:
         needs.append(("tcp", 2377, "swarm control", ("dockerd",)))
     problems = []
@@ -135,6 +139,9 @@ def check(inv: Inventory, nodes: list[Node], mode: str = Mode.KV) -> dict[str, l
     problems: dict[str, list[str]] = defaultdict(list)
     for node in nodes:
         problems[node.name].extend(host_problems(inv, node, mode))
+        gone = consul.moved(node) if node.host.is_manager and mode == Mode.KV else None
+        if gone:  # named first: the workers' `docker info` may stall on it and look like the fault
+            problems[node.name].insert(0, gone)
     by_hostname: dict[str, list[str]] = defaultdict(list)
     by_ip: dict[str, list[str]] = defaultdict(list)
     for node in nodes:
@@ -156,3 +163,17 @@ def check(inv: Inventory, nodes: list[Node], mode: str = Mode.KV) -> dict[str, l
                     f"advertise address {ip} is shared with {', '.join(n for n in names if n != name)}"
                 )
     return {name: probs for name, probs in problems.items() if probs}
+
+
+def consul_version_problem(inv: Inventory, nodes: list[Node]) -> tuple[str, str] | None:
+    """HA mode, where a Consul is still to be made: (host, refusal) when the image's Consul is
+    older than HA needs. Asks the image itself (`consul version`, ~0.8 s), so only then."""
+    if not inv.ha:
+        return None
+    by_name = {n.name: n for n in nodes}
+    join = consul.join_list(inv, by_name)
+    if all(consul.state(inv, n, consul.role(inv, n.name), join)[0] not in ("create", "recreate") for n in nodes):
+        return None
+    manager = by_name[inv.manager.name]
+    problem = consul.version_problem(inv.consul_image, consul.image_version(inv, manager))
+    return (manager.name, problem) if problem else None
