@@ -120,28 +120,17 @@ def connect_all(
     inv: Inventory, hosts: list[Host], accept_new: bool = False, sudo_password: str | None = None
 ) -> list[Node]:
     """Connect to every host in parallel; any failure (key, unreachable) is an InputError naming all."""
-    nodes, _ = connect_reachable(inv, hosts, accept_new, sudo_password, tolerate=False)
-    return nodes
-
-
-def connect_reachable(
-    inv: Inventory, hosts: list[Host], accept_new: bool, sudo_password: str | None, tolerate: bool = True
-) -> tuple[list[Node], dict[str, str]]:
-    """(the hosts connected, {host: why not} for those that did not answer). A host key that
-    is unknown or changed is never tolerated: that is an InputError whatever ``tolerate`` says."""
     nodes: dict[str, Node] = {}
 
     def one(host: Host) -> None:
         nodes[host.name] = Node(host, remote.connect(target(inv, host, accept_new, sudo_password)))
 
     errors = parallel(hosts, one)
-    gone = {n: str(e) for n, e in errors.items() if tolerate and isinstance(e, remote.UnreachableError)}
-    fatal = {n: e for n, e in errors.items() if n not in gone}
-    if fatal:
+    if errors:
         for node in nodes.values():
             node.conn.close()
-        raise InputError("\n".join(str(e) for e in fatal.values()))
-    return [nodes[h.name] for h in hosts if h.name in nodes], gone
+        raise InputError("\n".join(str(e) for e in errors.values()))
+    return [nodes[h.name] for h in hosts]
 
 
 def close_all(nodes: list[Node]) -> None:
