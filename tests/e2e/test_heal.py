@@ -221,8 +221,17 @@ def test_the_managers_dockerd_restarted_three_times_in_a_row(lab: Lab) -> None:
     the re-run, without --allow-restart (it refuses, or heals without a restart)."""
     for _ in range(3):
         conn = lab.conn(1)
-        sh(conn, "systemctl restart docker.service")
+        # A start of dockerd 20.10 sometimes fails here (seen in CI 2026-12-02: "Job for
+        # docker.service failed") and the unit's Restart=always starts it again: still the
+        # fault under test. Its journal is printed; a daemon not back within 60 s fails.
+        failed = sh(
+            conn,
+            "systemctl restart docker.service && exit 0; journalctl -u docker.service -n 12 --no-pager -o cat; "
+            "timeout 60 sh -c 'until systemctl is-active -q docker.service; do sleep 1; done'",
+        )
         conn.close()
+        if failed:
+            print(f"the fault's restart failed once, systemd started dockerd again:\n{failed}")
         fab("verify", "--inventory", str(lab.inventory("abc", HOSTS)))
         heal(lab, None, allow_restart=False)
 
