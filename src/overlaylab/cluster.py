@@ -120,17 +120,28 @@ def connect_all(
     inv: Inventory, hosts: list[Host], accept_new: bool = False, sudo_password: str | None = None
 ) -> list[Node]:
     """Connect to every host in parallel; any failure (key, unreachable) is an InputError naming all."""
+    nodes, _ = connect_reachable(inv, hosts, accept_new, sudo_password, tolerate=False)
+    return nodes
+
+
+def connect_reachable(
+    inv: Inventory, hosts: list[Host], accept_new: bool, sudo_password: str | None, tolerate: bool = True
+) -> tuple[list[Node], dict[str, str]]:
+    """(the hosts connected, {host: why not} for those that did not answer). A host key that
+    is unknown or changed is never tolerated: that is an InputError whatever ``tolerate`` says."""
     nodes: dict[str, Node] = {}
 
     def one(host: Host) -> None:
         nodes[host.name] = Node(host, remote.connect(target(inv, host, accept_new, sudo_password)))
 
     errors = parallel(hosts, one)
-    if errors:
+    gone = {n: str(e) for n, e in errors.items() if tolerate and isinstance(e, remote.UnreachableError)}
+    fatal = {n: e for n, e in errors.items() if n not in gone}
+    if fatal:
         for node in nodes.values():
             node.conn.close()
-        raise InputError("\n".join(str(e) for e in errors.values()))
-    return [nodes[h.name] for h in hosts]
+        raise InputError("\n".join(str(e) for e in fatal.values()))
+    return [nodes[h.name] for h in hosts if h.name in nodes], gone
 
 
 def close_all(nodes: list[Node]) -> None:
@@ -144,7 +155,10 @@ def close_all(nodes: list[Node]) -> None:
 def read_one(inv: Inventory, node: Node, only: tuple[str, ...] | None = None) -> None:
     """One remote command; read again by a run wherever it changed the host."""
     manager = node.host.is_manager
-    store = facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port, manager) if manager or inv.ha else None
+    server = inv.ha and node.name in inv.servers
+    store = (
+        facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port, manager, server) if manager or inv.ha else None
+    )
     ports = (*facts.PORTS, inv.consul_port, *((facts.CONSUL_GOSSIP,) if inv.ha else ()))
     _, out, err = node.result(facts.script(node.host.advertise, store, inv.network, ports, only))
     if facts.MARK + "end" not in out:

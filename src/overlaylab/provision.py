@@ -42,22 +42,27 @@ def join_node(inv: Inventory, opts: Options, node: str) -> int:
     return run_task("join-node", inv, opts, _bootstrap, node)
 
 
+def store_reader(inv: Inventory, nodes: list[Node]) -> Node:
+    """The host whose view of the cluster a task reads: the manager, or, when it does not
+    answer, another host (in HA mode its own agent still serves the store)."""
+    return next((n for n in nodes if n.name == inv.manager.name), nodes[0])
+
+
 def _verify_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:
-    manager = next(n for n in nodes if n.name == inv.manager.name)
-    if manager.facts.network is None:
-        raise InputError(f"network {inv.network} does not exist on {manager.name}: run bootstrap-cluster first")
+    reader = store_reader(inv, nodes)
+    if reader.facts.network is None:
+        raise InputError(f"network {inv.network} does not exist on {reader.name}: run bootstrap-cluster first")
     return 0 if verify_step(inv, nodes, report) else 1
 
 
 def verify_only(inv: Inventory, opts: Options) -> int:
-    return run_task("verify", inv, opts, _verify_task, facts=VERIFY_SECTIONS)
+    return run_task("verify", inv, opts, _verify_task, facts=VERIFY_SECTIONS, carry_on=True)
 
 
 def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:
-    manager = next(n for n in nodes if n.name == inv.manager.name)
+    manager = store_reader(inv, nodes)
     registered: set[str] | None = None
-    join = consul.join_list(inv, {n.name: n for n in nodes})
-    if consul.state(inv, manager, consul.role(inv, manager.name), join)[0] == "ok":
+    if consul.ours(manager) and (manager.facts.consul or {}).get("State", {}).get("Running"):
         try:
             registered = consul.registered(inv, manager)
         except Exception as exc:
@@ -128,7 +133,7 @@ def repairs(node: Node, manager: Node, registered: bool | None) -> list[str]:
 
 
 def status(inv: Inventory, opts: Options) -> int:
-    return run_task("status", inv, opts, _status_task)
+    return run_task("status", inv, opts, _status_task, carry_on=True)
 
 
 def _teardown(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:

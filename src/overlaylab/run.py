@@ -44,8 +44,16 @@ class Refused(InputError):
     """Preflight or plan refused: nothing has been changed on any host."""
 
 
-def open_nodes(inv: Inventory, opts: Options, only: tuple[str, ...] | None = None) -> list[Node]:
-    nodes = cluster.connect_all(inv, list(inv.hosts), opts.accept_new_host_keys, opts.sudo_password)
+def open_nodes(
+    inv: Inventory, opts: Options, only: tuple[str, ...] | None = None, gone: dict[str, str] | None = None
+) -> list[Node]:
+    """Connected nodes with their facts. With ``gone`` (a dict to fill), a host that does not
+    answer is left out and named there instead of failing the task (status and verify)."""
+    nodes, missing = cluster.connect_reachable(
+        inv, list(inv.hosts), opts.accept_new_host_keys, opts.sudo_password, tolerate=gone is not None
+    )
+    if gone is not None:
+        gone.update(missing)
     try:
         cluster.read_facts(inv, nodes, only)
     except BaseException:
@@ -81,17 +89,32 @@ def preflight_step(inv: Inventory, nodes: list[Node], report: RunReport, mode: M
 
 
 def run_task(
-    task: str, inv: Inventory, opts: Options, fn: Pipeline, *args: object, facts: tuple[str, ...] | None = None
+    task: str,
+    inv: Inventory,
+    opts: Options,
+    fn: Pipeline,
+    *args: object,
+    facts: tuple[str, ...] | None = None,
+    carry_on: bool = False,
 ) -> int:
     """Common frame: report, connections, facts (``facts``: only those sections); maps every
-    path to an exit code."""
+    path to an exit code. ``carry_on`` (status, verify): a host that does not answer is
+    reported unreachable and the task goes on with the others, exiting 1 at the end."""
     report = RunReport(task, [h.name for h in inv.hosts], opts.json)
+    gone: dict[str, str] | None = {} if carry_on else None
     try:
         cluster.set_parallel(opts.parallel)
-        nodes = open_nodes(inv, opts, facts)
+        nodes = open_nodes(inv, opts, facts, gone)
     except InputError as exc:
         report.note(f"error: {exc}")
         return finish(report, 2)
+    for host, why in sorted((gone or {}).items()):
+        report.record(host, task, "failed", f"unreachable: {why}")
+    if gone:
+        report.extra["unreachable"] = sorted(gone)
+    if not nodes:
+        report.note("error: no host answered")
+        return finish(report, 1)
     try:
         code = fn(inv, opts, nodes, report, *args)
     except Refused as exc:
@@ -111,7 +134,7 @@ def run_task(
     finally:
         report.extra["remote_commands"] = {n.name: n.commands for n in nodes}
         cluster.close_all(nodes)
-    return finish(report, int(code))
+    return finish(report, max(int(code), 1) if gone else int(code))
 
 
 def mode_step(inv: Inventory, nodes: list[Node], report: RunReport) -> Mode:

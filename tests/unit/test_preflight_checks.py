@@ -14,7 +14,7 @@ from overlaylab.cluster import Node
 from overlaylab.facts import HostFacts, Socket
 from overlaylab.inventory import Host, Inventory
 from overlaylab.mode import Mode
-from overlaylab.steps import preflight
+from overlaylab.steps import ports, preflight
 from tests.unit.test_facts_render import FakeConn, recorded
 
 MANAGER = recorded("facts-manager-preflight.txt")
@@ -115,3 +115,25 @@ def test_a_missing_image_on_a_host_that_cannot_pull_is_refused_with_how_to_load_
     n.facts.default_route = False
     n.facts.info = {**n.facts.info, "HttpsProxy": "http://proxy.example:3128"}
     assert problems(n) == []
+
+
+def test_the_port_probe_leaves_alone_the_ports_a_starting_daemon_of_the_cluster_will_take() -> None:
+    """Just after a reboot the recorded manager's dockerd runs but has not bound its gossip
+    yet, and our Consul comes back by its restart policy: none of their ports gets a
+    listener of ours (a listener there took udp/7946's datagrams from dockerd on the lab).
+    A host whose dockerd is not the cluster's yet gets every port probed."""
+    n = node()
+    n.facts.sockets = []  # nothing bound yet
+    wanted = ports.wanted(INV, Mode.KV)
+    assert "--cluster-advertise" in (n.facts.exec_start or "") and n.facts.consul is not None
+    assert [p.label for p in wanted if ports.claimed(INV, n, p)] == [
+        "udp/4789 (VXLAN data)", "tcp/7946 (gossip)", "udp/7946 (gossip)", "tcp/8500 (Consul)"
+    ]  # fmt: skip
+    n.facts.exec_start, n.facts.consul = "/usr/sbin/dockerd -H fd://", None  # the distribution's own
+    assert [p for p in wanted if ports.claimed(INV, n, p)] == []
+    n.facts.info["Swarm"] = {"LocalNodeState": "active"}
+    assert [p.label for p in wanted if ports.claimed(INV, n, p)] == [
+        "udp/4789 (VXLAN data)", "tcp/7946 (gossip)", "udp/7946 (gossip)"
+    ]  # fmt: skip
+    n.facts.docker_active = "inactive"
+    assert [p for p in wanted if ports.claimed(INV, n, p)] == []

@@ -10,6 +10,11 @@ cluster address (bash's /dev/udp and /dev/tcp); the listeners are read and remov
 port the cluster already holds is its own use: TCP is then tried against its holder
 (dockerd's gossip, our Consul), UDP is not probed (the kernel's VXLAN socket, dockerd's
 gossip) and verify diagnoses it (udp/4789 when gossip works and pings do not).
+A port a running daemon of the cluster's is about to take (dockerd just started, after a
+reboot, and still restoring; our Consul container coming back by its restart policy) is
+its own too, and is left alone: a listener of ours there would take that port from it
+(seen: dockerd's gossip bound udp/7946 between the facts and the probe, and our datagrams
+went to it), or, bound first, make its bind fail.
 
 Three remote commands per host; every listener also ends by itself after LIFETIME s,
 and each is in a process group of its own, removed whole, so none outlives the check.
@@ -67,6 +72,21 @@ def held(node: Node, port: Port) -> bool:
     return any((s.proto, s.port) == (port.proto, port.number) for s in node.facts.sockets)
 
 
+DOCKERD_PORTS = {("udp", 4789), ("tcp", 7946), ("udp", 7946)}
+
+
+def claimed(inv: Inventory, node: Node, port: Port) -> bool:
+    """The port belongs to a daemon of the cluster's that runs, or is starting, here, whether
+    or not it has bound it yet: a kv-mode dockerd (its --cluster-advertise), a swarm node,
+    our Consul container (restart policy always)."""
+    f = node.facts
+    if (port.proto, port.number) in DOCKERD_PORTS and f.docker_active in ("active", "activating", "reloading"):
+        swarm = (f.info.get("Swarm") or {}).get("LocalNodeState") == "active"
+        return swarm or "--cluster-advertise" in (f.exec_start or "") or "cluster-advertise" in (f.daemon_json or {})
+    consul = {("tcp", inv.consul_port), ("tcp", CONSUL_GOSSIP), ("udp", CONSUL_GOSSIP)}
+    return (port.proto, port.number) in consul and f.consul is not None
+
+
 def listen_command(node: Node, ports: list[Port]) -> str:
     """Starts a listener per free port and prints `L proto port` for each one bound."""
     ip = node.advertise_ip
@@ -85,7 +105,8 @@ def listen_command(node: Node, ports: list[Port]) -> str:
         f"[ $n -ge {len(ports)} ] && break; sleep 0.1; done"
     )
     lines += [
-        f'ss -Hln{p.proto[0]} "sport = :{p.number}" | grep -q "{ip}:{p.number}" && echo "L {p.proto} {p.number}"'
+        f'ss -Hlnp{p.proto[0]} "sport = :{p.number}" | grep "{ip}:{p.number}" | grep -q systemd-socket '
+        f'&& echo "L {p.proto} {p.number}"'  # ours, not a daemon's that bound it meanwhile
         for p in ports
     ]
     return "\n".join([*lines, "true"])
@@ -124,7 +145,7 @@ def check(inv: Inventory, nodes: list[Node], mode: str) -> dict[str, list[str]]:
     problems: dict[str, list[str]] = defaultdict(list)
 
     def listen(node: Node) -> None:
-        free = [p for p in served(node, ports) if not held(node, p)]
+        free = [p for p in served(node, ports) if not held(node, p) and not claimed(inv, node, p)]
         if free:
             out = node.sh(listen_command(node, free), check=False)
             listening[node.name] = {p for p in free if f"L {p.proto} {p.number}" in out.splitlines()}
