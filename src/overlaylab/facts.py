@@ -35,6 +35,7 @@ class Store:
     volume: str
     port: int
     manager: bool = True  # the store the run reads: its volume and its leader too (HA: an agent's container only)
+    server: bool = False  # HA mode's other servers: their leader is asked too (`fab status`, quorum)
 
 
 CONSUL_GOSSIP = 8301  # Consul's LAN gossip, between HA mode's agents
@@ -63,7 +64,7 @@ def script(
     volume = f"docker volume inspect -f '{{{{.Name}}}}' {q(store.volume)} 2>/dev/null" if store and manager else "true"
     # only our own Consul is asked: whatever else holds the port is none of the facts' business
     leader = "true"
-    if store and manager:
+    if store and (manager or store.server):
         running = f"docker inspect -f '{{{{.State.Running}}}}' {q(store.container)} 2>/dev/null | grep -qx true"
         leader = f"{running} && {{ {store_leader_script(advertise, store.port)}; }}; echo"
     sections = [

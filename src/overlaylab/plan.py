@@ -80,6 +80,7 @@ class Context:
     failed: set[str] = field(default_factory=set)
     stale: set[str] = field(default_factory=set)  # hosts changed since their facts were read
     refusals: dict[str, str] = field(default_factory=dict)
+    stores_made: set[str] = field(default_factory=set)  # HA: hosts whose running dockerd got its own agent made again
     halt: bool = True
 
     @property

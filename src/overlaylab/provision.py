@@ -50,13 +50,19 @@ def store_reader(inv: Inventory, nodes: list[Node]) -> Node:
 
 def _verify_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:
     reader = store_reader(inv, nodes)
+    no_quorum = consul.quorum_problem(inv, {n.name: n for n in nodes})
+    if no_quorum:  # no network can be read, and no probe can join it: said as what it is
+        for node in nodes:
+            report.record(node.name, "verify", "failed", no_quorum)
+        return 1
     if reader.facts.network is None:
         raise InputError(f"network {inv.network} does not exist on {reader.name}: run bootstrap-cluster first")
     return 0 if verify_step(inv, nodes, report) else 1
 
 
 def verify_only(inv: Inventory, opts: Options) -> int:
-    return run_task("verify", inv, opts, _verify_task, facts=VERIFY_SECTIONS, carry_on=True)
+    sections = VERIFY_SECTIONS + (("consul", "store_leader") if inv.ha else ())  # HA: is there a quorum
+    return run_task("verify", inv, opts, _verify_task, facts=sections, carry_on=True)
 
 
 def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:
@@ -107,6 +113,11 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
     broken = [f"{name} ({', '.join(why)})" for name, why in needs.items() if why]
     if broken:  # said after the table, on stderr with --json
         report.note("a re-run of bootstrap-cluster repairs: " + "; ".join(broken))
+    if inv.ha and inv.mode != Mode.SWARM:
+        report.extra["consul"] = line = consul.quorum_line(inv, {n.name: n for n in nodes})
+        report.note(line)
+        if "no leader" in line:
+            return 1  # the store can be neither read nor written: nothing on the overlay changes
     return 0
 
 

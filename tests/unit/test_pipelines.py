@@ -6,6 +6,7 @@ API, the fact re-reads and the ping matrix are stubbed: the end-to-end suite run
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import threading
 import time
@@ -18,8 +19,9 @@ import pytest
 from overlaylab import cluster as cluster_mod
 from overlaylab import run
 from overlaylab.cluster import Node
-from overlaylab.facts import Attachment, HostFacts
+from overlaylab.facts import ROLE_LABEL, Attachment, HostFacts
 from overlaylab.inventory import Host, Inventory
+from overlaylab.mode import Mode
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport
 from overlaylab.run import Options, Refused, run_steps
@@ -585,3 +587,54 @@ def test_ha_mode_refuses_a_consul_older_than_1_0_in_preflight_before_anything_ch
     assert preflight.consul_version_problem(inv, list(nodes)) is None
     single, _, _ = ha_cluster(servers=1)
     assert preflight.consul_version_problem(single, list(nodes)) is None  # one server: any Consul
+
+
+def running_consul(status: str = "running") -> dict[str, Any]:
+    return {
+        "Config": {"Labels": {ROLE_LABEL: "consul"}},
+        "State": {"Running": status == "running", "Status": status},
+    }
+
+
+def test_without_a_quorum_of_servers_the_run_refuses_before_any_change_and_says_how_to_bring_them_back() -> None:
+    """HA mode once its servers exist: 2 of 3 stopped is refused (exit 2, no command run);
+    1 of 3 stopped keeps the quorum and goes on; the switch from one server (only the
+    manager's exists) is not mistaken for a lost quorum."""
+    inv, nodes, log = ha_cluster()
+    by_name = {n.name: n for n in nodes}
+    for n in nodes:
+        n.facts.consul = running_consul()
+    by_name["m"].facts.store_leader = "10.210.1.12:8300"  # what a lone server says for a few seconds
+    by_name["w1"].facts.consul = running_consul("exited")
+    by_name["w2"].facts.consul = running_consul("exited")
+    problem = consul.quorum_problem(inv, by_name)
+    assert problem is not None and problem.startswith(
+        "Consul: no leader, 1 of 3 servers up; down: w1 (exited), w2 (exited). Without a quorum (2 of 3)"
+    )
+    assert "docker start overlaylab-consul" in problem
+    report = RunReport("t", [n.name for n in nodes], json_mode=True, stream=io.StringIO())
+    with pytest.raises(Refused):
+        run.preflight_step(inv, list(nodes), report, Mode.KV)
+    failed = {o["host"]: o["detail"] for o in report.outcomes if o["status"] == "failed"}
+    assert list(failed) == ["m"] and failed["m"].startswith("Consul: no leader, 1 of 3 servers up")
+    assert log.lines == []
+    by_name["w2"].facts.consul, by_name["m"].facts.store_leader = running_consul(), "10.210.1.12:8300"
+    assert consul.quorum_problem(inv, by_name) is None
+    assert consul.quorum_line(inv, by_name) == "Consul: leader 10.210.1.12:8300, 2 of 3 servers up; down: w1 (exited)"
+    for name in ("w1", "w2"):
+        by_name[name].facts.consul = None  # the switch from one server: only the manager's exists
+    assert consul.quorum_problem(inv, by_name) is None
+    del by_name["w1"]  # a server host that did not answer (status, verify)
+    assert consul.quorum_line(inv, by_name).endswith("1 of 3 servers up; down: w1 (unreachable), w2 (missing)")
+
+
+def test_the_hashicorp_flavour_in_ha_keeps_root_to_read_the_root_only_key() -> None:
+    inv, _, _ = ha_cluster()
+    hashi = dataclasses.replace(inv, consul_image="hashicorp/consul", consul_flavor="hashicorp")
+    command = consul.run_command(hashi, "10.210.1.11", None, "server", ("10.210.1.11", "10.210.1.12"))
+    assert (
+        "-e CONSUL_DISABLE_PERM_MGMT=1" in command
+        and "/etc/overlaylab/consul/gossip.json:/overlaylab/gossip.json:ro" in command
+    )
+    assert command.split("hashicorp/consul ")[1].startswith("agent -server -bootstrap-expect=3")
+    assert "CONSUL_DISABLE_PERM_MGMT" not in consul.run_command(inv, "10.210.1.11", None, "server", ())

@@ -9,11 +9,13 @@ changes, and re-imported (not rebuilt) when only the engine lost it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +39,38 @@ CONSUL_START = (
     "#!/bin/sh\n# progrium/consul contract: agent flags come as arguments\n"
     'exec /bin/consul agent -config-dir=/config "$@"\n'
 )
-INNER_TAGS = {"busybox": "busybox:latest", "consul": "progrium/consul:latest"}
+INNER_TAGS = {
+    "busybox": "busybox:latest",
+    "consul": "progrium/consul:latest",
+    "consul-hashicorp": "hashicorp/consul:latest",
+}
+# The official image's contract (hashicorp/docker-consul, docker-entrypoint.sh), on the same
+# Consul binary: `agent ...` gets /consul/data and /consul/config, and Consul drops to the
+# consul user (busybox su for su-exec) unless CONSUL_DISABLE_PERM_MGMT is set.
+HASHICORP_ENTRYPOINT = """#!/bin/sh
+set -e
+CONSUL_DATA_DIR=/consul/data
+CONSUL_CONFIG_DIR=/consul/config
+if [ "${1#-}" != "$1" ]; then set -- consul "$@"; fi
+if [ "$1" = agent ]; then
+    shift
+    set -- consul agent -data-dir="$CONSUL_DATA_DIR" -config-dir="$CONSUL_CONFIG_DIR" "$@"
+elif [ "$1" = version ]; then
+    set -- consul "$@"
+fi
+if [ "$1" = consul ] && [ -z "${CONSUL_DISABLE_PERM_MGMT+x}" ]; then
+    [ "$(stat -c %u "$CONSUL_DATA_DIR")" = "$(id -u consul)" ] || chown consul:consul "$CONSUL_DATA_DIR"
+    [ "$(stat -c %u "$CONSUL_CONFIG_DIR")" = "$(id -u consul)" ] || chown consul:consul "$CONSUL_CONFIG_DIR"
+    shift
+    exec su -s /bin/sh -c 'exec "$0" "$@"' -- consul /bin/consul "$@"
+fi
+exec "$@"
+"""
+HASHICORP_USERS = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
+    "consul:x:100:1000:consul:/consul:/bin/false\n",
+    "etc/group": "root:x:0:\nnogroup:x:65534:\nconsul:x:1000:consul\n",
+}
 
 
 def lab_file(name: str) -> bytes:
@@ -202,6 +235,78 @@ def consul_recipe() -> Recipe:
     )
 
 
+@dataclass(frozen=True)
+class Derived:
+    """An image made from another one by adding files (one more layer, committed): it shares
+    the base's layer in the engine and in the hosts' bundle, so a second Consul image costs
+    kilobytes, not the binary's 70 MB again."""
+
+    kind: str
+    base: Recipe
+    files: tuple[tuple[str, int, str], ...]  # (path, mode, text); a path ending in / is a directory
+    changes: tuple[str, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        parts = (SCHEMA, self.kind, self.base.fingerprint, repr(self.files), *self.changes)
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+    @property
+    def tag(self) -> str:
+        return f"overlaylab/{self.kind}:{self.fingerprint}"
+
+    def layer(self) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for path, mode, text in self.files:
+                info = tarfile.TarInfo(path.rstrip("/"))
+                info.mode, info.mtime = mode, 0
+                data = text.encode()
+                if path.endswith("/"):
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                else:
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+
+def hashicorp_recipe(consul: Recipe) -> Derived:
+    """A Consul image with the official image's contract (`agent ...`, /consul/data, the
+    consul user), from the lab's own Consul binary: no registry needed."""
+    files = (
+        ("usr/local/bin/", 0o755, ""),
+        ("usr/local/bin/docker-entrypoint.sh", 0o755, HASHICORP_ENTRYPOINT),
+        ("consul/", 0o755, ""),
+        ("consul/data/", 0o755, ""),
+        ("consul/config/", 0o755, ""),
+        *((path, 0o644, text) for path, text in HASHICORP_USERS.items()),
+    )
+    changes = (
+        'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]',
+        'CMD ["agent", "-dev", "-client", "0.0.0.0"]',
+        "VOLUME /consul/data",
+        "EXPOSE 8300 8301 8301/udp 8302 8302/udp 8500 8600 8600/udp",
+    )
+    return Derived("consul-hashicorp", consul, files, changes)
+
+
+def ensure_derived(docker: Docker, recipe: Derived) -> str:
+    """Make the derived image present: a container of its base, the files copied in, committed."""
+    if docker.inspect("image", recipe.tag) is not None:
+        return "ok"
+    cid = docker.out("create", recipe.base.tag)
+    try:
+        docker.run("cp", "-", f"{cid}:/", input=recipe.layer())
+        args: list[str] = []
+        for change in (*recipe.changes, f"LABEL overlaylab.image={recipe.kind}"):
+            args += ["-c", change]
+        docker.run("commit", *args, cid, recipe.tag)
+    finally:
+        docker.run("rm", "-f", cid, check=False)
+    return "built"
+
+
 def ensure(docker: Docker, recipe: Recipe, log: Callable[[str], None] = lambda _m: None) -> str:
     """Make the recipe's image present in the engine; returns how (ok/imported/built)."""
     if docker.inspect("image", recipe.tag) is not None:
@@ -229,7 +334,7 @@ def ensure(docker: Docker, recipe: Recipe, log: Callable[[str], None] = lambda _
     return how
 
 
-def inner_bundle(docker: Docker, recipes: list[Recipe]) -> Path:
+def inner_bundle(docker: Docker, recipes: list[Recipe | Derived]) -> Path:
     """One `docker save` archive of the images every lab host's engine loads."""
     name = "-".join(r.fingerprint for r in recipes)
     path = CACHE / f"inner-{name}.tar"

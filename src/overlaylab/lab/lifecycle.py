@@ -124,8 +124,13 @@ def up(
         with steps.step(f"Image {recipe.tag}") as note:
             result.images[recipe.kind] = images.ensure(docker, recipe, steps.line)
             note.append(result.images[recipe.kind])
-    bundle = images.inner_bundle(docker, inner)
-    inner_tags = {inner[0].tag: images.INNER_TAGS["busybox"], inner[1].tag: images.INNER_TAGS["consul"]}
+    hashicorp = images.hashicorp_recipe(inner[1])
+    with steps.step(f"Image {hashicorp.tag}") as note:
+        result.images[hashicorp.kind] = images.ensure_derived(docker, hashicorp)
+        note.append(result.images[hashicorp.kind])
+    bundled: list[images.Recipe | images.Derived] = [*inner, hashicorp]
+    bundle = images.inner_bundle(docker, bundled)
+    inner_tags = {r.tag: images.INNER_TAGS[r.kind] for r in bundled}
 
     with steps.step("Lab networks and firewall rules") as note:
         for net, bridge, subnet in (

@@ -102,6 +102,10 @@ def run_command(
     (a published port makes dockerd call the store through its own port forward)."""
     q = shlex.quote
     key = ["-v", f"{KEY_FILE}:{KEY_MOUNT}:ro"] if inv.ha else []
+    if inv.ha and inv.consul_flavor == "hashicorp":
+        # the official image's entrypoint drops Consul to its consul user, who cannot read the
+        # root-only key; this variable (its own) keeps root, as progrium/consul always runs
+        key += ["-e", "CONSUL_DISABLE_PERM_MGMT=1"]
     parts = [
         "docker", "run", "-d", "--name", inv.consul_name, "--network", "host", "--restart", "always",
         "--label", f"{ROLE_LABEL}=consul", "--label", f"{SPEC_LABEL}={spec_hash(inv, ip, role, join)}",
@@ -257,6 +261,49 @@ def join_list(inv: Inventory, nodes: Mapping[str, Node]) -> tuple[str, ...]:
     return tuple(nodes[n].advertise_ip for n in inv.servers if n in nodes) if inv.ha else ()
 
 
+def servers_up(inv: Inventory, nodes: Mapping[str, Node]) -> tuple[list[str], list[str]]:
+    """HA mode: (the servers whose Consul of ours runs, those where it exists in any state).
+    A server host that did not answer is in neither."""
+    present = [n for n in inv.servers if n in nodes and ours(nodes[n])]
+    up = [n for n in present if (nodes[n].facts.consul or {}).get("State", {}).get("Running")]
+    return up, present
+
+
+def quorum_line(inv: Inventory, nodes: Mapping[str, Node]) -> str:
+    """What an operator asks first of HA mode: is there a leader, and how many servers run."""
+    up, _ = servers_up(inv, nodes)
+    # fewer than a quorum cannot keep a leader, whatever a server still says (for a few
+    # seconds after the others stopped it names the last one)
+    quorum = len(up) >= len(inv.servers) // 2 + 1
+    leader = next((nodes[n].facts.store_leader for n in up if nodes[n].facts.store_leader), "") if quorum else ""
+
+    def why(n: str) -> str:
+        return (
+            "unreachable" if n not in nodes else (nodes[n].facts.consul or {}).get("State", {}).get("Status", "missing")
+        )
+
+    down = [f"{n} ({why(n)})" for n in inv.servers if n not in up]
+    head = f"Consul: leader {leader}" if leader else "Consul: no leader"
+    return f"{head}, {len(up)} of {len(inv.servers)} servers up" + (f"; down: {', '.join(down)}" if down else "")
+
+
+def quorum_problem(inv: Inventory, nodes: Mapping[str, Node]) -> str | None:
+    """HA mode, once its servers were made: fewer than a majority of them run. The store then
+    can be neither read nor written, and a run could only plan from facts that cannot tell
+    what the store holds; so it refuses, changing nothing, and says how to bring them back."""
+    if not inv.ha:
+        return None
+    up, present = servers_up(inv, nodes)
+    need = len(inv.servers) // 2 + 1
+    if len(present) < need or len(up) >= need:
+        return None  # not made yet (the switch from one server), or a quorum runs
+    return (
+        f"{quorum_line(inv, nodes)}. Without a quorum ({need} of {len(inv.servers)}) the store can be neither "
+        f"read nor written: start the stopped servers (docker start {inv.consul_name} on each) or bring their "
+        "hosts back, then re-run"
+    )
+
+
 def role(inv: Inventory, name: str) -> str:
     """The Consul a host runs, when it runs one: 'server' or (HA mode) 'agent'."""
     return "server" if name in inv.servers else "agent"
@@ -307,6 +354,8 @@ class Consul(Step):
             facts.containers[ctx.inv.consul_name] = "consul"
             if key_missing:
                 facts.gossip_key = "(written)"
+            if ctx.topo.ha and how != "ok" and facts.cluster_store:  # its dockerd ran without its store
+                ctx.stores_made.add(node.name)
             if fresh and role == "server" and node.host.is_manager:  # an empty store: it answers, no network
                 facts.consul_volume, facts.store_leader, facts.network = True, "(new)", None
 

@@ -267,6 +267,18 @@ def restart_reason(node: Node, d: DropIn, wanted_store: str) -> str | None:
     return None
 
 
+def store_made(ctx: Context, node: Node) -> str | None:
+    """HA mode: this pass made the host's own Consul agent again while its dockerd ran on it.
+    Seen on the lab (the manager's agent removed and made again): its pairs with another
+    host failed for over 45 s after the run, then healed by themselves."""
+    if node.name not in ctx.stores_made:
+        return None
+    return (
+        "its store, this host's own Consul agent, was gone and is made again: dockerd lost its registration "
+        "and its gossip with it, and takes them back only slowly by itself"
+    )
+
+
 class Dockerd(Step):
     """kv: the drop-in with the cluster flags, and a restart only where it changed or the
     daemon does not run as it says. The manager first, Consul's leader again, then one
@@ -283,6 +295,7 @@ class Dockerd(Step):
         reason = (
             restart_reason(node, d, render.store_url(store_ip(ctx.inv, manager_ip), ctx.inv.consul_port))
             or partitioned(ctx, node)
+            or store_made(ctx, node)
             or network.holds_lost(ctx, node)
         )
         if reason is None:

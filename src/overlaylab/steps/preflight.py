@@ -142,6 +142,9 @@ def check(inv: Inventory, nodes: list[Node], mode: str = Mode.KV) -> dict[str, l
         gone = consul.moved(node) if node.host.is_manager and mode == Mode.KV else None
         if gone:  # named first: the workers' `docker info` may stall on it and look like the fault
             problems[node.name].insert(0, gone)
+    no_quorum = consul.quorum_problem(inv, {n.name: n for n in nodes}) if mode == Mode.KV else None
+    if no_quorum:  # first too: every dockerd's store is then away, and its `docker info` may stall
+        problems[inv.manager.name].insert(0, no_quorum)
     by_hostname: dict[str, list[str]] = defaultdict(list)
     by_ip: dict[str, list[str]] = defaultdict(list)
     for node in nodes:
