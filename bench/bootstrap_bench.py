@@ -3,7 +3,9 @@ re-run with nothing to change (in all, steps 1-7 and verify apart, remote comman
 per host); `fab verify` alone (fresh probes) against the same work by hand; and, as the floor, the tutorial's own commands scripted over plain ssh in
 an order that works, with no checks, as it is and tuned (the floor's commands with
 the two timing settings overlaylab applies). Ratios are against both, from one run. Figures only: nothing passes or
-fails here. Run as root: `make bench`. Uses a lab named "bench" and removes it.
+fails here. Run as root: `make bench`. Uses a lab named "bench" and removes it. Last, HA
+Consul's 3 servers against one, at 3 and 5 hosts (OVERLAYLAB_BENCH_HA; OVERLAYLAB_BENCH_ONLY=ha
+prints those rows alone).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from overlaylab.lab import keys, lifecycle
 from overlaylab.lab.spec import build_spec
@@ -151,8 +155,37 @@ def floor(count: int, tuned: bool = False) -> float:
     return time.monotonic() - start
 
 
+def with_servers(inventory: Path, servers: int) -> None:
+    doc = yaml.safe_load(inventory.read_text())
+    doc["consul"] = {**doc.get("consul", {}), "servers": servers}
+    inventory.write_text(yaml.safe_dump(doc))
+
+
+def ha_rows(inventory: Path) -> None:
+    """HA Consul (3 servers, an agent on every other host) against one server, same hosts,
+    same run: a bootstrap from clean and a no-op re-run each (OVERLAYLAB_BENCH_HA)."""
+    print(f"{'hosts':>5}  {'1 server':>8}  {'3 servers':>9}  {'ratio':>5}  {'no-op 1':>7}  {'no-op 3':>7}")
+    for count in [int(n) for n in os.environ.get("OVERLAYLAB_BENCH_HA", "3,5").split(",")]:
+        took = {}
+        for servers in (1, 3):
+            fresh_lab(count, inventory)
+            with_servers(inventory, servers)
+            first, _ = fab("bootstrap-cluster", "--inventory", str(inventory))
+            noop, _ = fab("bootstrap-cluster", "--inventory", str(inventory))
+            took[servers] = (first, noop)
+        print(
+            f"{count:>5}  {took[1][0]:>7.1f}s  {took[3][0]:>8.1f}s  {took[3][0] / took[1][0]:>5.2f}  "
+            f"{took[1][1]:>6.1f}s  {took[3][1]:>6.1f}s",
+            flush=True,
+        )
+
+
 def main() -> None:
     inventory = Path("/tmp/overlaylab-bench.yaml")
+    if os.environ.get("OVERLAYLAB_BENCH_ONLY") == "ha":
+        ha_rows(inventory)
+        lifecycle.down(NAME, steps=Quiet())
+        return
     print(
         f"{'hosts':>5}  {'floor':>7}  {'tuned':>7}  {'bootstrap':>9}  {'/floor':>6}  {'/tuned':>6}  {'no-op':>6}  "
         f"{'1-7':>6}  {'verify':>6}  {'cmds/host':>9}  {'fab verify':>10}  {'by hand':>7}  {'/hand':>5}"
@@ -203,6 +236,7 @@ def main() -> None:
             f"{mode:>5}  {engine:>6}  {first:>8.1f}s  {again['seconds_to_verify']:>9}s  {again['seconds_verify']:>5}s",
             flush=True,
         )
+    ha_rows(inventory)
     lifecycle.down(NAME, steps=Quiet())
 
 

@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from overlaylab.lab import lifecycle
 from tests.e2e.clusterlab import DROPIN, Lab, each_host, fab, module_lab, ping_pairs, run_smoke
 from tests.e2e.labtools import sh
 
 NAME, RANGE = "e2eplan", "10.216.0.0/16"
 ENGINES = "legacy,legacy,legacy,legacy,legacy"
 HOSTS = [1, 2, 3, 4, 5]
+LOOP = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"
+# one ping a second for up to 20 s, as verify allows a new endpoint to converge
+WITHIN_20S = "for i in $(seq 20); do ping -c 1 -W 1 {} >/dev/null && {{ echo ok after $i s; exit 0; }}; done; echo no answer in 20 s"
 MACHINE_EXEC = (
     "/usr/sbin/dockerd -H tcp://0.0.0.0:2376 -H unix:///var/run/docker.sock --tlsverify "
     "--tlscacert /etc/docker/ca.pem --tlscert /etc/docker/server.pem --tlskey /etc/docker/server-key.pem "
@@ -129,6 +131,9 @@ def truth(lab: Lab, *args: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
     assert code == code_dry, err
     assert plan_of(dry) == plan_of(real), (plan_of(dry) ^ plan_of(real), err)
     assert dry["restarts"] == real["restarts"]
+    if code == 2:  # refused: its plan (restarts included) is said, and nothing is done
+        assert after == before, f"a refused run changed a host: {differences(before, after)}"
+        return code, dry, real
     # what the test saw change is what the plan said would change
     assert changed_on(before, after, "pid") == set(real["restarts"])
     assert changed_on(before, after, "files") == set(real["diffs"]) == changed_steps(real, "dockerd")
@@ -139,8 +144,6 @@ def truth(lab: Lab, *args: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
     assert network_changes <= changed_on(before, after, "networks")
     if "bm-docker-01" in changed_on(before, after, "networks"):
         assert "bm-docker-01" in changed_steps(real, "network", "swarm", "dockerd", "consul")
-    if code == 2:
-        assert after == before, f"a refused run changed a host: {differences(before, after)}"
     return code, dry, real
 
 
@@ -264,14 +267,42 @@ def network_id(lab: Lab) -> str:
 
 
 def test_one_to_three_consul_servers_by_a_re_run(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
-    """HA Consul: servers on hosts 1-3, agents on 4 and 5, each dockerd on its own agent."""
+    """HA Consul: servers on hosts 1-3, agents on 4 and 5, each dockerd on its own agent.
+    Every dockerd restarts, so a user's container (restart policy always, on the overlay) on
+    bm-docker-02 makes the run refuse that host without --allow-restart, changing nothing;
+    with it, the container runs again, is pinged by name, and is never removed."""
     before = network_id(lab)
+    conn = lab.conn(2)
+    users = sh(conn, f'docker run -d --name users_app --restart always --network ov_net1 busybox sh -c "{LOOP}"')
+    conn.close()
     path = inventory(lab, HOSTS, consul={"port": 8501, "servers": 3})
-    code, dry, real = truth(lab, "bootstrap-cluster", "--inventory", path)
+    code, _, refused = truth(lab, "bootstrap-cluster", "--inventory", path)
+    why = {h: s["plan"]["detail"] for h, s in refused["hosts"].items() if s.get("plan", {}).get("status") == "failed"}
+    assert code == 2 and list(why) == ["bm-docker-02"] and "--allow-restart" in why["bm-docker-02"], why
+    assert "users_app" in why["bm-docker-02"]
+    code, dry, real = truth(lab, "bootstrap-cluster", "--allow-restart", "--inventory", path)
     every = {f"bm-docker-{i:02d}" for i in HOSTS}
     assert code == 0 and changed_steps(dry, "consul") == every and set(real["restarts"]) == every
     assert network_id(lab) == before  # the overlay network keeps its ID: the store kept its data
     all_ping(real, HOSTS)
+    conn = lab.conn(2)
+    assert sh(conn, "docker inspect -f '{{.Id}} {{.State.Running}}' users_app") == f"{users} true"
+    conn.close()
+    # reached first from another host: measured, not asserted (see the note on issue 11: after
+    # the switch, a restored container could stay unreachable inward until it sent traffic)
+    conn = lab.conn(5)
+    inward = sh(conn, f"docker run --rm --network ov_net1 busybox sh -c {shlex.quote(WITHIN_20S.format('users_app'))}")
+    sh(conn, f'docker run -d --name users_peer --network ov_net1 busybox sh -c "{LOOP}" >/dev/null')
+    try:
+        conn2 = lab.conn(2)  # the user's container pings a new container on another host, by name
+        outward = sh(conn2, f"docker exec users_app sh -c {shlex.quote(WITHIN_20S.format('users_peer'))}")
+        conn2.close()
+    finally:
+        sh(conn, "docker rm -f users_peer >/dev/null")
+        conn.close()
+    with capsys.disabled():
+        print(f"\n    after the switch: users_app reached from bm-docker-05 first: {inward}; it reaches out: {outward}")
+    assert outward.startswith("ok"), outward
     conn = lab.conn(4)
     key = json.loads(sh(conn, "cat /etc/overlaylab/consul/gossip.json"))["encrypt"]
     assert sh(conn, "stat -c '%a %U' /etc/overlaylab/consul/gossip.json") == "600 root"
@@ -285,40 +316,9 @@ def test_one_to_three_consul_servers_by_a_re_run(lab: Lab, capsys: pytest.Captur
     assert failures == {} and passed == 1 + 2 * len(HOSTS), failures
     code, again, _ = fab("bootstrap-cluster", "--inventory", path)
     assert code == 0 and again["changes"] == 0
-
-
-def test_ha_the_managers_host_dies_the_rest_carries_on_and_one_re_run_heals_it_back(
-    lab: Lab, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """HA: the manager's host, a server, loses its power. status and verify name it
-    unreachable and go on with the others; with 2 of 3 servers the store keeps its quorum,
-    so verify's fresh probes (new containers, pinged by name from the other hosts) join the
-    overlay. Tried every 5 s for up to 3 minutes; the time it took is printed. Powered on
-    again, one re-run brings back the full matrix."""
-    path = inventory(lab, HOSTS, consul={"port": 8501, "servers": 3})
-    rest = [f"bm-docker-{i:02d}" for i in HOSTS[1:]]
-    lifecycle.power_off(NAME, "bm-docker-01")
-    cut = time.monotonic()
-    try:
-        while True:
-            code, doc, err = fab("verify", "--inventory", path)
-            assert code == 1 and doc["unreachable"] == ["bm-docker-01"], err
-            if all(ping_pairs(doc).values()) and len(ping_pairs(doc)) == len(rest) * (len(rest) - 1) * 2:
-                break
-            assert time.monotonic() - cut < 180, f"the four other hosts still fail to ping each other:\n{err}"
-            time.sleep(5)
-        took = time.monotonic() - cut
-        code, status, err = fab("status", "--inventory", path)
-        assert code == 1 and status["unreachable"] == ["bm-docker-01"], err
-        assert [row["host"] for row in status["status"]] == rest
-        assert "unreachable" in status["hosts"]["bm-docker-01"]["status"]["detail"]
-    finally:
-        lifecycle.up(NAME, engine_opt=ENGINES, addr_range=RANGE)
-    with capsys.disabled():  # a figure for the log, not a threshold
-        print(f"\n    manager's host down: new containers on the others ping by name {took:.0f}s after the cut")
-    code, doc, err = fab("bootstrap-cluster", "--inventory", path)
-    assert code == 0, err
-    all_ping(doc, HOSTS)
+    conn = lab.conn(2)
+    sh(conn, "docker rm -f users_app >/dev/null")  # the user's, removed by the user: teardown follows
+    conn.close()
 
 
 def test_teardown(lab: Lab) -> None:

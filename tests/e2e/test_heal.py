@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,26 +28,20 @@ from typing import Any
 import pytest
 
 from overlaylab.lab import lifecycle
+from tests.e2e import healing
 from tests.e2e.clusterlab import FAB, ROOT, Lab, fab, module_lab
+from tests.e2e.healing import USER_APP, name
 from tests.e2e.labtools import sh
 
 NAME, RANGE = "e2eheal", "10.217.0.0/16"
 ENGINES = "legacy,legacy,legacy"
 HOSTS = [1, 2, 3]
-USER_APP = "users_app"  # + the host number: on a kv overlay, endpoint names are global
-LOOP = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"
 
 
 def _bootstrapped(lab: Lab) -> None:
     code, _, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", HOSTS)))
     assert code == 0, err
-    for i in HOSTS:
-        conn = lab.conn(i)
-        sh(
-            conn,
-            f'docker run -d --name {USER_APP}{i} --restart always --network ov_net1 busybox sh -c "{LOOP}" >/dev/null',
-        )
-        conn.close()
+    healing.start_users_app(lab, HOSTS)
 
 
 @pytest.fixture(scope="module")
@@ -56,87 +49,23 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     yield from module_lab(tmp_path_factory, NAME, ENGINES, RANGE, _bootstrapped)
 
 
-def name(i: int) -> str:
-    return f"bm-docker-{i:02d}"
-
-
 def dockerd_pids(lab: Lab) -> dict[str, str]:
-    pids = {}
-    for i in HOSTS:
-        conn = lab.conn(i)
-        pids[name(i)] = sh(conn, "systemctl show -p MainPID --value docker.service")
-        conn.close()
-    return pids
+    return healing.dockerd_pids(lab, HOSTS)
 
 
 def users_running(lab: Lab) -> dict[str, str]:
-    state = {}
-    for i in HOSTS:
-        conn = lab.conn(i)
-        state[name(i)] = sh(conn, f"docker inspect -f '{{{{.State.Running}}}}' {USER_APP}{i} 2>&1")
-        conn.close()
-    return state
+    return healing.users_running(lab, HOSTS)
 
 
-def pings(lab: Lab, window: float = 20, hosts: list[int] = HOSTS) -> list[str]:
-    """Containers of the test's own on every host; every ordered pair pings by IP and by name
-    (plain `docker exec ... ping`, a short window to converge, as verify allows); the failures."""
-    tag = secrets.token_hex(3)
-    conns = {i: lab.conn(i) for i in hosts}
-    ips: dict[int, str] = {}
-    failures: list[str] = []
-    try:
-        for i, conn in conns.items():
-            ips[i] = sh(
-                conn,
-                f'docker run -d --name heal-{tag}-{i} --network ov_net1 busybox sh -c "{LOOP}" >/dev/null && '
-                f"docker inspect -f '{{{{.NetworkSettings.Networks.ov_net1.IPAddress}}}}' heal-{tag}-{i}",
-            )
-        for a in hosts:  # one command per source host: each target retried until the window ends
-            checks = [
-                f"end=$(( $(date +%s) + {int(window)} )); "
-                f"until docker exec heal-{tag}-{a} ping -c 1 -W 1 {target} >/dev/null 2>&1; do "
-                f'[ $(date +%s) -ge $end ] && {{ echo "{name(a)} -> {name(b)} ({target})"; break; }}; sleep 0.5; done'
-                for b in hosts
-                if b != a
-                for target in (ips[b], f"heal-{tag}-{b}")
-            ]
-            failures += [line for line in sh(conns[a], "; ".join(checks)).splitlines() if line.strip()]
-    finally:
-        for i, conn in conns.items():
-            sh(conn, f"docker rm -f heal-{tag}-{i} >/dev/null 2>&1; true")
-            conn.close()
-    return failures
+def pings(lab: Lab, hosts: list[int] = HOSTS) -> list[str]:
+    return healing.pings(lab, hosts)
 
 
 def heal(
     lab: Lab, faulted: set[str] | None, inventory: Path | None = None, allow_restart: bool = True
 ) -> dict[str, Any]:
-    """One re-run: exit 0, only reported restarts, user containers back, every pair pings.
-
-    Without ``allow_restart`` the run either heals without a restart, or, if it needs one
-    where user containers run, refuses (exit 2, naming the host and the reason) having
-    changed nothing; then the run with the flag must heal."""
-    before = dockerd_pids(lab)
-    inventory = inventory or lab.inventory("abc", HOSTS)
-    flag = ["--allow-restart"] if allow_restart else []
-    code, doc, err = fab("bootstrap-cluster", *flag, "--inventory", str(inventory))
-    if code == 2 and not allow_restart:
-        assert doc["refused"] and doc["changes"] == 0, err
-        refusals = {h: s["plan"]["detail"] for h, s in doc["hosts"].items() if "plan" in s}
-        assert refusals and all("--allow-restart" in why for why in refusals.values()), err
-        assert dockerd_pids(lab) == before
-        print(f"refused without --allow-restart: {refusals}")
-        return heal(lab, faulted, inventory)
-    assert code == 0, err
-    after = dockerd_pids(lab)
-    moved = {h for h in before if before[h] != after[h]}
-    assert moved <= set(doc["restarts"]), (moved, doc["restarts"])
-    if faulted is not None:
-        assert set(doc["restarts"]) <= faulted, doc["restarts"]
-    assert users_running(lab) == dict.fromkeys(map(name, HOSTS), "true")
-    assert pings(lab) == []
-    return doc
+    """healing.heal() on this module's three hosts and inventory."""
+    return healing.heal(lab, HOSTS, inventory or lab.inventory("abc", HOSTS), faulted, allow_restart)
 
 
 def test_the_cluster_with_user_containers_pings_before_any_fault(lab: Lab) -> None:

@@ -1,0 +1,111 @@
+"""What the fault modules share (test_heal, test_ha): the users' containers, the dockerd
+PIDs, a ping matrix made by the test itself with plain `docker exec ... ping`, and one
+re-run that must heal. Real components only: each reading is a command on a lab host."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.clusterlab import Lab, each_host, fab
+from tests.e2e.labtools import sh
+
+USER_APP = "users_app"  # + the host number: on a kv overlay, endpoint names are global
+LOOP = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"
+
+
+def name(i: int) -> str:
+    return f"bm-docker-{i:02d}"
+
+
+def on(lab: Lab, i: int, command: str) -> str:
+    conn = lab.conn(i)
+    try:
+        return sh(conn, command)
+    finally:
+        conn.close()
+
+
+def start_users_app(lab: Lab, hosts: list[int], network: str = "ov_net1") -> None:
+    """A user's container with `--restart always` on the overlay, on every host given."""
+    each_host(
+        hosts,
+        lambda i: on(
+            lab, i, f'docker run -d --name {USER_APP}{i} --restart always --network {network} busybox sh -c "{LOOP}"'
+        ),
+    )
+
+
+def dockerd_pids(lab: Lab, hosts: list[int]) -> dict[str, str]:
+    found = each_host(hosts, lambda i: on(lab, i, "systemctl show -p MainPID --value docker.service"))
+    return {name(i): pid for i, pid in found.items()}
+
+
+def users_running(lab: Lab, hosts: list[int]) -> dict[str, str]:
+    found = each_host(hosts, lambda i: on(lab, i, f"docker inspect -f '{{{{.State.Running}}}}' {USER_APP}{i} 2>&1"))
+    return {name(i): state for i, state in found.items()}
+
+
+def pings(lab: Lab, hosts: list[int], window: float = 20) -> list[str]:
+    """Containers of the test's own on every host; every ordered pair pings by IP and by name
+    (plain `docker exec ... ping`, a short window to converge, as verify allows); the failures."""
+    tag = secrets.token_hex(3)
+    conns = {i: lab.conn(i) for i in hosts}
+    ips: dict[int, str] = {}
+    failures: list[str] = []
+    try:
+        for i, conn in conns.items():
+            ips[i] = sh(
+                conn,
+                f'docker run -d --name heal-{tag}-{i} --network ov_net1 busybox sh -c "{LOOP}" >/dev/null && '
+                f"docker inspect -f '{{{{.NetworkSettings.Networks.ov_net1.IPAddress}}}}' heal-{tag}-{i}",
+            )
+
+        def from_host(a: int) -> list[str]:  # one command per source host: each target retried until the window ends
+            checks = [
+                f"end=$(( $(date +%s) + {int(window)} )); "
+                f"until docker exec heal-{tag}-{a} ping -c 1 -W 1 {target} >/dev/null 2>&1; do "
+                f'[ $(date +%s) -ge $end ] && {{ echo "{name(a)} -> {name(b)} ({target})"; break; }}; sleep 0.5; done'
+                for b in hosts
+                if b != a
+                for target in (ips[b], f"heal-{tag}-{b}")
+            ]
+            return [line for line in sh(conns[a], "; ".join(checks)).splitlines() if line.strip()]
+
+        for found in each_host(hosts, from_host).values():
+            failures += found
+    finally:
+        for i, conn in conns.items():
+            sh(conn, f"docker rm -f heal-{tag}-{i} >/dev/null 2>&1; true")
+            conn.close()
+    return failures
+
+
+def heal(
+    lab: Lab, hosts: list[int], inventory: Path, faulted: set[str] | None, allow_restart: bool = True
+) -> dict[str, Any]:
+    """One re-run: exit 0, only reported restarts, user containers back, every pair pings.
+
+    Without ``allow_restart`` the run either heals without a restart, or, if it needs one
+    where user containers run, refuses (exit 2, naming the host and the reason) having
+    changed nothing; then the run with the flag must heal."""
+    before = dockerd_pids(lab, hosts)
+    flag = ["--allow-restart"] if allow_restart else []
+    code, doc, err = fab("bootstrap-cluster", *flag, "--inventory", str(inventory))
+    if code == 2 and not allow_restart:
+        assert doc["refused"] and doc["changes"] == 0, err
+        refusals = {h: s["plan"]["detail"] for h, s in doc["hosts"].items() if "plan" in s}
+        assert refusals and all("--allow-restart" in why for why in refusals.values()), err
+        assert dockerd_pids(lab, hosts) == before
+        print(f"refused without --allow-restart: {refusals}")
+        return heal(lab, hosts, inventory, faulted)
+    assert code == 0, err
+    after = dockerd_pids(lab, hosts)
+    moved = {h for h in before if before[h] != after[h]}
+    assert moved <= set(doc["restarts"]), (moved, doc["restarts"])
+    if faulted is not None:
+        assert set(doc["restarts"]) <= faulted, doc["restarts"]
+    assert users_running(lab, hosts) == dict.fromkeys(map(name, hosts), "true")
+    assert pings(lab, hosts) == []
+    return doc
