@@ -217,19 +217,6 @@ def test_join_node(lab: Lab) -> None:
     assert set(dry["diffs"]) == {"bm-docker-05"}
 
 
-def test_a_re_run_after_the_consul_container_was_removed_exits_0(lab: Lab) -> None:
-    """Its facts are read while Consul is down; the network step plans from facts read after
-    Consul is back (before: exit 1, "network with name ov_net1 already exists")."""
-    conn = lab.conn(1)
-    sh(conn, "docker rm -f overlaylab-consul >/dev/null")
-    conn.close()
-    code, doc, err = fab("bootstrap-cluster", "--inventory", inventory(lab, HOSTS))
-    assert code == 0, err
-    assert doc["hosts"]["bm-docker-01"]["consul"]["status"] == "changed"
-    assert doc["hosts"]["bm-docker-01"]["network"]["status"] == "ok"  # the same network, found again
-    all_ping(doc, HOSTS)
-
-
 def test_a_host_whose_dockerd_is_stopped(lab: Lab) -> None:
     conn = lab.conn(3)
     sh(conn, "systemctl stop docker.service docker.socket")
@@ -288,20 +275,17 @@ def test_one_to_three_consul_servers_by_a_re_run(lab: Lab, capsys: pytest.Captur
     conn = lab.conn(2)
     assert sh(conn, "docker inspect -f '{{.Id}} {{.State.Running}}' users_app") == f"{users} true"
     conn.close()
-    # reached first from another host: measured, not asserted (see the note on issue 11: after
-    # the switch, a restored container could stay unreachable inward until it sent traffic)
+    # it pings a new container on another host by name (reached first from the other side it
+    # could stay unreachable for more than 20 s: see the note on issue 11)
     conn = lab.conn(5)
-    inward = sh(conn, f"docker run --rm --network ov_net1 busybox sh -c {shlex.quote(WITHIN_20S.format('users_app'))}")
     sh(conn, f'docker run -d --name users_peer --network ov_net1 busybox sh -c "{LOOP}" >/dev/null')
     try:
-        conn2 = lab.conn(2)  # the user's container pings a new container on another host, by name
+        conn2 = lab.conn(2)
         outward = sh(conn2, f"docker exec users_app sh -c {shlex.quote(WITHIN_20S.format('users_peer'))}")
         conn2.close()
     finally:
         sh(conn, "docker rm -f users_peer >/dev/null")
         conn.close()
-    with capsys.disabled():
-        print(f"\n    after the switch: users_app reached from bm-docker-05 first: {inward}; it reaches out: {outward}")
     assert outward.startswith("ok"), outward
     conn = lab.conn(4)
     key = json.loads(sh(conn, "cat /etc/overlaylab/consul/gossip.json"))["encrypt"]

@@ -638,3 +638,18 @@ def test_the_hashicorp_flavour_in_ha_keeps_root_to_read_the_root_only_key() -> N
     )
     assert command.split("hashicorp/consul ")[1].startswith("agent -server -bootstrap-expect=3")
     assert "CONSUL_DISABLE_PERM_MGMT" not in consul.run_command(inv, "10.210.1.11", None, "server", ())
+
+
+def test_five_servers_each_expect_five_and_retry_join_the_four_others() -> None:
+    inv, nodes, log = ha_cluster(count=6, servers=5)
+    report = RunReport("t", [n.name for n in nodes], json_mode=True, stream=io.StringIO())
+    assert run_steps(inv, Options(), list(nodes), report, kv.BOOTSTRAP, [n.name for n in nodes]) == 0
+    runs = {h: c for h, c in log.lines if "docker run -d --name overlaylab-consul" in c}
+    servers = ["m", "w1", "w2", "w3", "w4"]
+    assert all("-bootstrap-expect=5" in runs[s] for s in servers) and "-server" not in runs["w5"]
+    for i, s in enumerate(servers):
+        joins = {part.split("=")[1] for part in runs[s].split() if part.startswith("-retry-join=")}
+        assert joins == {f"10.210.1.{11 + j}" for j in range(5) if j != i}
+    assert {part for part in runs["w5"].split() if part.startswith("-retry-join=")} == {
+        f"-retry-join=10.210.1.{11 + j}" for j in range(5)
+    }
