@@ -72,7 +72,7 @@ def test_join_node_brings_a_new_host_in_as_a_consul_agent(lab: Lab) -> None:
 
 def test_a_workers_dockerd_restarted_where_a_consul_server_runs(lab: Lab) -> None:
     """b: bm-docker-02's dockerd restarts, and with it the Consul server it runs."""
-    on(lab, 2, "systemctl restart docker.service")
+    healing.restart_dockerd(lab, 2)
     heal(lab, {name(2)})
 
 
@@ -91,7 +91,7 @@ def test_the_managers_dockerd_restarted_three_times_in_a_row(lab: Lab) -> None:
     restart), three times. The `fab verify` between them runs in test_heal only: here it
     cost 40 s a round of the suite's 25 minutes (it failed after the first restart)."""
     for _ in range(3):
-        on(lab, 1, "systemctl restart docker.service")
+        healing.restart_dockerd(lab, 1)
         heal(lab, None, allow_restart=False)
 
 

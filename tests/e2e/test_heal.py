@@ -74,9 +74,7 @@ def test_the_cluster_with_user_containers_pings_before_any_fault(lab: Lab) -> No
 
 
 def test_a_workers_dockerd_restarted(lab: Lab) -> None:
-    conn = lab.conn(2)
-    sh(conn, "systemctl restart docker.service")
-    conn.close()
+    healing.restart_dockerd(lab, 2)
     heal(lab, {name(2)})
 
 
@@ -149,18 +147,7 @@ def test_the_managers_dockerd_restarted_three_times_in_a_row(lab: Lab) -> None:
     """As a user would: the fault, `fab verify` (its result is measured, not asserted), then
     the re-run, without --allow-restart (it refuses, or heals without a restart)."""
     for _ in range(3):
-        conn = lab.conn(1)
-        # A start of dockerd 20.10 sometimes fails here (seen in CI 2026-12-02: "Job for
-        # docker.service failed") and the unit's Restart=always starts it again: still the
-        # fault under test. Its journal is printed; a daemon not back within 60 s fails.
-        failed = sh(
-            conn,
-            "systemctl restart docker.service && exit 0; journalctl -u docker.service -n 12 --no-pager -o cat; "
-            "timeout 60 sh -c 'until systemctl is-active -q docker.service; do sleep 1; done'",
-        )
-        conn.close()
-        if failed:
-            print(f"the fault's restart failed once, systemd started dockerd again:\n{failed}")
+        healing.restart_dockerd(lab, 1)
         fab("verify", "--inventory", str(lab.inventory("abc", HOSTS)))
         heal(lab, None, allow_restart=False)
 

@@ -304,11 +304,6 @@ def quorum_problem(inv: Inventory, nodes: Mapping[str, Node]) -> str | None:
     )
 
 
-def role(inv: Inventory, name: str) -> str:
-    """The Consul a host runs, when it runs one: 'server' or (HA mode) 'agent'."""
-    return "server" if name in inv.servers else "agent"
-
-
 class Consul(Step):
     """Consul with a leader; nothing else proceeds without it. One server on the manager,
     or (HA) 3 or 5 servers and a client agent on every other host, gossip encrypted."""

@@ -102,7 +102,12 @@ def _ready_command(timeout: int, expect_peers: bool = False) -> str:
 
 
 def _restart_command(expect_peers: bool) -> str:
-    return f"start=$(date +%s); systemctl restart docker.service && {_ready_command(READY_TIMEOUT, expect_peers)}"
+    """reset-failed first: docker.service allows 3 starts in 60 s (StartLimitBurst), and a
+    restart of ours right after others (a user's, a fault's) would be refused by systemd."""
+    return (
+        "start=$(date +%s); systemctl reset-failed docker.service 2>/dev/null; "
+        f"systemctl restart docker.service && {_ready_command(READY_TIMEOUT, expect_peers)}"
+    )
 
 
 def _restore_command(previous: str | None) -> str:

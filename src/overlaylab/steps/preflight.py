@@ -11,6 +11,7 @@ from overlaylab.facts import CONSUL_GOSSIP, HostFacts, parse_version
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode, engine_problem
 from overlaylab.steps import consul
+from overlaylab.topology import Topology
 
 PROBE_IMAGE = "busybox:latest"  # the anchors' and verify's probes
 MIN_KERNEL = (3, 16)  # the oldest kernel Docker's overlay driver supports
@@ -175,7 +176,9 @@ def consul_version_problem(inv: Inventory, nodes: list[Node]) -> tuple[str, str]
         return None
     by_name = {n.name: n for n in nodes}
     join = consul.join_list(inv, by_name)
-    if all(consul.state(inv, n, consul.role(inv, n.name), join)[0] not in ("create", "recreate") for n in nodes):
+    topo = Topology.of(inv)
+    roles = {n.name: topo.consul_role(n.name) or "server" for n in nodes}  # HA: every host has one
+    if all(consul.state(inv, n, roles[n.name], join)[0] not in ("create", "recreate") for n in nodes):
         return None
     manager = by_name[inv.manager.name]
     problem = consul.version_problem(inv.consul_image, consul.image_version(inv, manager))
