@@ -1,4 +1,4 @@
-"""What the fault modules share (test_heal, test_ha): the users' containers, the dockerd
+"""What the fault modules share (test_heal; the HA module of 0a3f0cb, out of the suite): the users' containers, the dockerd
 PIDs, a ping matrix made by the test itself with plain `docker exec ... ping`, and one
 re-run that must heal. Real components only: each reading is a command on a lab host."""
 
