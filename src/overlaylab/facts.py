@@ -18,6 +18,8 @@ DROPIN_DIR = "/etc/systemd/system/docker.service.d"
 DROPIN = f"{DROPIN_DIR}/10-machine.conf"
 BACKUP_DIR = "/var/lib/overlaylab/backup"
 BACKUP = f"{BACKUP_DIR}/10-machine.conf"
+# the users' containers held back over a restart of ours: "name policy" lines (steps/holdback.py)
+HELD_FILE = "/var/lib/overlaylab/held-restart-policies"
 BACKUP_ABSENT = f"{BACKUP_DIR}/10-machine.conf.absent"
 ROLE_LABEL = "overlaylab.role"
 ANCHOR_PREFIX = "overlaylab-anchor-"  # + the host: steps/anchor.py
@@ -42,7 +44,8 @@ CONSUL_GOSSIP = 8301  # Consul's LAN gossip, between HA mode's agents
 PORTS = (7946, 4789, 2377)  # gossip, VXLAN data, swarm control; the Consul port is added
 
 
-VERIFY_SECTIONS = ("hostname", "network", "gossip_events")  # all `fab verify` reads before its probes
+# all `fab verify` reads before its probes
+VERIFY_SECTIONS = ("hostname", "network", "gossip_events", "deaf_sandboxes", "dropin")
 
 
 def script(
@@ -114,6 +117,8 @@ def script(
             "else timeout 20 docker service ls -q 2>/dev/null | wc -l; fi",
         ),
         ("stray_threads", stray_threads_script()),
+        ("deaf_sandboxes", deaf_sandboxes_script()),
+        ("held", f"cat {HELD_FILE} 2>/dev/null"),
         ("restore_failed", RESTORE_FAILED_SCRIPT),
         ("gossip_events", GOSSIP_EVENTS_SCRIPT),
         ("overlays", "timeout 20 docker network ls --filter driver=overlay --format '{{.Name}}' 2>/dev/null"),
@@ -143,7 +148,7 @@ def attached_format(network: str) -> str:
         "{{.Name}}\t{{.Id}}\t{{.State.Running}}\t{{with index .NetworkSettings.Networks "
         + json.dumps(network)
         + "}}{{.NetworkID}}\t{{range .Aliases}}{{.}},{{end}}\t{{with .IPAMConfig}}{{.IPv4Address}}{{end}}{{end}}"
-        "\t{{.State.Error}}"
+        "\t{{.State.Error}}\t{{.HostConfig.RestartPolicy.Name}}:{{.HostConfig.RestartPolicy.MaximumRetryCount}}"
     ).replace("\\t", "\t")
 
 
@@ -157,6 +162,12 @@ class Attachment:
     aliases: tuple[str, ...] = ()  # the user's: without the short ID dockerd adds itself
     ip: str = ""  # a fixed IPv4 address (`--ip`), kept when it is connected again
     error: str = ""  # why its last start failed
+    policy: str = ""  # its restart policy as `docker update --restart` takes it: no, always, on-failure:3
+
+    @property
+    def comes_back(self) -> bool:
+        """A dockerd restart starts it again, in the daemon's restore, before gossip is up."""
+        return self.running and self.policy not in ("", "no")
 
     def failed_on(self, network_id: str) -> bool:
         """Its last start failed because that network was gone (a restart on a lost network)."""
@@ -166,12 +177,16 @@ class Attachment:
 def parse_attached(text: str) -> dict[str, Attachment]:
     out = {}
     for line in text.splitlines():
-        name, cid, running, net_id, aliases, ip, error = ([*line.split("\t"), "", "", "", "", "", ""])[:7]
+        name, cid, running, net_id, aliases, ip, error, policy = ([*line.split("\t"), *[""] * 7])[:8]
         name = name.strip().lstrip("/")
         if name and net_id.strip():
             short = cid.strip()[:12]
             kept = tuple(a for a in aliases.split(",") if a and a != short)
-            out[name] = Attachment(cid.strip(), net_id.strip(), running.strip() == "true", kept, ip.strip(), error)
+            kind, _, count = policy.strip().partition(":")
+            policy = f"{kind}:{count}" if kind == "on-failure" and count not in ("", "0") else kind
+            out[name] = Attachment(
+                cid.strip(), net_id.strip(), running.strip() == "true", kept, ip.strip(), error.strip(), policy
+            )
     return out
 
 
@@ -257,6 +272,37 @@ def stray_threads_script(
         "[ $home = 1 ] && echo $out; }; "
         f'a=$(_stray); if [ -n "$a" ]; then {between}; a=$(printf "%s\\n" $a $(_stray) | sort | uniq -d); fi; '
         'echo "$a" | grep -c . || true; fi'
+    )
+
+
+def deaf_sandboxes_script(
+    proc: str = "/proc",
+    netns_dir: str = "/run/docker/netns",
+    pid: str = "$(systemctl show -p MainPID --value docker.service)",
+    between: str = "sleep 0.5",
+) -> str:
+    """Names the overlay sandboxes (``<epoch>-<network ID, 10 chars>``) that no dockerd
+    thread sits in: made while the daemon's gossip was not up yet.
+
+    Docker 20.10's legacy overlay starts a sandbox's miss watcher (``watchMiss``, locked on
+    a thread inside the sandbox, see steps/anchor.py) only if gossip is up when the sandbox
+    is made (libnetwork ``initSandbox``). A dockerd restart brings containers with a
+    restart policy back before that, so the host's sandbox never asks the cluster for a
+    peer it did not see join; and those containers were announced with no VTEP in the
+    daemon's peer table (``peerDBUpdateSelf`` edits a copy), which is what it answers
+    other hosts' lookups with. Measured on the lab: after an agent host's dockerd restart
+    in HA mode, its user's container neither reached nor was reached by any other host's,
+    while fresh containers pinged each other. A sandbox is named only if it is still
+    without a thread after ``between``: one made at the moment of the first look is not."""
+    return (
+        f'pid={pid}; if [ "$pid" -gt 0 ] 2>/dev/null; then '
+        "_deaf() { "
+        f"threads=$(for t in {proc}/$pid/task/*; do readlink $t/ns/net 2>/dev/null; done | sort -u); "
+        f'for f in {netns_dir}/*-*; do [ -e "$f" ] || continue; '
+        "i=$(stat -L -c 'net:[%i]' \"$f\" 2>/dev/null) || continue; "
+        'echo "$threads" | grep -qxF "$i" || echo "${f##*/}"; done; }; '
+        f'a=$(_deaf); if [ -n "$a" ]; then {between}; a=$(printf "%s\\n" $a $(_deaf) | sort | uniq -d); fi; '
+        'echo "$a"; fi'
     )
 
 
@@ -391,6 +437,8 @@ class HostFacts:
     services: int = 0
     overlays: list[str] = field(default_factory=list)
     stray_threads: int = 0
+    held: dict[str, str] = field(default_factory=dict)  # a stopped run's held-back containers -> policy
+    deaf_sandboxes: list[str] = field(default_factory=list)  # network IDs (10 chars): no miss watcher
     attached: dict[str, Attachment] = field(default_factory=dict)  # container (any state) -> its endpoint's record
     consul_volume: bool = False  # the manager: Consul's data volume exists
     gossip_key: str = ""  # a digest of HA mode's gossip key file; "" none
@@ -516,6 +564,8 @@ def parse(output: str, advertise: str) -> HostFacts:
     stray = sec.get("stray_threads", "0").strip()
     facts.stray_threads = int(stray) if stray.isdigit() else 0
     facts.attached = parse_attached(sec.get("attached", ""))
+    facts.held = dict(line.split(None, 1) for line in sec.get("held", "").splitlines() if len(line.split()) == 2)
+    facts.deaf_sandboxes = sorted({n.partition("-")[2] for n in sec.get("deaf_sandboxes", "").split() if "-" in n})
     facts.sockets = parse_sockets(sec.get("listening", ""))
     kernel = sec.get("kernel", "").split()
     facts.kernel_release, facts.vxlan = [*kernel, "", ""][:2]

@@ -14,7 +14,7 @@ from overlaylab.mode import Mode
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport, columns
 from overlaylab.run import Options, mode_step, preflight_step, run_steps, run_task, verify_step
-from overlaylab.steps import anchor, consul, ports
+from overlaylab.steps import anchor, consul, holdback, ports
 
 __all__ = ["Options", "bootstrap", "join_node", "status", "teardown", "verify_only"]
 
@@ -57,7 +57,19 @@ def _verify_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
         return 1
     if reader.facts.network is None:
         raise InputError(f"network {inv.network} does not exist on {reader.name}: run bootstrap-cluster first")
-    return 0 if verify_step(inv, nodes, report) else 1
+    return 0 if verify_step(inv, nodes, report, problems=deaf_hosts(reader, nodes)) else 1
+
+
+DEAF = (
+    "its overlay sandbox was made before dockerd's gossip was up (a restart) and never looks up peers: "
+    "its containers neither reach nor are reached by those they did not see join (fresh probes still ping); "
+    "a bootstrap-cluster re-run with --allow-restart restarts its dockerd, with them started after gossip"
+)
+
+
+def deaf_hosts(reader: Node, nodes: list[Node]) -> dict[str, str]:
+    """Hosts whose sandbox of the cluster's network has no miss watcher (steps/holdback.py)."""
+    return {n.name: DEAF for n in nodes if holdback.deaf(n)}
 
 
 def verify_only(inv: Inventory, opts: Options) -> int:
@@ -79,6 +91,8 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
         f = node.facts
         is_registered = None if registered is None else f"{node.advertise_ip}:2376" in registered
         needs[node.name] = repairs(node, manager, is_registered)
+        if holdback.deaf(node):
+            needs[node.name].append("its overlay sandbox never looks up peers (made before gossip, by a restart)")
         rows.append(
             {
                 "host": node.name,

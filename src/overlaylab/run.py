@@ -209,13 +209,19 @@ def standing_anchors(inv: Inventory, nodes: list[Node], report: RunReport) -> di
 
 
 def verify_step(
-    inv: Inventory, nodes: list[Node], report: RunReport, sources: list[Node] | None = None, anchored: bool = False
+    inv: Inventory,
+    nodes: list[Node],
+    report: RunReport,
+    sources: list[Node] | None = None,
+    anchored: bool = False,
+    problems: dict[str, str] | None = None,
 ) -> bool:
     """The ping matrix; its time and the time before it are figures of the report (bench/).
 
     ``anchored`` (a kv run that failed nowhere): the anchors ping each other, if the store
     shows them all; only if they fail are fresh probes started, whose result stands.
-    `fab verify` alone always starts fresh probes."""
+    `fab verify` alone always starts fresh probes. ``problems`` (host -> why) fail those
+    hosts whatever their probes do: what fresh probes cannot see (steps/holdback.py)."""
     before = time.monotonic()
     report.extra["seconds_to_verify"] = round(before - report.started, 2)
     standing = standing_anchors(inv, nodes, report) if anchored else None
@@ -233,6 +239,7 @@ def verify_step(
     for (src, dst), hint in sorted(hints.items()):
         report.note(f"{src} -> {dst}: {hint}")
     failures += [f"{src} -> {dst}: {hint}" for (src, dst), hint in sorted(hints.items())]
+    failures += [f"{host}: {why}" for host, why in sorted((problems or {}).items())]
     for node in nodes:
         if sources is not None and node not in sources and not any(f.startswith(f"{node.name} ") for f in failures):
             continue
@@ -241,4 +248,4 @@ def verify_step(
             report.record(node.name, "verify", "failed", "; ".join(mine))
         else:
             report.record(node.name, "verify", "ok", "pings every other host by IP and by name")
-    return matrix.ok
+    return matrix.ok and not problems

@@ -1,7 +1,9 @@
 """The kv backend (the tutorial's): leave any swarm; Consul with a leader; the drop-ins,
 the manager first, Consul again, then the workers one at a time; every dockerd
-registered; the network; an anchor per host (gossip is up before any container joins
-the overlay: a daemon whose gossip starts late never learns earlier endpoints)."""
+registered; the network; an anchor per host. No container joins the overlay before its
+daemon's gossip is up (a sandbox made before gossip never looks up its peers): the
+users' containers are held back over each restart (steps/holdback.py), and a stopped
+run's held ones are released."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from overlaylab.plan import Order, Scope, Step
 from overlaylab.steps.anchor import Anchor, RemoveAnchor
 from overlaylab.steps.consul import Consul, RemoveConsul
 from overlaylab.steps.dockerd import Dockerd, RestoreDropin
+from overlaylab.steps.holdback import Release
 from overlaylab.steps.network import Network, RemoveNetwork
 from overlaylab.steps.reconnect import Reconnect
 from overlaylab.steps.registered import Registered
@@ -22,6 +25,7 @@ BOOTSTRAP: tuple[Step, ...] = (
     Registered(),
     Network(),
     Reconnect(),
+    Release(),
     Anchor(),
 )
 

@@ -28,7 +28,7 @@ from overlaylab.facts import (
 )
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Order, Scope, Step, fail
-from overlaylab.steps import anchor, consul, network
+from overlaylab.steps import anchor, consul, holdback, network
 
 READY_TIMEOUT = 60  # dockerd answering, cluster store in docker info, gossip listening
 
@@ -264,6 +264,11 @@ def restart_reason(node: Node, d: DropIn, wanted_store: str) -> str | None:
             "dockerd's overlay restore failed at its start (state left by a power cut): "
             "no container of this host can join the overlay until it restarts"
         )
+    if holdback.deaf(node):
+        return (
+            "its overlay sandbox was made before its gossip (a restart brought containers back first), "
+            "so it never looks up peers; restarted, those containers started after gossip"
+        )
     if f.stray_threads:
         return (
             f"dockerd has {f.stray_threads} thread(s) left in a deleted network namespace (Docker 20.10 overlay "
@@ -321,7 +326,8 @@ class Dockerd(Step):
             wait_ready(node)
             return action.detail
         d: DropIn = action.data
-        before, between = anchor.stop_command(node), None
+        held = holdback.to_hold(node)
+        before, between = f"{holdback.hold_command(held)} && {anchor.stop_command(node)}", None
         if node.facts.restore_failed:
             before += f" && {clearing_restart(ctx.inv, node, d)}"
         if node.address_moved():  # stopped, its old registration removed, then started
@@ -331,6 +337,8 @@ class Dockerd(Step):
         try:
             done = write_and_restart(d, before, node.name != ctx.topo.manager, between)
         except OverlaylabError:
+            if held:  # the rollback's dockerd runs: the held containers are not left stopped
+                node.result(holdback.release_command(held))
             if anchor.present(node):
                 # The rollback restarted dockerd and it is ready again: its anchor, stopped
                 # with the daemon, comes back only now (see steps/anchor.py).
@@ -340,6 +348,9 @@ class Dockerd(Step):
         if between is not None:
             wait_rejoined(ctx, node)
             done += f"; the other hosts' gossip took it in as {node.advertise_ip}"
+        if held:
+            node.sh(holdback.release_command(held), check=False)
+            done += f"; {', '.join(held)} started after its gossip"
         return done if d.changed else action.restart or done
 
     def settle(self, ctx: Context, node: Node, action: Action) -> None:
