@@ -12,6 +12,7 @@ from tests.e2e.clusterlab import Lab, each_host, fab
 from tests.e2e.labtools import sh
 
 USER_APP = "users_app"  # + the host number: on a kv overlay, endpoint names are global
+IP_FORMAT = "{{.NetworkSettings.Networks.ov_net1.IPAddress}}"
 LOOP = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"
 
 
@@ -65,6 +66,29 @@ def users_running(lab: Lab, hosts: list[int]) -> dict[str, str]:
     return {name(i): state for i, state in found.items()}
 
 
+def ping_command(source: str, targets: list[tuple[str, str]], window: float) -> str:
+    """One command for one source container: each (label, target) retried until the window
+    ends, and each one that never answered printed."""
+    return "; ".join(
+        f"end=$(( $(date +%s) + {int(window)} )); "
+        f"until docker exec {source} ping -c 1 -W 1 {target} >/dev/null 2>&1; do "
+        f'[ $(date +%s) -ge $end ] && {{ echo "{label} ({target})"; break; }}; sleep 0.5; done'
+        for label, target in targets
+    )
+
+
+def users_pings(lab: Lab, hosts: list[int], window: float = 20) -> list[str]:
+    """The users' own containers, each pinging every other host's by IP and by name: what a
+    user sees. Fresh containers alone can ping while these do not (steps/holdback.py)."""
+    ips = each_host(hosts, lambda i: on(lab, i, f"docker inspect -f '{IP_FORMAT}' {USER_APP}{i}"))
+
+    def from_host(a: int) -> list[str]:
+        targets = [(f"{USER_APP}{a} -> {USER_APP}{b}", t) for b in hosts if b != a for t in (ips[b], f"{USER_APP}{b}")]
+        return [line for line in on(lab, a, ping_command(f"{USER_APP}{a}", targets, window)).splitlines() if line]
+
+    return [line for found in each_host(hosts, from_host).values() for line in found]
+
+
 def pings(lab: Lab, hosts: list[int], window: float = 20) -> list[str]:
     """Containers of the test's own on every host; every ordered pair pings by IP and by name
     (plain `docker exec ... ping`, a short window to converge, as verify allows); the failures."""
@@ -77,19 +101,14 @@ def pings(lab: Lab, hosts: list[int], window: float = 20) -> list[str]:
             ips[i] = sh(
                 conn,
                 f'docker run -d --name heal-{tag}-{i} --network ov_net1 busybox sh -c "{LOOP}" >/dev/null && '
-                f"docker inspect -f '{{{{.NetworkSettings.Networks.ov_net1.IPAddress}}}}' heal-{tag}-{i}",
+                f"docker inspect -f '{IP_FORMAT}' heal-{tag}-{i}",
             )
 
-        def from_host(a: int) -> list[str]:  # one command per source host: each target retried until the window ends
-            checks = [
-                f"end=$(( $(date +%s) + {int(window)} )); "
-                f"until docker exec heal-{tag}-{a} ping -c 1 -W 1 {target} >/dev/null 2>&1; do "
-                f'[ $(date +%s) -ge $end ] && {{ echo "{name(a)} -> {name(b)} ({target})"; break; }}; sleep 0.5; done'
-                for b in hosts
-                if b != a
-                for target in (ips[b], f"heal-{tag}-{b}")
+        def from_host(a: int) -> list[str]:  # one command per source host
+            targets = [(f"{name(a)} -> {name(b)}", t) for b in hosts if b != a for t in (ips[b], f"heal-{tag}-{b}")]
+            return [
+                line for line in sh(conns[a], ping_command(f"heal-{tag}-{a}", targets, window)).splitlines() if line
             ]
-            return [line for line in sh(conns[a], "; ".join(checks)).splitlines() if line.strip()]
 
         for found in each_host(hosts, from_host).values():
             failures += found
@@ -103,7 +122,8 @@ def pings(lab: Lab, hosts: list[int], window: float = 20) -> list[str]:
 def heal(
     lab: Lab, hosts: list[int], inventory: Path, faulted: set[str] | None, allow_restart: bool = True
 ) -> dict[str, Any]:
-    """One re-run: exit 0, only reported restarts, user containers back, every pair pings.
+    """One re-run: exit 0, only reported restarts, user containers back, every pair pings,
+    fresh containers and the users' own.
 
     Without ``allow_restart`` the run either heals without a restart, or, if it needs one
     where user containers run, refuses (exit 2, naming the host and the reason) having
@@ -126,4 +146,5 @@ def heal(
         assert set(doc["restarts"]) <= faulted, doc["restarts"]
     assert users_running(lab, hosts) == dict.fromkeys(map(name, hosts), "true")
     assert pings(lab, hosts) == []
+    assert users_pings(lab, hosts) == []
     return doc
