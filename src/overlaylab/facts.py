@@ -62,7 +62,7 @@ def script(
     ``only`` names the sections a task needs: each docker call costs ~0.07 s of the host's
     CPU, which at 12 hosts on a small machine is seconds (`fab verify` reads three)."""
     q = shlex.quote
-    consul = f"docker inspect {q(store.container)} 2>/dev/null" if store else "true"
+    consul = f"timeout 20 docker inspect {q(store.container)} 2>/dev/null" if store else "true"
     manager = store is not None and store.manager
     volume = f"docker volume inspect -f '{{{{.Name}}}}' {q(store.volume)} 2>/dev/null" if store and manager else "true"
     # only our own Consul is asked: whatever else holds the port is none of the facts' business
@@ -166,8 +166,9 @@ class Attachment:
 
     @property
     def comes_back(self) -> bool:
-        """A dockerd restart starts it again, in the daemon's restore, before gossip is up."""
-        return self.running and self.policy not in ("", "no")
+        """A dockerd restart starts it again, in the daemon's restore, before gossip is up:
+        one that runs with a policy, or one with `always` even if stopped (Docker's rule)."""
+        return (self.running and self.policy not in ("", "no")) or self.policy == "always"
 
     def failed_on(self, network_id: str) -> bool:
         """Its last start failed because that network was gone (a restart on a lost network)."""

@@ -80,7 +80,7 @@ def verify_only(inv: Inventory, opts: Options) -> int:
 def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport) -> int:
     manager = store_reader(inv, nodes)
     registered: set[str] | None = None
-    if consul.ours(manager) and (manager.facts.consul or {}).get("State", {}).get("Running"):
+    if consul.running(manager):
         try:
             registered = consul.registered(inv, manager)
         except Exception as exc:
@@ -128,9 +128,10 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
     if broken:  # said after the table, on stderr with --json
         report.note("a re-run of bootstrap-cluster repairs: " + "; ".join(broken))
     if inv.ha and inv.mode != Mode.SWARM:
-        report.extra["consul"] = line = consul.quorum_line(inv, {n.name: n for n in nodes})
+        by_name = {n.name: n for n in nodes}
+        report.extra["consul"] = line = consul.quorum_line(inv, by_name)
         report.note(line)
-        if "no leader" in line:
+        if not consul.leader(inv, by_name):
             return 1  # the store can be neither read nor written: nothing on the overlay changes
     return 0
 

@@ -21,7 +21,7 @@ import pytest
 
 from overlaylab.lab import lifecycle
 from tests.e2e import healing
-from tests.e2e.clusterlab import Lab, fab, host_state, module_lab, ping_pairs
+from tests.e2e.clusterlab import Lab, each_host, fab, host_state, module_lab, ping_pairs, statuses
 from tests.e2e.healing import name, on
 
 NAME, RANGE = "e2eha", "10.220.0.0/16"
@@ -177,3 +177,25 @@ def test_the_managers_host_dies_the_rest_carries_on_and_one_re_run_heals_it_back
     with capsys.disabled():  # a figure for the log, not a threshold
         print(f"\n    manager's host down: new containers on the others ping by name {took:.0f}s after the cut")
     heal(lab, None)
+
+
+def test_switching_to_swarm_mode_removes_every_consul_server_and_agent(lab: Lab) -> None:
+    """The users' containers (on the kv overlay, which swarm mode does not keep) are the
+    test's own and go first; then the same five hosts in swarm mode: no Consul container,
+    volume or gossip key is left on any host, and every pair pings."""
+    each_host(HOSTS, lambda i: on(lab, i, f"docker rm -f {healing.USER_APP}{i} >/dev/null"))
+    consul = {"servers": 3, "image": "hashicorp/consul", "flavor": "hashicorp"}
+    path = lab.inventory("ha-swarm", HOSTS, mode="swarm", consul=consul)
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(path))
+    assert code == 0, err
+    assert set(statuses(doc, "consul")) == {name(i) for i in (1, 2, 3, 4, 5)}, statuses(doc, "consul")
+    assert all(ping_pairs(doc).values()) and len(ping_pairs(doc)) == 5 * 4 * 2
+    left = each_host(
+        HOSTS,
+        lambda i: on(
+            lab, i,
+            "docker ps -a --filter label=overlaylab.role=consul -q; docker volume ls -q | grep -i consul; "
+            "ls /etc/overlaylab/consul 2>/dev/null; docker info --format '{{.Swarm.LocalNodeState}}'",
+        ),
+    )  # fmt: skip
+    assert left == dict.fromkeys(HOSTS, "active"), left

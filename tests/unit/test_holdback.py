@@ -79,6 +79,11 @@ def test_the_restart_policies_are_read_as_docker_update_takes_them() -> None:
         "c3": "unless-stopped",
     }
     assert {c for c, a in parsed.items() if a.comes_back} == {"c0", "c2", "c3"}
+    stopped = facts.parse_attached(
+        line.format(nid=NID, p="always:0").replace("true", "false")
+        + line.format(nid=NID, p="unless-stopped:0").replace("true", "false").replace("/web", "/other")
+    )
+    assert {c for c, a in stopped.items() if a.comes_back} == {"web"}  # Docker starts a stopped `always` one too
 
 
 def test_a_deaf_sandbox_is_a_restart_reason_and_the_restart_holds_the_users_containers_back() -> None:
@@ -109,3 +114,10 @@ def test_a_stopped_runs_record_is_released_by_the_next_run() -> None:
     assert f.held == {"users_app2": "always", "batch": "on-failure:3"}
     action = holdback.Release().plan(None, node("bm-docker-02", f))  # type: ignore[arg-type]
     assert action is not None and action.change and "users_app2, batch" in action.detail
+
+
+def test_containers_that_came_back_before_gossip_are_listed_without_ours_or_those_without_a_policy() -> None:
+    out = "/users_app1 always:0 \n/overlaylab-anchor-bm-docker-01 no:0 anchor\n/batch no:0 \n/job on-failure:2 \n"
+    assert holdback.parse_came_back(out) == {"users_app1": "always", "job": "on-failure:2"}
+    command = holdback.came_back_deaf_command("ov_net1")
+    assert "exit 0" in command and "--filter network=ov_net1" in command  # a healthy sandbox lists nothing

@@ -239,6 +239,11 @@ def ours(manager: Node) -> bool:
     return data is not None and (data.get("Config", {}).get("Labels") or {}).get(ROLE_LABEL) == "consul"
 
 
+def running(node: Node) -> bool:
+    """Our Consul container on this host runs (as the facts saw it)."""
+    return ours(node) and bool((node.facts.consul or {}).get("State", {}).get("Running"))
+
+
 def key_document(key: str) -> str:
     return json.dumps({"encrypt": key}) + "\n"
 
@@ -265,17 +270,24 @@ def servers_up(inv: Inventory, nodes: Mapping[str, Node]) -> tuple[list[str], li
     """HA mode: (the servers whose Consul of ours runs, those where it exists in any state).
     A server host that did not answer is in neither."""
     present = [n for n in inv.servers if n in nodes and ours(nodes[n])]
-    up = [n for n in present if (nodes[n].facts.consul or {}).get("State", {}).get("Running")]
+    up = [n for n in present if running(nodes[n])]
     return up, present
+
+
+def leader(inv: Inventory, nodes: Mapping[str, Node]) -> str:
+    """HA mode's leader as the running servers say it; "" when there is none. Fewer than a
+    quorum cannot keep a leader, whatever a server still says (for a few seconds after the
+    others stopped it names the last one)."""
+    up, _ = servers_up(inv, nodes)
+    if len(up) < len(inv.servers) // 2 + 1:
+        return ""
+    return next((nodes[n].facts.store_leader for n in up if nodes[n].facts.store_leader), "")
 
 
 def quorum_line(inv: Inventory, nodes: Mapping[str, Node]) -> str:
     """What an operator asks first of HA mode: is there a leader, and how many servers run."""
     up, _ = servers_up(inv, nodes)
-    # fewer than a quorum cannot keep a leader, whatever a server still says (for a few
-    # seconds after the others stopped it names the last one)
-    quorum = len(up) >= len(inv.servers) // 2 + 1
-    leader = next((nodes[n].facts.store_leader for n in up if nodes[n].facts.store_leader), "") if quorum else ""
+    leader_now = leader(inv, nodes)
 
     def why(n: str) -> str:
         return (
@@ -283,7 +295,7 @@ def quorum_line(inv: Inventory, nodes: Mapping[str, Node]) -> str:
         )
 
     down = [f"{n} ({why(n)})" for n in inv.servers if n not in up]
-    head = f"Consul: leader {leader}" if leader else "Consul: no leader"
+    head = f"Consul: leader {leader_now}" if leader_now else "Consul: no leader"
     return f"{head}, {len(up)} of {len(inv.servers)} servers up" + (f"; down: {', '.join(down)}" if down else "")
 
 

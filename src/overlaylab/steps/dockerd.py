@@ -289,6 +289,24 @@ def store_made(ctx: Context, node: Node) -> str | None:
     )
 
 
+def restart_held_late(ctx: Context, node: Node) -> str:
+    """A dockerd that was not running could not list its containers, so none was held back,
+    and those its start brought back made the sandbox before gossip: one more restart, with
+    them held back this time (a second run would otherwise be needed)."""
+    held = holdback.parse_came_back(node.sh(holdback.came_back_deaf_command(ctx.inv.network), check=False))
+    if not held:
+        return ""
+    node.sh(holdback.hold_command(held))
+    code, out, err = node.result(_restart_command(node.name != ctx.topo.manager))
+    if code != 0:  # the drop-in is the one that just worked: dockerd is started again, as it was
+        node.result("systemctl reset-failed docker.service; systemctl start docker.service")
+    node.sh(holdback.release_command(held), check=False)
+    if code != 0:
+        why = (err or out).strip()[-200:]
+        raise OverlaylabError(f"dockerd's second restart, to hold back {', '.join(held)}, failed: {why}")
+    return f"; restarted once more to start {', '.join(held)} after its gossip (they came back before it)"
+
+
 class Dockerd(Step):
     """kv: the drop-in with the cluster flags, and a restart only where it changed or the
     daemon does not run as it says. The manager first, Consul's leader again, then one
@@ -351,6 +369,8 @@ class Dockerd(Step):
         if held:
             node.sh(holdback.release_command(held), check=False)
             done += f"; {', '.join(held)} started after its gossip"
+        else:
+            done += restart_held_late(ctx, node)
         return done if d.changed else action.restart or done
 
     def settle(self, ctx: Context, node: Node, action: Action) -> None:

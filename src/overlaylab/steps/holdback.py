@@ -27,7 +27,7 @@ import shlex
 
 from overlaylab import render
 from overlaylab.cluster import Node, write_file_command
-from overlaylab.facts import HELD_FILE
+from overlaylab.facts import HELD_FILE, ROLE_LABEL, deaf_sandboxes_script
 from overlaylab.plan import Action, Context, Scope, Step
 from overlaylab.steps import network
 
@@ -63,6 +63,35 @@ def release_command(held: dict[str, str]) -> str:
     parts = [f"docker start {q(c)} >/dev/null" for c in held]
     parts += [f"docker update --restart {q(p)} {q(c)} >/dev/null" for c, p in held.items()]
     return "; ".join(parts) + f"; rm -f {HELD_FILE}"
+
+
+def came_back_deaf_command(network_name: str) -> str:
+    """After a restart that held nothing back (dockerd was not running, so its containers
+    could not be listed): if the network's sandbox has no miss watcher, the running
+    containers on it as "name policy role" lines; nothing otherwise."""
+    net = shlex.quote(network_name)
+    fmt = (
+        "{{.Name}} {{.HostConfig.RestartPolicy.Name}}:{{.HostConfig.RestartPolicy.MaximumRetryCount}} "
+        f'{{{{index .Config.Labels "{ROLE_LABEL}"}}}}'
+    )
+    return (
+        f"nid=$(timeout 20 docker network inspect -f '{{{{.Id}}}}' {net} 2>/dev/null | cut -c1-10); "
+        '[ -n "$nid" ] || exit 0; '
+        f'( {deaf_sandboxes_script()} ) | grep -q -- "-$nid$" || exit 0; '
+        f"timeout 20 docker ps -q --filter network={net} | xargs -r timeout 20 docker inspect -f {shlex.quote(fmt)}"
+    )
+
+
+def parse_came_back(text: str) -> dict[str, str]:
+    """name -> policy of the users' containers in came_back_deaf_command's output."""
+    held = {}
+    for line in text.splitlines():
+        name, policy, role = ([*line.split(), "", "", ""])[:3]
+        kind, _, count = policy.partition(":")
+        policy = f"{kind}:{count}" if kind == "on-failure" and count not in ("", "0") else kind
+        if name and not role and policy not in ("", "no"):
+            held[name.lstrip("/")] = policy
+    return held
 
 
 class Release(Step):

@@ -64,7 +64,7 @@ def port_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
     """The ports the cluster binds on this host, held by another program. dockerd's own
     (gossip, swarm), our running Consul's and the kernel's VXLAN socket are the cluster's use."""
     f = node.facts
-    consul_running = consul.ours(node) and bool((f.consul or {}).get("State", {}).get("Running"))
+    consul_running = consul.running(node)
     needs: list[tuple[str, int, str, tuple[str, ...]]] = [  # proto, port, for what, holders that are ours
         ("tcp", 7946, "dockerd's gossip", ("dockerd",)),
         ("udp", 7946, "dockerd's gossip", ("dockerd",)),
