@@ -137,3 +137,15 @@ def test_the_port_probe_leaves_alone_the_ports_a_starting_daemon_of_the_cluster_
     ]  # fmt: skip
     n.facts.docker_active = "inactive"
     assert [p for p in wanted if ports.claimed(INV, n, p)] == []
+
+
+def test_a_gossip_socket_whose_owner_ss_could_not_name_is_dockerds_only_where_dockerd_claims_the_port() -> None:
+    """Seen in CI right after a fault's `systemctl restart docker`: tcp and udp 7946 listed
+    with no process, and the heal refused as if the kernel held them."""
+    n = node(role="worker")
+    n.facts.sockets = [Socket("tcp", "0.0.0.0", 7946, ""), Socket("udp", "0.0.0.0", 7946, "")]
+    assert "--cluster-advertise" in (n.facts.exec_start or "") and n.facts.docker_active == "active"
+    assert problems(n) == []
+    n.facts.exec_start = (n.facts.exec_start or "").replace("--cluster-advertise", "--label")  # no kv dockerd here
+    found = problems(n)
+    assert len(found) == 2 and all("held by the kernel" in p for p in found)
