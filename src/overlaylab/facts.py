@@ -175,6 +175,12 @@ class Attachment:
         return network_id in self.error
 
 
+def restart_policy(text: str) -> str:
+    """`Name:MaximumRetryCount` from `docker inspect` as `docker update --restart` takes it."""
+    kind, _, count = text.strip().partition(":")
+    return f"{kind}:{count}" if kind == "on-failure" and count not in ("", "0") else kind
+
+
 def parse_attached(text: str) -> dict[str, Attachment]:
     out = {}
     for line in text.splitlines():
@@ -183,10 +189,14 @@ def parse_attached(text: str) -> dict[str, Attachment]:
         if name and net_id.strip():
             short = cid.strip()[:12]
             kept = tuple(a for a in aliases.split(",") if a and a != short)
-            kind, _, count = policy.strip().partition(":")
-            policy = f"{kind}:{count}" if kind == "on-failure" and count not in ("", "0") else kind
             out[name] = Attachment(
-                cid.strip(), net_id.strip(), running.strip() == "true", kept, ip.strip(), error.strip(), policy
+                cid.strip(),
+                net_id.strip(),
+                running.strip() == "true",
+                kept,
+                ip.strip(),
+                error.strip(),
+                restart_policy(policy),
             )
     return out
 

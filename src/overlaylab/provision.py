@@ -57,7 +57,7 @@ def _verify_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
         return 1
     if reader.facts.network is None:
         raise InputError(f"network {inv.network} does not exist on {reader.name}: run bootstrap-cluster first")
-    return 0 if verify_step(inv, nodes, report, problems=deaf_hosts(reader, nodes)) else 1
+    return 0 if verify_step(inv, nodes, report, problems=deaf_hosts(nodes)) else 1
 
 
 DEAF = (
@@ -67,7 +67,7 @@ DEAF = (
 )
 
 
-def deaf_hosts(reader: Node, nodes: list[Node]) -> dict[str, str]:
+def deaf_hosts(nodes: list[Node]) -> dict[str, str]:
     """Hosts whose sandbox of the cluster's network has no miss watcher (steps/holdback.py)."""
     return {n.name: DEAF for n in nodes if holdback.deaf(n)}
 
@@ -91,8 +91,6 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
         f = node.facts
         is_registered = None if registered is None else f"{node.advertise_ip}:2376" in registered
         needs[node.name] = repairs(node, manager, is_registered)
-        if holdback.deaf(node):
-            needs[node.name].append("its overlay sandbox never looks up peers (made before gossip, by a restart)")
         rows.append(
             {
                 "host": node.name,
@@ -155,6 +153,8 @@ def repairs(node: Node, manager: Node, registered: bool | None) -> list[str]:
             found.append("dockerd not registered in Consul")
         if not f.gossip:
             found.append("gossip port 7946 not listening")
+        if holdback.deaf(node):
+            found.append("its overlay sandbox never looks up peers (made before gossip, by a restart)")
     return found
 
 

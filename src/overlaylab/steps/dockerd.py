@@ -290,9 +290,10 @@ def store_made(ctx: Context, node: Node) -> str | None:
 
 
 def restart_held_late(ctx: Context, node: Node) -> str:
-    """A dockerd that was not running could not list its containers, so none was held back,
-    and those its start brought back made the sandbox before gossip: one more restart, with
-    them held back this time (a second run would otherwise be needed)."""
+    """A restart that held nothing back (the facts listed no container that comes back),
+    after which the sandbox still has no miss watcher: containers came back before gossip
+    all the same. One more restart, with them held back this time (a second run would
+    otherwise be needed)."""
     held = holdback.parse_came_back(node.sh(holdback.came_back_deaf_command(ctx.inv.network), check=False))
     if not held:
         return ""

@@ -27,7 +27,7 @@ import shlex
 
 from overlaylab import render
 from overlaylab.cluster import Node, write_file_command
-from overlaylab.facts import HELD_FILE, ROLE_LABEL, deaf_sandboxes_script
+from overlaylab.facts import HELD_FILE, ROLE_LABEL, deaf_sandboxes_script, restart_policy
 from overlaylab.plan import Action, Context, Scope, Step
 from overlaylab.steps import network
 
@@ -86,9 +86,8 @@ def parse_came_back(text: str) -> dict[str, str]:
     """name -> policy of the users' containers in came_back_deaf_command's output."""
     held = {}
     for line in text.splitlines():
-        name, policy, role = ([*line.split(), "", "", ""])[:3]
-        kind, _, count = policy.partition(":")
-        policy = f"{kind}:{count}" if kind == "on-failure" and count not in ("", "0") else kind
+        name, raw, role = ([*line.split(), "", "", ""])[:3]
+        policy = restart_policy(raw)
         if name and not role and policy not in ("", "no"):
             held[name.lstrip("/")] = policy
     return held
