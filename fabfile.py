@@ -71,6 +71,7 @@ def _provision(
         "force_leave_swarm": "kv mode: leave a swarm even where this node manages services",
         "leave_other_swarm": "swarm mode: a node in another swarm leaves it and joins this one",
         "allow_restart": "restart dockerd even where containers that are not overlaylab's run",
+        "reissue_certs": "tls: a new CA (the old one kept aside) and a new certificate for every host",
     },
 )
 def bootstrap_cluster(
@@ -82,6 +83,7 @@ def bootstrap_cluster(
     force_leave_swarm: bool = False,
     leave_other_swarm: bool = False,
     allow_restart: bool = False,
+    reissue_certs: bool = False,
     ask_sudo_password: bool = False,
     parallel: int = cluster.MAX_PARALLEL,
 ) -> None:
@@ -89,7 +91,8 @@ def bootstrap_cluster(
     _provision(
         c, provision.bootstrap, inventory, ask_sudo_password, dry_run=dry_run, json=json,
         accept_new_host_keys=accept_new_host_keys, force_leave_swarm=force_leave_swarm,
-        leave_other_swarm=leave_other_swarm, allow_restart=allow_restart, parallel=int(parallel),
+        leave_other_swarm=leave_other_swarm, allow_restart=allow_restart, reissue_certs=reissue_certs,
+        parallel=int(parallel),
     )  # fmt: skip
 
 
@@ -163,6 +166,7 @@ def status(
         **COMMON_HELP,
         "dry_run": "say what would be undone; change nothing",
         "allow_restart": "restart dockerd even where containers that are not overlaylab's run",
+        "remove_ca": "tls: also remove the cluster's CA and the admin certificate from this machine",
     },
 )
 def teardown(
@@ -171,6 +175,7 @@ def teardown(
     json: bool = False,
     dry_run: bool = False,
     allow_restart: bool = False,
+    remove_ca: bool = False,
     accept_new_host_keys: bool = False,
     ask_sudo_password: bool = False,
     parallel: int = cluster.MAX_PARALLEL,
@@ -178,8 +183,15 @@ def teardown(
     """Put every host back as before overlaylab: original drop-in, no Consul, no network. Safe twice."""
     _provision(
         c, provision.teardown, inventory, ask_sudo_password, json=json, dry_run=dry_run,
-        allow_restart=allow_restart, accept_new_host_keys=accept_new_host_keys, parallel=int(parallel),
+        allow_restart=allow_restart, remove_ca=remove_ca, accept_new_host_keys=accept_new_host_keys,
+        parallel=int(parallel),
     )  # fmt: skip
+
+
+@task(auto_shortflags=False, help={"node": "the host", "inventory": COMMON_HELP["inventory"]})
+def docker_env(c: Any, node: str, inventory: str | None = None) -> None:
+    """Like `docker-machine env`: export lines for `eval` that point docker at one host over TLS."""
+    print(_run(lambda: provision.docker_env(inventory_mod.load(_inventory_path(c, inventory)), node)))
 
 
 @task(

@@ -1,6 +1,5 @@
 """The cluster's certificate authority on the admin's machine, and what it signs: a server
-certificate per host and one client certificate for the admin (issue 12's foundation; no
-step installs them on hosts yet).
+certificate per host (installed by steps/tls.py) and one client certificate for the admin.
 
 Why here and like this: docker-machine kept one CA on the laptop (~/.docker/machine/certs)
 and gave `docker` a directory of ca.pem, cert.pem and key.pem (DOCKER_CERT_PATH); the
@@ -17,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ CERT_DAYS = 365
 RENEW_WITHIN = dt.timedelta(days=30)  # a re-run renews a certificate that expires sooner
 CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 CLIENT_CERT, CLIENT_KEY = "cert.pem", "key.pem"  # with ca.pem: a DOCKER_CERT_PATH directory
+API_PORT = 2376
 
 
 def default_dir(cluster: str) -> Path:
@@ -51,6 +52,10 @@ class Authority:
     directory: Path
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
+
+    @property
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def signed(self, cert: x509.Certificate) -> bool:
         """This CA signed it (a certificate from another CA, or a lost one's, is not)."""
@@ -83,9 +88,13 @@ def _read(path: Path, what: str) -> bytes:
         raise InputError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
 
 
-def load_or_create(directory: Path, cluster: str) -> tuple[Authority, bool]:
-    """The CA in ``directory``; made there if it holds none. (authority, made now)."""
+def load(directory: Path) -> Authority | None:
+    """The CA kept in ``directory``, or None when there is none yet. Anything half there or
+    unreadable is an input error (exit 2 before any host is touched): a new CA would
+    silently orphan every host's certificate."""
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory}: the CA directory cannot be read (not a directory)")
     if directory.exists() and not os.access(directory, os.R_OK | os.X_OK):
         raise InputError(f"{directory}: the CA directory cannot be read (permission denied)")
     present = [p.name for p in (cert_path, key_path) if p.exists()]
@@ -94,15 +103,19 @@ def load_or_create(directory: Path, cluster: str) -> tuple[Authority, bool]:
         raise InputError(
             f"{directory}: has {present[0]} but not {missing}; restore it, or make a new CA with --reissue-certs"
         )
-    if present:
-        try:
-            cert = x509.load_pem_x509_certificate(_read(cert_path, "CA certificate"))
-            key = serialization.load_pem_private_key(_read(key_path, "CA key"), password=None)
-        except ValueError as exc:
-            raise InputError(f"{directory}: the CA's certificate or key is not valid PEM ({exc})") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
-            raise InputError(f"{key_path}: is not the key of {cert_path}")
-        return Authority(directory, cert, key), False
+    if not present:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(_read(cert_path, "CA certificate"))
+        key = serialization.load_pem_private_key(_read(key_path, "CA key"), password=None)
+    except ValueError as exc:
+        raise InputError(f"{directory}: the CA's certificate or key is not valid PEM ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise InputError(f"{key_path}: is not the key of {cert_path}")
+    return Authority(directory, cert, key)
+
+
+def create(directory: Path, cluster: str) -> Authority:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"overlaylab CA ({cluster})")])
@@ -121,9 +134,103 @@ def load_or_create(directory: Path, cluster: str) -> tuple[Authority, bool]:
         )  # key_cert_sign, crl_sign
         .sign(key, hashes.SHA256())
     )
-    write_private(key_path, _key_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return Authority(directory, cert, key), True
+    write_private(directory / CA_KEY, _key_pem(key))
+    (directory / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return Authority(directory, cert, key)
+
+
+def load_or_create(directory: Path, cluster: str) -> tuple[Authority, bool]:
+    """The CA in ``directory``; made there if it holds none. (authority, made now)."""
+    found = load(directory)
+    return (found, False) if found is not None else (create(directory, cluster), True)
+
+
+def set_aside(directory: Path) -> Path | None:
+    """--reissue-certs: the old CA (and the admin's certificate) kept next to the new one,
+    never deleted: a host still on it can be told apart, and nothing is lost."""
+    files = [directory / n for n in (CA_CERT, CA_KEY, CLIENT_CERT, CLIENT_KEY) if (directory / n).exists()]
+    if not files:
+        return None
+    aside = directory / f"replaced-{now():%Y%m%dT%H%M%S}"
+    aside.mkdir(mode=0o700)
+    for f in files:
+        f.rename(aside / f.name)
+    return aside
+
+
+def remove(directory: Path) -> str:
+    """teardown --remove-ca: the files this module writes (and the CAs set aside), nothing
+    else: tls.ca_dir may name a directory that holds other things too."""
+    ours = [directory / n for n in (CA_CERT, CA_KEY, CLIENT_CERT, CLIENT_KEY)]
+    gone = [p for p in ours if p.exists()]
+    for p in gone:
+        p.unlink()
+    for aside in directory.glob("replaced-*") if directory.is_dir() else []:
+        for p in aside.iterdir():
+            p.unlink()
+        aside.rmdir()
+        gone.append(aside)
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+    return f"removed the CA in {directory}" if gone else f"no CA in {directory}"
+
+
+class Keeper:
+    """The run's CA: read before any host is touched, made (or, with ``reissue``, made anew)
+    only when a real run first needs it; a dry run never writes one."""
+
+    def __init__(self, directory: Path, cluster: str, reissue: bool = False) -> None:
+        self.directory, self.cluster, self.reissue = directory, cluster, reissue
+        self.found = load(directory)
+        if (directory / CLIENT_KEY).exists():
+            _read(directory / CLIENT_KEY, "admin key")  # unreadable: the admin's to mend, before any change
+        self._made: Authority | None = None
+        self._lock = threading.Lock()
+        self.events: list[str] = []  # what the run did to the CA, for its report
+
+    @property
+    def current(self) -> Authority | None:
+        """The CA the hosts should be on: None while a new one is still to be made."""
+        if self._made is not None:
+            return self._made
+        return None if self.reissue else self.found
+
+    def authority(self) -> Authority:
+        with self._lock:
+            current = self.current
+            if current is not None:
+                return current
+            aside = set_aside(self.directory) if self.reissue else None
+            self._made = create(self.directory, self.cluster)
+            self.events.append(
+                f"new CA in {self.directory}" + (f" (the previous one kept in {aside})" if aside else "")
+            )
+            return self._made
+
+    def admin(self) -> str:
+        """The admin's client certificate, made or renewed if need be; what was done, or ""."""
+        directory, made = ensure_client(self.authority())
+        return f"admin certificate in {directory} (DOCKER_CERT_PATH) made" if made else ""
+
+
+def host_names(name: str, hostname: str, address: str, resolved: str, advertise_ip: str) -> tuple[list[str], list[str]]:
+    """(IPs, DNS names) a host's server certificate covers: every way the admin or a peer
+    may reach it (the inventory's address, an ssh alias's HostName, the cluster address,
+    its hostname and inventory name), and loopback for a client on the host itself."""
+    ips, names = [advertise_ip, "127.0.0.1"], [name, "localhost"]
+    for value in (address, resolved, hostname):
+        if not value:
+            continue
+        try:
+            ips.append(str(ipaddress.ip_address(value)))
+        except ValueError:
+            names.append(value)
+    return [i for i in dict.fromkeys(ips) if i], list(dict.fromkeys(names))
+
+
+def covers(cert: x509.Certificate, ips: Iterable[str], names: Iterable[str]) -> bool:
+    have_ips, have_names = sans(cert)
+    return set(ips) <= have_ips and set(names) <= have_names
 
 
 def issue(
@@ -157,6 +264,14 @@ def issue(
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca.key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def read_cert(path: Path) -> x509.Certificate | None:
+    """A certificate file, or None when it is missing or not a certificate."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
 
 
 def expires(cert: x509.Certificate) -> dt.datetime:

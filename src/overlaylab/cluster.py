@@ -20,7 +20,7 @@ import consul
 import paramiko
 from fabric import Connection
 
-from overlaylab import facts, remote
+from overlaylab import certs, facts, remote
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Host, Inventory
 
@@ -73,16 +73,26 @@ class Node:
     def put_secret(self, path: str, content: str) -> None:
         """A root-only file whose content never appears on a command line (`ps`) or in a
         log: over SFTP into a file only the SSH user can read, then moved into place by root."""
-        tmp = f"/tmp/.overlaylab-{secrets.token_hex(6)}"
-        sftp = self.conn.sftp()
-        with sftp.open(tmp, "w") as f:
-            f.chmod(0o600)  # before the first byte
-            f.write(content)
+        self.put_secrets({path: content})
+
+    def put_secrets(self, files: dict[str, str]) -> None:
+        """Several root-only files, put in place by one command after all have arrived: a
+        run cut off midway leaves the old set or the new one, never a certificate beside
+        another's key (with which dockerd would not start)."""
         q = shlex.quote
-        self.sh(
-            f"mkdir -p -m 0700 {q(str(Path(path).parent))} && install -m 0600 -o root -g root {tmp} {q(path)}; "
-            f"rc=$?; rm -f {tmp}; exit $rc"
-        )
+        sftp = self.conn.sftp()
+        moves, tmps = [], []
+        for path, content in files.items():
+            tmp = f"/tmp/.overlaylab-{secrets.token_hex(6)}"
+            with sftp.open(tmp, "w") as f:
+                f.chmod(0o600)  # before the first byte
+                f.write(content)
+            tmps.append(tmp)
+            moves.append(
+                f"mkdir -p -m 0700 {q(str(Path(path).parent))} && install -m 0600 -o root -g root {tmp} {q(path)}.new"
+            )
+        done = " && ".join(f"mv -f {q(p)}.new {q(p)}" for p in files)
+        self.sh(f"{' && '.join(moves)} && {done}; rc=$?; rm -f {' '.join(tmps)}; exit $rc")
 
 
 def parallel(
@@ -159,7 +169,12 @@ def read_one(inv: Inventory, node: Node, only: tuple[str, ...] | None = None) ->
     store = (
         facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port, manager, server) if manager or inv.ha else None
     )
-    ports = (*facts.PORTS, inv.consul_port, *((facts.CONSUL_GOSSIP,) if inv.ha else ()))
+    ports = (
+        *facts.PORTS,
+        inv.consul_port,
+        *((facts.CONSUL_GOSSIP,) if inv.ha else ()),
+        *((certs.API_PORT,) if inv.tls.docker_api else ()),
+    )
     _, out, err = node.result(facts.script(node.host.advertise, store, inv.network, ports, only))
     if facts.MARK + "end" not in out:
         raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")

@@ -27,6 +27,8 @@ PROBE_PREFIX = "olab-probe-"  # + the host and the run: steps/verify.py
 MARK = "@@overlaylab:"
 INFO_TIMEOUT = 20  # seconds `docker info` may take; 124: it did not answer (see mode.engine_problem)
 CONSUL_KEY_FILE = "/etc/overlaylab/consul/gossip.json"  # HA mode's gossip key, root-only (steps/consul.py)
+HOST_TLS = "/etc/overlaylab/tls"  # the docker API's TLS files, root-only (steps/tls.py)
+HOST_CA, HOST_CERT, HOST_KEY = f"{HOST_TLS}/ca.pem", f"{HOST_TLS}/server.pem", f"{HOST_TLS}/server-key.pem"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,15 @@ class Store:
 CONSUL_GOSSIP = 8301  # Consul's LAN gossip, between HA mode's agents
 PORTS = (7946, 4789, 2377)  # gossip, VXLAN data, swarm control; the Consul port is added
 
+
+# When dockerd started (seconds since the epoch) and, for the TLS files of steps/tls.py,
+# "path mtime base64" (the key: "path mtime -", its content is never read)
+TLS_SCRIPT = (
+    'p=$(systemctl show -p MainPID --value docker.service); t=$(ps -o etimes= -p "$p" 2>/dev/null | tr -d " "); '
+    '[ -n "$t" ] && [ "$p" != 0 ] && echo "started $(( $(date +%s) - t ))"; '
+    f'for f in {HOST_CA} {HOST_CERT}; do test -s $f && echo "$f $(stat -c %Y $f) $(base64 -w0 $f)"; done; '
+    f'test -s {HOST_KEY} && echo "{HOST_KEY} $(stat -c %Y {HOST_KEY}) -"; true'
+)
 
 # all `fab verify` reads before its probes
 VERIFY_SECTIONS = ("hostname", "network", "gossip_events", "deaf_sandboxes", "dropin")
@@ -119,6 +130,7 @@ def script(
         ("stray_threads", stray_threads_script()),
         ("deaf_sandboxes", deaf_sandboxes_script()),
         ("held", f"cat {HELD_FILE} 2>/dev/null"),
+        ("tls", TLS_SCRIPT),
         ("restore_failed", RESTORE_FAILED_SCRIPT),
         ("gossip_events", GOSSIP_EVENTS_SCRIPT),
         ("overlays", "timeout 20 docker network ls --filter driver=overlay --format '{{.Name}}' 2>/dev/null"),
@@ -463,6 +475,8 @@ class HostFacts:
     disk: dict[str, int] = field(default_factory=dict)  # mount point -> free KiB
     images: set[str] | None = None  # repository:tag; None: not read (recorded facts from before the section)
     default_route: bool | None = None  # None: not read
+    docker_started: int = 0  # when the running dockerd started, seconds since the epoch; 0: not running or not read
+    tls_files: dict[str, tuple[int, str]] = field(default_factory=dict)  # path -> (mtime, PEM in base64; key: "-")
 
     @property
     def can_pull(self) -> bool:
@@ -590,6 +604,12 @@ def parse(output: str, advertise: str) -> HostFacts:
     facts.store_leader = sec.get("store_leader", "").strip().strip('"')
     facts.gossip_gone = gossip_gone(sec.get("gossip_events", ""))
     facts.gossip_alive = gossip_alive(sec.get("gossip_events", ""))
+    for line in sec.get("tls", "").splitlines():
+        parts = line.split()
+        if parts[:1] == ["started"] and len(parts) == 2 and parts[1].isdigit():
+            facts.docker_started = int(parts[1])
+        elif len(parts) == 3 and parts[0].startswith(HOST_TLS + "/") and parts[1].isdigit():
+            facts.tls_files[parts[0]] = (int(parts[1]), parts[2])
     failed = sec.get("restore_failed", "0").strip()
     facts.restore_failed = failed.isdigit() and int(failed) > 0
     return facts

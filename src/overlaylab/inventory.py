@@ -57,6 +57,21 @@ class Host:
 
 
 @dataclass(frozen=True)
+class Tls:
+    """Mutual TLS, opt in per cluster (issue 12). ``docker_api``: each dockerd also serves
+    its API on tcp/2376 to clients of the cluster's CA, as docker-machine's hosts did.
+    ``ca_dir``: where the CA lives on the admin's machine (None: certs.default_dir)."""
+
+    docker_api: bool = False
+    store: bool = False
+    ca_dir: Path | None = None
+
+    @property
+    def on(self) -> bool:
+        return self.docker_api or self.store
+
+
+@dataclass(frozen=True)
 class Inventory:
     path: Path
     cluster: str
@@ -78,6 +93,7 @@ class Inventory:
     mode: str = "kv"
     min_free_disk_mb: int = 1024  # free space preflight wants under Docker's data root
     swarm_addr_pool: str | None = None
+    tls: Tls = Tls()
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -238,6 +254,33 @@ def _servers(r: _Reader, value: Any, names: list[str], manager: str) -> tuple[st
     return () if len(chosen) == 1 else tuple(chosen)
 
 
+def _flag(r: _Reader, section: dict[str, Any], key: str, where: str) -> bool:
+    value = section.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise r.fail(f"{where}.{key}", f"must be true or false, got {value!r}")
+    return value
+
+
+def _tls(r: _Reader, value: Any) -> Tls:
+    section = _mapping(r, value, "tls", {"docker_api", "store", "ca_dir"})
+    store = _flag(r, section, "store", "tls")
+    if store:
+        raise r.fail(
+            "tls.store",
+            "TLS to the cluster store (Consul over HTTPS) is not built yet (issue 12); set it to false. "
+            "tls.docker_api works",
+        )
+    ca_dir = _typed(r, section, "ca_dir", "tls", str)
+    if ca_dir is not None and not ca_dir.strip():
+        raise r.fail("tls.ca_dir", "is empty: name a directory, or leave it out for the default")
+    where = Path(ca_dir).expanduser() if ca_dir else None
+    if where is not None and not where.is_absolute():  # as the file that names it, not the shell, sees it
+        where = r.path.parent / where
+    return Tls(docker_api=_flag(r, section, "docker_api", "tls"), store=store, ca_dir=where)
+
+
 def load(path: str | Path) -> Inventory:
     path = Path(path)
     r = _Reader(path)
@@ -258,7 +301,7 @@ def load(path: str | Path) -> Inventory:
         r,
         r.data(root, ""),
         "",
-        {"cluster", "mode", "ssh", "consul", "network", "dockerd", "swarm", "hosts", "preflight"},
+        {"cluster", "mode", "ssh", "consul", "network", "dockerd", "swarm", "hosts", "preflight", "tls"},
     )
     mode = _typed(r, doc, "mode", "", str, "kv")
     if mode not in MODES:
@@ -367,5 +410,6 @@ def load(path: str | Path) -> Inventory:
         min_free_disk_mb=min_free,
         mode=mode,
         swarm_addr_pool=pool,
+        tls=_tls(r, doc.get("tls")),
         lines=dict(r.lines),
     )

@@ -82,6 +82,7 @@ class Context:
     refusals: dict[str, str] = field(default_factory=dict)
     stores_made: set[str] = field(default_factory=set)  # HA: hosts whose running dockerd got its own agent made again
     halt: bool = True
+    ca: Any = None  # certs.Keeper when the inventory turns TLS on: the CA, made only when a real run needs it
 
     @property
     def manager(self) -> Node:

@@ -3,9 +3,12 @@ verify, status and teardown. Each runs in the frame of overlaylab.run."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 
-from overlaylab import render
+from fabric import Connection
+
+from overlaylab import certs, render
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError
 from overlaylab.facts import VERIFY_SECTIONS
@@ -14,15 +17,26 @@ from overlaylab.mode import Mode
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport, columns
 from overlaylab.run import Options, mode_step, preflight_step, run_steps, run_task, verify_step
-from overlaylab.steps import anchor, consul, holdback, ports
+from overlaylab.steps import anchor, consul, holdback, ports, tls
 
-__all__ = ["Options", "bootstrap", "join_node", "status", "teardown", "verify_only"]
+__all__ = ["Options", "bootstrap", "docker_env", "join_node", "status", "teardown", "verify_only"]
 
 
 BACKENDS = {Mode.KV: kv, Mode.SWARM: swarm}
 
 
-def _bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunReport, only: str | None) -> int:
+def keeper(inv: Inventory, opts: Options) -> certs.Keeper | None:
+    """The cluster's CA, read before any host is touched (an unreadable one: exit 2)."""
+    if not inv.tls.on:
+        if opts.reissue_certs:
+            raise InputError(f"{inv.path}: --reissue-certs, but tls.docker_api is not on")
+        return None
+    return certs.Keeper(inv.tls.ca_dir or certs.default_dir(inv.cluster), inv.cluster, opts.reissue_certs)
+
+
+def _bootstrap(
+    inv: Inventory, opts: Options, nodes: list[Node], report: RunReport, only: str | None, ca: certs.Keeper | None
+) -> int:
     if only is not None and only == inv.manager.name:
         raise InputError(f"join-node: {only} is the manager; use bootstrap-cluster")
     report.extra.update(dry_run=opts.dry_run, restarts={}, diffs={})  # also when preflight refuses
@@ -30,16 +44,16 @@ def _bootstrap(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepo
     preflight_step(inv, nodes, report, mode)
     targets = [only] if only else [h.name for h in inv.hosts]
     probe = lambda: ports.check(inv, nodes, mode)  # noqa: E731
-    return run_steps(inv, opts, nodes, report, BACKENDS[mode].BOOTSTRAP, targets, probe=probe)
+    return run_steps(inv, opts, nodes, report, BACKENDS[mode].BOOTSTRAP, targets, probe=probe, ca=ca)
 
 
 def bootstrap(inv: Inventory, opts: Options) -> int:
-    return run_task("bootstrap-cluster", inv, opts, _bootstrap, None)
+    return run_task("bootstrap-cluster", inv, opts, _bootstrap, None, keeper(inv, opts))
 
 
 def join_node(inv: Inventory, opts: Options, node: str) -> int:
     inv.host(node)  # an unknown name is an input error before any connection
-    return run_task("join-node", inv, opts, _bootstrap, node)
+    return run_task("join-node", inv, opts, _bootstrap, node, keeper(inv, opts))
 
 
 def store_reader(inv: Inventory, nodes: list[Node]) -> Node:
@@ -104,6 +118,7 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
                 "overlay_networks": f.overlays,
                 "swarm": f.swarm_state,
                 "stray_threads": f.stray_threads,
+                "tls_expires": tls.expiry(node),
                 "repair": needs[node.name],
             }
         )
@@ -119,9 +134,12 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
             "dropin",
             "registered",
             "stray_threads",
+            *(["tls_expires"] if any(r["tls_expires"] for r in rows) or inv.tls.docker_api else []),
         ]
         table = [[str(r[c]) for c in cols] + [",".join(r["overlay_networks"]) or "-"] for r in rows]  # type: ignore[arg-type]
         print("\n".join(columns([[c.upper() for c in cols] + ["OVERLAYS"], *table])), file=sys.stdout)
+    if inv.tls.docker_api:
+        report.note(admin_line(inv))
     broken = [f"{name} ({', '.join(why)})" for name, why in needs.items() if why]
     if broken:  # said after the table, on stderr with --json
         report.note("a re-run of bootstrap-cluster repairs: " + "; ".join(broken))
@@ -132,6 +150,17 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
         if not consul.leader(inv, by_name):
             return 1  # the store can be neither read nor written: nothing on the overlay changes
     return 0
+
+
+def admin_line(inv: Inventory) -> str:
+    """The admin's certificate, as status reads it (never made here: status changes nothing)."""
+    directory = inv.tls.ca_dir or certs.default_dir(inv.cluster)
+    path = directory / certs.CLIENT_CERT
+    cert = certs.read_cert(path)
+    if cert is None:
+        return f"admin certificate: none in {directory} (bootstrap-cluster makes it)"
+    renew = " (a re-run renews it)" if certs.needs_renewal(cert) else ""
+    return f"admin certificate in {directory}: valid until {tls.day(certs.expires(cert))}{renew}"
 
 
 def repairs(node: Node, manager: Node, registered: bool | None) -> list[str]:
@@ -169,4 +198,40 @@ def _teardown(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
 
 
 def teardown(inv: Inventory, opts: Options) -> int:
-    return run_task("teardown", inv, opts, _teardown)
+    code = run_task("teardown", inv, opts, _teardown)
+    if opts.remove_ca and not opts.dry_run:
+        where = inv.tls.ca_dir or certs.default_dir(inv.cluster)
+        if code != 0:
+            print(f"kept the CA in {where}: the teardown did not finish (exit {code})", file=sys.stderr)
+        else:
+            print(certs.remove(where), file=sys.stderr)
+    return code
+
+
+def docker_env(inv: Inventory, name: str) -> str:
+    """What `docker-machine env` printed: `export` lines a shell can eval, and the matching
+    `docker context create`. The host is reached at the inventory's address (an ssh
+    alias resolved through ~/.ssh/config, as Fabric connects); no host is contacted."""
+    host = inv.host(name)
+    if not inv.tls.docker_api:
+        raise InputError(f"{inv.path}: tls.docker_api is not on: no host serves the Docker API")
+    keeper = certs.Keeper(inv.tls.ca_dir or certs.default_dir(inv.cluster), inv.cluster)
+    if keeper.found is None:
+        raise InputError(f"{keeper.directory}: no CA for cluster {inv.cluster}: run bootstrap-cluster first")
+    directory, _ = certs.ensure_client(keeper.found)
+    address = str(Connection(host.address).host)  # a HostName from ~/.ssh/config, else the address itself
+    url = f"tcp://{address}:{certs.API_PORT}"
+    q = shlex.quote
+    context = f"docker context create {q(inv.cluster + '-' + host.name)} --docker " + q(
+        f"host={url},ca={directory / certs.CA_CERT},cert={directory / certs.CLIENT_CERT},"
+        f"key={directory / certs.CLIENT_KEY}"
+    )
+    return "\n".join(
+        [
+            f"export DOCKER_HOST={q(url)}",
+            "export DOCKER_TLS_VERIFY=1",
+            f"export DOCKER_CERT_PATH={q(str(directory))}",
+            f"# or, as a docker context: {context}",
+            f"# run this command to configure your shell: eval $(fab docker-env --node {host.name})",
+        ]
+    )

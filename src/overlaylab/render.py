@@ -75,9 +75,9 @@ def base_command(current_exec_start: str | None, dropin: str | None) -> list[str
     return strip_cluster_flags(split(current_exec_start.lstrip("-@+!:")))
 
 
-def insecure_tcp(argv: list[str]) -> str | None:
-    """A `-H tcp://` without --tlsverify: an unauthenticated root API we refuse to keep."""
-    tls = any(a == "--tlsverify" or a.startswith("--tlsverify=true") for a in argv)
+def tcp_hosts(argv: list[str]) -> list[str]:
+    """The `-H tcp://...` sockets a dockerd command line serves."""
+    found = []
     for i, arg in enumerate(argv):
         value = None
         if arg in ("-H", "--host") and i + 1 < len(argv):
@@ -86,9 +86,16 @@ def insecure_tcp(argv: list[str]) -> str | None:
             value = arg.split("=", 1)[1]
         elif arg.startswith("-H") and len(arg) > 2:
             value = arg[2:]
-        if value and value.startswith("tcp://") and not tls:
-            return value
-    return None
+        if value and value.startswith("tcp://"):
+            found.append(value)
+    return found
+
+
+def insecure_tcp(argv: list[str]) -> str | None:
+    """A `-H tcp://` without --tlsverify: an unauthenticated root API we refuse to keep."""
+    tls = any(a == "--tlsverify" or a.startswith("--tlsverify=true") for a in argv)
+    hosts = tcp_hosts(argv)
+    return hosts[0] if hosts and not tls else None
 
 
 STORE_RE = re.compile(r"--cluster-store=consul://([^:/\s\"]+):")
@@ -111,10 +118,13 @@ def cluster_argv(
     advertise: str,
     extra: tuple[str, ...],
     discovery: tuple[int, int] = (3, 20),
+    api: tuple[str, ...] = (),
 ) -> list[str]:
+    """``api``: steps/tls.py's flags, when the inventory serves the Docker API over TLS."""
     heartbeat, ttl = discovery
     return [
         *base,
+        *api,
         f"--cluster-store={store_url(manager_ip, port)}",
         f"--cluster-advertise={advertise}:2376",
         f"--cluster-store-opt=discovery.heartbeat={heartbeat}",

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from overlaylab import cluster
+from overlaylab import certs, cluster
 from overlaylab import mode as modes
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError, OverlaylabError
@@ -36,6 +36,8 @@ class Options:
     force_leave_swarm: bool = False
     leave_other_swarm: bool = False
     allow_restart: bool = False
+    reissue_certs: bool = False  # a new CA, and a new certificate for every host (tls)
+    remove_ca: bool = False  # teardown: the CA on this machine goes too
     sudo_password: str | None = None
     parallel: int = cluster.MAX_PARALLEL  # hosts worked on at once
 
@@ -153,12 +155,14 @@ def run_steps(
     targets: Sequence[str],
     teardown: bool = False,
     probe: Callable[[], dict[str, list[str]]] | None = None,
+    ca: certs.Keeper | None = None,
 ) -> int:
     """A backend's steps, dry or for real. The real run is planned whole first (a silent dry
     pass), so that a refusal anywhere leaves every host as it was, and its report is then
     the dry run's: the same plan, refused."""
     topo = Topology.of(inv)
     ctx = Context(inv, opts, topo, {n.name: n for n in nodes}, tuple(targets), report, dry=False, halt=not teardown)
+    ctx.ca = ca
     planned = preview(steps, ctx)
     if probe is not None and planned.report.changes and not planned.refusals:
         probing = time.monotonic()
@@ -178,9 +182,16 @@ def run_steps(
         if not teardown and not planned.refusals:
             for name in targets:  # join-node: the pairs of the joining worker
                 report.record(name, "verify", "skipped", "dry run: no probes started")
+        if ca is not None and ca.current is None and not teardown:
+            report.note(f"would make a new CA in {ca.directory}")
         report.note("dry run: nothing was changed")
         return 2 if planned.refusals else 0
     whole = execute(steps, ctx)
+    if ca is not None and not teardown and whole:
+        made = ca.admin()
+        for event in [*ca.events, *([made] if made else [])]:
+            report.note(event)
+        report.extra["ca"] = {"directory": str(ca.directory), "changes": [*ca.events, *([made] if made else [])]}
     report.extra.update(restarts=ctx.restarts, diffs=ctx.diffs)
     if whole and not teardown:
         live = [n for n in nodes if n.name not in ctx.failed]

@@ -6,6 +6,7 @@ and only appears in inventories that must be refused."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -16,13 +17,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 
+from overlaylab import certs
+from overlaylab.facts import HOST_CERT, HOST_KEY
 from overlaylab.lab import keys
 from tests.e2e.clusterlab import (
     DROPIN,
     FAB,
     ROOT,
     Lab,
+    each_host,
     fab,
     host_state,
     module_lab,
@@ -30,7 +35,9 @@ from tests.e2e.clusterlab import (
     run_smoke,
     statuses,
 )
+from tests.e2e.healing import dockerd_pids, on, start_users_app, users_pings, users_running
 from tests.e2e.labtools import outer, sh
+from tests.e2e.tlscheck import docker_env, docker_info, refusals, tls_inventory
 
 NAME, RANGE = "e2ekv", "10.213.0.0/16"
 ENGINES = "legacy,legacy,legacy,legacy,modern"
@@ -358,29 +365,102 @@ def test_a_flag_that_stops_dockerd_is_rolled_back_and_reported(lab: Lab) -> None
     assert code == 0, err
 
 
-def test_a_restart_that_would_stop_a_users_container_is_refused_unless_allowed(lab: Lab) -> None:
-    """bm-docker-03 runs a container of the user's; a new Consul port means every dockerd restarts."""
-    moved = lab.inventory("port", [1, 2, 3, 4], consul={"port": 8501})
-    conn = lab.conn(3)
-    sh(conn, "docker run -d --name users_app busybox sleep 600 >/dev/null")
+NETWORK_ID: dict[str, str] = {}  # ov_net1's ID when the API's TLS was turned on
+
+
+def test_turning_the_api_tls_on_is_refused_where_users_containers_run_then_allowed_keeps_the_network(
+    lab: Lab,
+) -> None:
+    """Users' containers (restart policy always) on the overlay on bm-docker-01 and -03; turning
+    tls.docker_api on rewrites every drop-in, so every dockerd restarts."""
+    inventory = tls_inventory(lab, "tls", [1, 2, 3, 4])
+    start_users_app(lab, [1, 3])
     try:
+        NETWORK_ID["before"] = on(lab, 2, "docker network inspect -f '{{.Id}}' ov_net1")
         before = host_state(lab, [1, 2, 3, 4])
-        code, doc, _ = fab("bootstrap-cluster", "--inventory", str(moved), "--dry-run")
+        code, doc, _ = fab("bootstrap-cluster", "--inventory", str(inventory), "--dry-run")
         assert code == 2
-        assert "the restart stops: users_app" in doc["hosts"]["bm-docker-03"]["dockerd"]["detail"]
-        code, doc, _ = fab("bootstrap-cluster", "--inventory", str(moved))
+        assert "the restart stops: users_app3" in doc["hosts"]["bm-docker-03"]["dockerd"]["detail"]
+        assert "install a server certificate" in doc["hosts"]["bm-docker-02"]["certs"]["detail"]
+        code, doc, _ = fab("bootstrap-cluster", "--inventory", str(inventory))
         assert code == 2
         plan = {h: s["plan"]["detail"] for h, s in doc["hosts"].items() if "plan" in s}
-        assert list(plan) == ["bm-docker-03"], plan
-        assert "stops users_app" in plan["bm-docker-03"] and "--allow-restart" in plan["bm-docker-03"]
+        assert sorted(plan) == ["bm-docker-01", "bm-docker-03"], plan
+        assert "stops users_app3" in plan["bm-docker-03"] and "--allow-restart" in plan["bm-docker-03"]
         assert host_state(lab, [1, 2, 3, 4]) == before  # nothing changed on any host
-        code, doc, err = fab("bootstrap-cluster", "--inventory", str(moved), "--allow-restart")
+        assert not (lab.dir / "ca").exists()  # not even the CA on this machine
+        code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory), "--allow-restart")
         assert code == 0, err
         assert set(statuses(doc, "dockerd").values()) == {"changed"}
-        assert sh(conn, "docker inspect -f '{{.State.Running}}' users_app") == "false"  # stopped, never removed
+        assert set(statuses(doc, "certs").values()) == {"changed"}
+        names = [f"bm-docker-0{i}" for i in (1, 2, 3, 4)]
+        assert ping_pairs(doc) == {(a, b, by): True for a in names for b in names if a != b for by in ("ip", "name")}
+        ids = each_host([1, 2, 3, 4], lambda i: on(lab, i, "docker network inspect -f '{{.Id}}' ov_net1"))
+        assert set(ids.values()) == {NETWORK_ID["before"]}  # the same network, on every host
+        assert users_running(lab, [1, 3]) == {"bm-docker-01": "true", "bm-docker-03": "true"}
+        assert users_pings(lab, [1, 3]) == []  # by IP and by name, both ways
+        for i in (1, 2, 3, 4):  # the key is root's alone
+            assert on(lab, i, "stat -c '%a %U' /etc/overlaylab/tls /etc/overlaylab/tls/server-key.pem") == (
+                "700 root\n600 root"
+            )
     finally:
-        sh(conn, "docker rm -f users_app >/dev/null 2>&1; true")
+        each_host([1, 3], lambda i: on(lab, i, f"docker rm -f users_app{i} >/dev/null 2>&1; true"))
+
+
+def test_docker_info_over_tls_with_docker_env_and_refused_without_the_cas_client_certificate(
+    lab: Lab, tmp_path: Path
+) -> None:
+    inventory = tls_inventory(lab, "tls", [1, 2, 3, 4])
+    env = docker_env(inventory, "bm-docker-02")
+    address = lab.spec.hosts[1].mgmt_ip
+    assert env["DOCKER_HOST"] == f"tcp://{address}:2376" and env["DOCKER_TLS_VERIFY"] == "1"
+    assert docker_info(env) == (0, "bm-docker-02")
+    code, out = docker_info({**env, "DOCKER_TLS_VERIFY": "", "DOCKER_CERT_PATH": str(tmp_path)})
+    assert code != 0, out  # plain HTTP, no certificate
+    found = refusals(address, lab.dir / "ca", tmp_path)
+    assert found["admin"].startswith("answered"), found
+    assert found["no certificate"].startswith("refused"), found
+    assert found["another CA's"].startswith("refused"), found
+    # the smoke suite's TLS check, and a re-run that changes nothing
+    passed, failures, _ = run_smoke(inventory, tmp_path / "smoke-tls.xml", "-k", "docker_api")
+    assert failures == {} and passed == 4, failures
+    before = host_state(lab, [1, 2, 3, 4])
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory))
+    assert code == 0 and doc["changes"] == 0, err
+    assert host_state(lab, [1, 2, 3, 4]) == before
+    code, doc, err = fab("status", "--inventory", str(inventory))
+    assert code == 0, err
+    assert all(row["tls_expires"] > "2026" for row in doc["status"]), doc["status"]
+
+
+def test_a_certificate_due_for_renewal_is_renewed_restarting_that_workers_dockerd_alone(lab: Lab) -> None:
+    """A 10-day certificate signed by the cluster's CA, installed on bm-docker-04 by hand."""
+    inventory = tls_inventory(lab, "tls", [1, 2, 3, 4])
+    ca = certs.load(lab.dir / "ca")
+    assert ca is not None
+    address = lab.spec.hosts[3].mgmt_ip
+    cert, key = certs.issue(
+        ca, "bm-docker-04", ips=[address, lab.spec.hosts[3].cluster_ip], names=["bm-docker-04"], days=10
+    )
+    conn = lab.conn(4)
+    try:
+        for path, content in ((HOST_CERT, cert), (HOST_KEY, key)):
+            local = lab.dir / "short.pem"
+            local.write_bytes(content)
+            conn.put(str(local), "/tmp/short.pem")
+            sh(conn, f"install -m 0600 /tmp/short.pem {path} && rm -f /tmp/short.pem")
+            local.unlink()
+    finally:
         conn.close()
+    before = dockerd_pids(lab, [1, 2, 3, 4])
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory))
+    assert code == 0, err
+    assert statuses(doc, "certs") == {**dict.fromkeys(before, "ok"), "bm-docker-04": "changed"}
+    after = dockerd_pids(lab, [1, 2, 3, 4])
+    assert [h for h in before if before[h] != after[h]] == ["bm-docker-04"]
+    served = x509.load_pem_x509_certificate(on(lab, 4, f"cat {HOST_CERT}").encode())
+    assert certs.expires(served) - certs.now() > dt.timedelta(days=30)
+    assert docker_info(docker_env(inventory, "bm-docker-04")) == (0, "bm-docker-04")
 
 
 def test_a_changed_inventory_then_teardown_brings_back_the_original_state(lab: Lab) -> None:
@@ -390,6 +470,12 @@ def test_a_changed_inventory_then_teardown_brings_back_the_original_state(lab: L
     conn = lab.conn(3)
     assert sh(conn, "docker info --format '{{.ClusterStore}}'").endswith(":8501")
     conn.close()
+    # tls.docker_api is off in this inventory: the flags went, then the files; the network stayed
+    for i in (1, 2, 3, 4):
+        assert on(lab, i, "ls /etc/overlaylab/tls 2>&1; ss -Hltn 'sport = :2376' | wc -l").endswith(
+            "No such file or directory\n0"
+        )
+        assert on(lab, i, "docker network inspect -f '{{.Id}}' ov_net1") == NETWORK_ID["before"]
     code, doc, err = fab("teardown", "--inventory", str(moved))
     assert code == 0, err
     for i in (1, 2, 3, 4):

@@ -5,11 +5,15 @@ joins later. Tests run in order on one lab."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from overlaylab import certs
+from overlaylab.steps import tls
 from tests.e2e.clusterlab import DROPIN, Lab, fab, host_state, module_lab, ping_pairs, run_smoke, statuses
 from tests.e2e.labtools import sh
+from tests.e2e.tlscheck import docker_env, docker_info, refusals, tls_inventory
 
 NAME, RANGE = "e2esw", "10.215.0.0/16"
 ENGINES = "modern,modern,modern,modern"
@@ -76,15 +80,44 @@ def test_join_node_of_a_fresh_worker_and_a_rerun_changes_nothing(lab: Lab) -> No
     assert code == 0 and doc["changes"] == 0, err
 
 
-def test_teardown_leaves_no_swarm_and_no_network_and_is_safe_twice(lab: Lab) -> None:
-    inventory = str(lab.inventory("swarm4", [1, 2, 3, 4], mode="swarm"))
-    code, doc, err = fab("teardown", "--inventory", inventory)
+def test_the_api_over_tls_in_swarm_mode_and_a_lost_ca_replaced_with_reissue_certs(lab: Lab, tmp_path: Path) -> None:
+    inventory = tls_inventory(lab, "swarm4-tls", [1, 2, 3, 4], mode="swarm")
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory))
     assert code == 0, err
+    assert set(statuses(doc, "dockerd").values()) == {"changed"} and set(statuses(doc, "swarm").values()) == {"ok"}
+    assert all(ping_pairs(doc).values()) and len(ping_pairs(doc)) == 24
+    assert docker_info(docker_env(inventory, "bm-docker-03")) == (0, "bm-docker-03")
+    address = lab.spec.hosts[2].mgmt_ip
+    found = refusals(address, lab.dir / "ca", tmp_path)
+    assert found["admin"].startswith("answered") and found["no certificate"].startswith("refused"), found
+    assert found["another CA's"].startswith("refused"), found
+    # the admin lost the CA: every host's certificate is then another CA's
+    (lab.dir / "ca").rename(lab.dir / "ca-lost")
+    before = host_state(lab, [1, 2, 3, 4])
+    code, doc, _ = fab("bootstrap-cluster", "--inventory", str(inventory))
+    assert code == 2
+    plan = {h: s["plan"]["detail"] for h, s in doc["hosts"].items() if "plan" in s}
+    assert len(plan) == 4 and all("signed by another CA" in p and "--reissue-certs" in p for p in plan.values()), plan
+    assert host_state(lab, [1, 2, 3, 4]) == before
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory), "--reissue-certs")
+    assert code == 0, err
+    assert set(statuses(doc, "certs").values()) == {"changed"} and all(ping_pairs(doc).values())
+    assert docker_info(docker_env(inventory, "bm-docker-03")) == (0, "bm-docker-03")
+    answered, detail = tls.probe(address, lab.dir / "ca-lost" / certs.CA_CERT, lab.dir / "ca-lost")
+    assert not answered, detail  # the lost CA's certificates no longer open anything
+
+
+def test_teardown_leaves_no_swarm_and_no_network_and_is_safe_twice(lab: Lab) -> None:
+    inventory = str(tls_inventory(lab, "swarm4-tls", [1, 2, 3, 4], mode="swarm"))
+    code, doc, err = fab("teardown", "--inventory", inventory, "--remove-ca")
+    assert code == 0, err
+    assert not (lab.dir / "ca").exists()
     for i in (1, 2, 3, 4):
         conn = lab.conn(i)
         assert sh(conn, "docker info --format '{{.Swarm.LocalNodeState}}'") == "inactive"
         assert "ov_net1" not in sh(conn, "docker network ls --format '{{.Name}}'")
         assert sh(conn, "docker ps -aq") == "" and sh(conn, f"cat {DROPIN} 2>/dev/null || echo -") == "-"
+        assert sh(conn, "ls /etc/overlaylab/tls 2>/dev/null | wc -l; ss -Hltn 'sport = :2376' | wc -l") == "0\n0"
         conn.close()
     code, doc, err = fab("teardown", "--inventory", inventory)
     assert code == 0 and doc["changes"] == 0, err

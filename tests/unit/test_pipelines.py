@@ -70,9 +70,10 @@ class FakeNode(Node):
             return 0, "active\n", ""
         return 0, "ready\n", ""
 
-    def put_secret(self, path: str, content: str) -> None:
-        self.log.add(self.name, f"put-secret {path} {len(content)} bytes")
-        self.log.secrets.append(content)
+    def put_secrets(self, files: dict[str, str]) -> None:
+        for path, content in files.items():
+            self.log.add(self.name, f"put-secret {path} {len(content)} bytes")
+            self.log.secrets.append(content)
 
     def sh(self, command: str, check: bool = True) -> str:
         code, out, err = self.result(command)
@@ -125,7 +126,8 @@ def go(
 ) -> tuple[int, RunReport]:
     report = RunReport("t", list(NAMES), json_mode=True, stream=io.StringIO())
     teardown = opts.pop("teardown", False)
-    code = run_steps(inv, Options(**opts), list(nodes), report, steps, targets, teardown=teardown)
+    ca = opts.pop("ca", None)
+    code = run_steps(inv, Options(**opts), list(nodes), report, steps, targets, teardown=teardown, ca=ca)
     return code, report
 
 

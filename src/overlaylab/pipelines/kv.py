@@ -16,17 +16,20 @@ from overlaylab.steps.network import Network, RemoveNetwork
 from overlaylab.steps.reconnect import Reconnect
 from overlaylab.steps.registered import Registered
 from overlaylab.steps.swarm import LeaveSwarm
+from overlaylab.steps.tls import Certs, RemoveCerts
 from overlaylab.steps.verify import RemoveProbes
 
 BOOTSTRAP: tuple[Step, ...] = (
     LeaveSwarm(),
     Consul(),
+    Certs(),
     Dockerd(),
     Registered(),
     Network(),
     Reconnect(),
     Release(),
     Anchor(),
+    RemoveCerts(),
 )
 
 TEARDOWN: tuple[Step, ...] = (
@@ -34,5 +37,6 @@ TEARDOWN: tuple[Step, ...] = (
     RemoveAnchor(Scope.ALL),
     RemoveNetwork(),
     RestoreDropin("restoring the drop-in", Order.WORKERS_FIRST, Scope.ALL, ours_only=False),
+    RemoveCerts(teardown=True),
     RemoveConsul(),
 )

@@ -7,18 +7,21 @@ from __future__ import annotations
 from overlaylab.plan import Order, Scope, Step
 from overlaylab.steps.anchor import RemoveAnchor
 from overlaylab.steps.consul import RemoveConsul
-from overlaylab.steps.dockerd import RestoreDropin
+from overlaylab.steps.dockerd import RestoreDropin, SwarmDropin
 from overlaylab.steps.network import Network, RemoveNetwork
 from overlaylab.steps.swarm import LeaveSwarm, SwarmInit, SwarmJoin
+from overlaylab.steps.tls import Certs, RemoveCerts
 from overlaylab.steps.verify import RemoveProbes
 
 BOOTSTRAP: tuple[Step, ...] = (
     RemoveAnchor(Scope.TARGETS, " (a kv-mode leftover)"),
-    RestoreDropin("removing the cluster flags", Order.MANAGER_FIRST, Scope.TARGETS, ours_only=True),
+    Certs(),
+    SwarmDropin(),
     RemoveConsul(" (swarm mode needs no Consul)", report_absent=False),
     SwarmInit(),
     SwarmJoin(),
     Network("swarm"),
+    RemoveCerts(),
 )
 
 TEARDOWN: tuple[Step, ...] = (
@@ -27,5 +30,6 @@ TEARDOWN: tuple[Step, ...] = (
     RemoveNetwork(),
     LeaveSwarm(teardown=True),
     RestoreDropin("restoring the drop-in", Order.WORKERS_FIRST, Scope.ALL, ours_only=False),
+    RemoveCerts(teardown=True),
     RemoveConsul(),
 )

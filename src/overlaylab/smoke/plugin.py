@@ -34,6 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{SMOKE_MARK}: a cluster smoke test (needs --inventory)")
     config.addinivalue_line("markers", "mode(name): only for clusters in this mode (kv or swarm); deselected otherwise")
     config.addinivalue_line("markers", "ha: only for HA Consul (consul.servers 3 or 5); deselected otherwise")
+    config.addinivalue_line("markers", "tls: only for clusters with tls.docker_api on; deselected otherwise")
     path = config.getoption("--inventory", default=None)
     config.stash[_INVENTORY] = inventory.load(path) if path else None
 
@@ -77,7 +78,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "overlaylab/smoke" in str(item.path).replace(os.sep, "/") or "tests/smoke" in str(item.path):
             item.add_marker(SMOKE_MARK)
         marker = item.get_closest_marker("mode")
-        if (marker and mode and marker.args[0] != mode) or (item.get_closest_marker("ha") and inv and not inv.ha):
+        off = (item.get_closest_marker("ha") and inv and not inv.ha) or (
+            item.get_closest_marker("tls") and inv and not inv.tls.docker_api
+        )
+        if (marker and mode and marker.args[0] != mode) or off:
             drop.append(item)
         else:
             keep.append(item)

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from overlaylab import remote, render
+from overlaylab import certs, remote, render
 from overlaylab.cluster import consul_client, parallel
 from overlaylab.facts import DROPIN, ROLE_LABEL
 from overlaylab.smoke.plugin import Cluster
-from overlaylab.steps import dockerd
+from overlaylab.steps import dockerd, tls
 
 LABEL = f"--label {ROLE_LABEL}=smoke"
 MTU_OK, MTU_TOO_BIG = 1422, 1423  # ICMP payload: 1422 + 28 = 1450, the overlay's MTU
@@ -118,6 +118,21 @@ def test_drop_in_on_disk_is_what_the_templates_render(smoke_cluster: Cluster, ho
     assert render.is_ours(node.facts.dropin), f"{host}: {DROPIN} is missing or not overlaylab's"
     wanted = dockerd.dropin(c.inv, node, c.manager.advertise_ip)
     assert not wanted.changed, f"{host}: the drop-in drifted from the templates:\n{wanted.diff()}"
+
+
+@pytest.mark.tls
+def test_the_docker_api_answers_the_admins_certificate_and_refuses_a_client_without_one(
+    smoke_cluster: Cluster, host: str
+) -> None:
+    c = smoke_cluster
+    directory = c.inv.tls.ca_dir or certs.default_dir(c.inv.cluster)
+    address = str(c.nodes[host].conn.host)
+    answered, detail = tls.probe(address, directory / certs.CA_CERT, directory)
+    assert answered, (
+        f"{host}: the Docker API at {address}:{certs.API_PORT} did not answer the admin's certificate: {detail}"
+    )
+    answered, detail = tls.probe(address, directory / certs.CA_CERT, None)
+    assert not answered, f"{host}: the Docker API at {address}:{certs.API_PORT} answered a client without a certificate"
 
 
 @pytest.mark.mode("swarm")

@@ -28,7 +28,7 @@ from overlaylab.facts import (
 )
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Order, Scope, Step, fail
-from overlaylab.steps import anchor, consul, holdback, network
+from overlaylab.steps import anchor, consul, holdback, network, tls
 
 READY_TIMEOUT = 60  # dockerd answering, cluster store in docker info, gossip listening
 
@@ -62,7 +62,8 @@ def dropin(inv: Inventory, node: Node, manager_ip: str) -> DropIn:
     """What the templates render for this host from dockerd's command line before overlaylab."""
     base = render.base_command(node.facts.exec_start, node.facts.dropin)
     store = store_ip(inv, manager_ip)
-    argv = render.cluster_argv(base, store, inv.consul_port, node.host.advertise, inv.extra_flags, inv.discovery)
+    api = tuple(tls.with_api(base)) if inv.tls.docker_api else ()
+    argv = render.cluster_argv(base, store, inv.consul_port, node.host.advertise, inv.extra_flags, inv.discovery, api)
     wanted = render.render(inv.cluster, base, argv, BACKUP_DIR)
     return DropIn(node, wanted, node.facts.dropin)
 
@@ -78,8 +79,9 @@ def _backup_command() -> str:
 JOIN_FAILED = "Failed to join the cluster"
 
 
-def _ready_command(timeout: int, expect_peers: bool = False) -> str:
-    """Waits until dockerd answers with a cluster store and its gossip port listens.
+def _ready_command(timeout: int, expect_peers: bool = False, store: bool = True) -> str:
+    """Waits until dockerd answers with a cluster store and its gossip port listens
+    (without ``store``, swarm mode's drop-in: until it answers).
 
     With ``expect_peers`` (peers are known to be up), a gossip join that failed since
     the restart (dockerd joins through one neighbor and never retries: the node stays
@@ -91,22 +93,24 @@ def _ready_command(timeout: int, expect_peers: bool = False) -> str:
         if expect_peers
         else ""
     )
+    ready = "[ -n \"$store\" ] && ss -Hltn 'sport = :7946' | grep -q ." if store else '[ -n "$store" ]'
+    field = "{{.ClusterStore}}" if store else "{{.ID}}"
     return (
         f"end=$(( $(date +%s) + {timeout} )); "
         "while [ $(date +%s) -lt $end ]; do "
-        "store=$(timeout 5 docker info --format '{{.ClusterStore}}' 2>/dev/null); "
-        "if [ -n \"$store\" ] && ss -Hltn 'sport = :7946' | grep -q .; then "
+        f"store=$(timeout 5 docker info --format '{field}' 2>/dev/null); "
+        f"if {ready}; then "
         f"{check_join}echo ready; exit 0; fi; "
         "sleep 0.5; done; echo not-ready; exit 1"
     )
 
 
-def _restart_command(expect_peers: bool) -> str:
+def _restart_command(expect_peers: bool, store: bool = True) -> str:
     """reset-failed first: docker.service allows 3 starts in 60 s (StartLimitBurst), and a
     restart of ours right after others (a user's, a fault's) would be refused by systemd."""
     return (
         "start=$(date +%s); systemctl reset-failed docker.service 2>/dev/null; "
-        f"systemctl restart docker.service && {_ready_command(READY_TIMEOUT, expect_peers)}"
+        f"systemctl restart docker.service && {_ready_command(READY_TIMEOUT, expect_peers, store)}"
     )
 
 
@@ -119,10 +123,15 @@ def _restore_command(previous: str | None) -> str:
 
 
 def write_and_restart(
-    p: DropIn, before_restart: str = "true", expect_peers: bool = False, between: Callable[[], None] | None = None
+    p: DropIn,
+    before_restart: str = "true",
+    expect_peers: bool = False,
+    between: Callable[[], None] | None = None,
+    store: bool = True,
 ) -> str:
     """Write, reload, restart, wait; on failure roll back and raise with the journal.
-    ``between`` runs on the laptop after ``before_restart`` and before the restart."""
+    ``between`` runs on the laptop after ``before_restart`` and before the restart;
+    ``store``: the drop-in gives dockerd a cluster store (kv), whose readiness is waited for."""
     node = p.node
     node.sh(  # braces: a `;` inside before_restart must not let it run after a failed backup or write
         f"{_backup_command()} && {write_file_command(DROPIN, p.wanted or '')} && systemctl daemon-reload && "
@@ -131,7 +140,7 @@ def write_and_restart(
     if between is not None:
         with contextlib.suppress(Exception):  # the restart goes ahead: never leave the host without dockerd
             between()
-    code, out, err = node.result(_restart_command(expect_peers))
+    code, out, err = node.result(_restart_command(expect_peers, store))
     if code == 0:
         return "drop-in written, dockerd restarted"
     if "join-failed" in out:  # a transient gossip join failure: one more restart
@@ -141,7 +150,7 @@ def write_and_restart(
     lines = journal(node)
     restore = _restore_command(p.current)
     if render.is_ours(p.current):  # the previous state was in the cluster: wait until it is again
-        restore += f" && {_ready_command(READY_TIMEOUT)}"
+        restore += f" && {_ready_command(READY_TIMEOUT, store=render.store_ip(p.current) is not None)}"
     restored = node.result(restore)
     active = "active" in restored[1].split()
     raise OverlaylabError(
@@ -264,6 +273,9 @@ def restart_reason(node: Node, d: DropIn, wanted_store: str) -> str | None:
             "dockerd's overlay restore failed at its start (state left by a power cut): "
             "no container of this host can join the overlay until it restarts"
         )
+    reload = tls.reload_reason(node)
+    if reload:
+        return reload
     if holdback.deaf(node):
         return (
             "its overlay sandbox was made before its gossip (a restart brought containers back first), "
@@ -337,6 +349,7 @@ class Dockerd(Step):
             stops=tuple(node.facts.foreign_containers),
             refusal=restart_refusal(node, reason, ctx.opts.allow_restart),
             diff=d.diff() if d.changed else "",
+            project=lambda facts: setattr(facts, "dropin", d.wanted),
             data=d,
         )
 
@@ -427,3 +440,54 @@ class RestoreDropin(Step):
 
     def apply(self, ctx: Context, node: Node, action: Action) -> str:
         return restore_original(node)
+
+
+class SwarmDropin(Step):
+    """Swarm mode: a drop-in of ours only to serve the API over TLS (no cluster flags: a
+    swarm cannot form with them); without TLS, a drop-in of ours (a kv cluster's, or the
+    TLS one) gives way to the original. The manager first, then one worker at a time."""
+
+    name = "dockerd"
+    order = Order.MANAGER_FIRST
+
+    def __init__(self) -> None:
+        self.restore = RestoreDropin("removing the cluster flags", Order.MANAGER_FIRST, Scope.TARGETS, ours_only=True)
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
+        if not ctx.inv.tls.docker_api:
+            return self.restore.plan(ctx, node)
+        f = node.facts
+        base = render.base_command(f.exec_start, f.dropin)
+        d = DropIn(node, render.render(ctx.inv.cluster, base, [*base, *tls.with_api(base)], BACKUP_DIR), f.dropin)
+        reason = (
+            "drop-in changed"
+            if d.changed
+            else (f"docker.service is {f.docker_active}" if f.docker_active != "active" else tls.reload_reason(node))
+        )
+        if reason is None:
+            return Action(node.name, False, "drop-in up to date (the API on tcp/2376, mutual TLS)")
+
+        def project(facts: HostFacts) -> None:
+            facts.dropin = d.wanted
+            facts.info = {**facts.info, "ClusterStore": "", "ClusterAdvertise": ""}
+
+        return Action(
+            node.name,
+            True,
+            "write the drop-in (the API on tcp/2376, mutual TLS) and restart dockerd"
+            if d.changed
+            else f"restart dockerd: {reason}",
+            restart=reason,
+            stops=tuple(f.foreign_containers),
+            refusal=restart_refusal(node, reason, ctx.opts.allow_restart),
+            diff=d.diff() if d.changed else "",
+            project=project,
+            data=d,
+        )
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        if not isinstance(action.data, DropIn):
+            return self.restore.apply(ctx, node, action)
+        d: DropIn = action.data
+        done = write_and_restart(d, store=False)
+        return done if d.changed else action.restart or done

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from overlaylab import render
+from overlaylab import certs, render
 from overlaylab.cluster import Node
+from overlaylab.errors import InputError
 from overlaylab.facts import CONSUL_GOSSIP, HostFacts, parse_version
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode, engine_problem
@@ -98,6 +99,38 @@ def port_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
     return problems
 
 
+def tls_problems(inv: Inventory, node: Node) -> list[str]:
+    """tls.docker_api writes -H and the --tls flags: a daemon.json that sets them too stops
+    dockerd ("directives are specified both as a flag and in the configuration file"), and
+    an API served already (a docker-machine drop-in's, with its own CA) is someone else's."""
+    if not inv.tls.docker_api:
+        return []
+    f = node.facts
+    problems = []
+    clash = sorted(k for k in (f.daemon_json or {}) if k == "hosts" or k.startswith("tls"))
+    if clash:
+        problems.append(
+            f"/etc/docker/daemon.json sets {', '.join(clash)}: with tls.docker_api the drop-in sets them as flags, "
+            "and dockerd refuses both: remove them there, or set tls.docker_api to false"
+        )
+    try:
+        served = render.tcp_hosts(render.base_command(f.exec_start, f.dropin)) if f.exec_start else []
+    except (ValueError, InputError):
+        served = []
+    if served:
+        problems.append(
+            f"dockerd already serves {served[0]} (another tool's API, with its own certificates?): remove that "
+            "-H tcp:// and its --tls flags from its unit or drop-in first, or set tls.docker_api to false"
+        )
+    held = [s for s in f.sockets if (s.proto, s.port) == ("tcp", certs.API_PORT) and s.process != "dockerd"]
+    if held and not served:
+        problems.append(
+            f"tcp/{certs.API_PORT} on {held[0].address} is held by {held[0].holder()}; the Docker API over TLS "
+            "needs it: stop that program, or set tls.docker_api to false"
+        )
+    return problems
+
+
 def host_problems(inv: Inventory, node: Node, mode: str = Mode.KV) -> list[str]:
     f = node.facts
     problems = []
@@ -110,6 +143,7 @@ def host_problems(inv: Inventory, node: Node, mode: str = Mode.KV) -> list[str]:
     problems += [disk] if disk else []
     problems += image_problems(inv, node, mode)
     problems += port_problems(inv, node, mode)
+    problems += tls_problems(inv, node)
     if mode == Mode.SWARM:
         return problems  # swarm mode writes no drop-in: the cluster-store checks do not apply
     engine = engine_problem(node)
