@@ -1,6 +1,7 @@
 """End to end, real components (sshd, systemd, dockerd 26.x in swarm mode, busybox):
-the swarm backend on a modern lab of its own. Hosts 1-3 form the cluster, host 4
-joins later. Tests run in order on one lab."""
+the swarm backend on a modern lab of its own, with the Docker API over mutual TLS
+(tls.docker_api) from the first run. Hosts 1-3 form the cluster, host 4 joins later.
+Tests run in order on one lab."""
 
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ def test_kv_mode_on_a_modern_lab_is_refused_and_changes_nothing(lab: Lab) -> Non
 
 
 def test_auto_mode_picks_swarm_and_every_pair_pings_by_ip_and_name(lab: Lab) -> None:
-    code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("auto", [1, 2, 3], mode="auto")))
+    inventory = tls_inventory(lab, "auto", [1, 2, 3], mode="auto")
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory))
     assert code == 0, err
     assert doc["mode"] == "swarm" and "auto picked swarm" in err
     assert statuses(doc, "swarm") == dict.fromkeys(NAMES, "changed")
+    assert statuses(doc, "dockerd") == dict.fromkeys(NAMES, "changed")  # the API's drop-in
+    assert docker_info(docker_env(inventory, "bm-docker-03")) == (0, "bm-docker-03")
     assert ping_pairs(doc) == {(a, b, by): True for a in NAMES for b in NAMES if a != b for by in ("ip", "name")}
     conn = lab.conn(1)
     assert sh(conn, "docker network inspect ov_net1 -f '{{.Scope}} {{.Attachable}}'") == "swarm true"
@@ -52,7 +56,7 @@ def test_auto_mode_picks_swarm_and_every_pair_pings_by_ip_and_name(lab: Lab) -> 
 
 def test_a_second_run_changes_nothing(lab: Lab) -> None:
     before = host_state(lab, [1, 2, 3])
-    code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("swarm", [1, 2, 3], mode="swarm")))
+    code, doc, err = fab("bootstrap-cluster", "--inventory", str(tls_inventory(lab, "swarm", [1, 2, 3], "swarm")))
     assert code == 0 and doc["changes"] == 0, err
     assert set(statuses(doc, "swarm").values()) == {"ok"}
     assert host_state(lab, [1, 2, 3]) == before
@@ -60,17 +64,18 @@ def test_a_second_run_changes_nothing(lab: Lab) -> None:
 
 def test_the_smoke_suite_passes_in_swarm_mode(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     junit = lab.dir / "smoke-swarm.xml"
-    passed, failures, took = run_smoke(lab.inventory("swarm", [1, 2, 3], mode="swarm"), junit)
+    passed, failures, took = run_smoke(tls_inventory(lab, "swarm", [1, 2, 3], "swarm"), junit)
     with capsys.disabled():  # a figure for the log, not a threshold
         print(f"\n    smoke suite (swarm) on 3 hosts: {passed} passed in {took:.1f}s")
     assert failures == {}, failures
     text = junit.read_text()
     assert "test_host_is_an_active_node_of_the_managers_swarm" in text
+    assert "test_the_docker_api_answers_the_admins_certificate_and_refuses_a_client_without_one" in text
     assert "test_dockerd_runs_with_our_cluster_flags" not in text  # kv-only checks are deselected, not skipped
 
 
 def test_join_node_of_a_fresh_worker_and_a_rerun_changes_nothing(lab: Lab) -> None:
-    inventory = str(lab.inventory("swarm4", [1, 2, 3, 4], mode="swarm"))
+    inventory = str(tls_inventory(lab, "swarm4-tls", [1, 2, 3, 4], "swarm"))
     code, doc, err = fab("join-node", "--node", "bm-docker-04", "--inventory", inventory)
     assert code == 0, err
     assert statuses(doc, "swarm")["bm-docker-04"] == "changed"
@@ -82,11 +87,7 @@ def test_join_node_of_a_fresh_worker_and_a_rerun_changes_nothing(lab: Lab) -> No
 
 def test_the_api_over_tls_in_swarm_mode_and_a_lost_ca_replaced_with_reissue_certs(lab: Lab, tmp_path: Path) -> None:
     inventory = tls_inventory(lab, "swarm4-tls", [1, 2, 3, 4], mode="swarm")
-    code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory))
-    assert code == 0, err
-    assert set(statuses(doc, "dockerd").values()) == {"changed"} and set(statuses(doc, "swarm").values()) == {"ok"}
-    assert all(ping_pairs(doc).values()) and len(ping_pairs(doc)) == 24
-    assert docker_info(docker_env(inventory, "bm-docker-03")) == (0, "bm-docker-03")
+    assert docker_info(docker_env(inventory, "bm-docker-04")) == (0, "bm-docker-04")  # it joined with TLS
     address = lab.spec.hosts[2].mgmt_ip
     found = refusals(address, lab.dir / "ca", tmp_path)
     assert found["admin"].startswith("answered") and found["no certificate"].startswith("refused"), found
@@ -101,7 +102,8 @@ def test_the_api_over_tls_in_swarm_mode_and_a_lost_ca_replaced_with_reissue_cert
     assert host_state(lab, [1, 2, 3, 4]) == before
     code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory), "--reissue-certs")
     assert code == 0, err
-    assert set(statuses(doc, "certs").values()) == {"changed"} and all(ping_pairs(doc).values())
+    assert set(statuses(doc, "certs").values()) == {"changed"} and set(statuses(doc, "dockerd").values()) == {"changed"}
+    assert all(ping_pairs(doc).values()) and len(ping_pairs(doc)) == 24
     assert docker_info(docker_env(inventory, "bm-docker-03")) == (0, "bm-docker-03")
     answered, detail = tls.probe(address, lab.dir / "ca-lost" / certs.CA_CERT, lab.dir / "ca-lost")
     assert not answered, detail  # the lost CA's certificates no longer open anything

@@ -39,7 +39,9 @@ def docker_env(inventory: Path, node: str) -> dict[str, str]:
 
 
 def docker_info(env: dict[str, str]) -> tuple[int, str]:
-    """`docker info` on this machine with that environment alone (no other DOCKER_* leaks in)."""
+    """`docker info` on this machine with that environment alone (no other DOCKER_* leaks in).
+    (exit code, output): the CLI exits 0 also when the daemon answered with an error, so
+    the output (the host's name, or the error) is what tells."""
     docker = shutil.which("docker")
     assert docker, "the docker CLI is not installed on this machine"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
