@@ -34,6 +34,7 @@ CERT_DAYS = 365
 RENEW_WITHIN = dt.timedelta(days=30)  # a re-run renews a certificate that expires sooner
 CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 CLIENT_CERT, CLIENT_KEY = "cert.pem", "key.pem"  # with ca.pem: a DOCKER_CERT_PATH directory
+FILES = (CA_CERT, CA_KEY, CLIENT_CERT, CLIENT_KEY)  # all this module writes in a CA directory
 API_PORT = 2376
 
 
@@ -148,7 +149,7 @@ def load_or_create(directory: Path, cluster: str) -> tuple[Authority, bool]:
 def set_aside(directory: Path) -> Path | None:
     """--reissue-certs: the old CA (and the admin's certificate) kept next to the new one,
     never deleted: a host still on it can be told apart, and nothing is lost."""
-    files = [directory / n for n in (CA_CERT, CA_KEY, CLIENT_CERT, CLIENT_KEY) if (directory / n).exists()]
+    files = [directory / n for n in FILES if (directory / n).exists()]
     if not files:
         return None
     aside = directory / f"replaced-{now():%Y%m%dT%H%M%S}"
@@ -161,8 +162,7 @@ def set_aside(directory: Path) -> Path | None:
 def remove(directory: Path) -> str:
     """teardown --remove-ca: the files this module writes (and the CAs set aside), nothing
     else: tls.ca_dir may name a directory that holds other things too."""
-    ours = [directory / n for n in (CA_CERT, CA_KEY, CLIENT_CERT, CLIENT_KEY)]
-    gone = [p for p in ours if p.exists()]
+    gone = [directory / n for n in FILES if (directory / n).exists()]
     for p in gone:
         p.unlink()
     for aside in directory.glob("replaced-*") if directory.is_dir() else []:
@@ -210,7 +210,11 @@ class Keeper:
     def admin(self) -> str:
         """The admin's client certificate, made or renewed if need be; what was done, or ""."""
         directory, made = ensure_client(self.authority())
-        return f"admin certificate in {directory} (DOCKER_CERT_PATH) made" if made else ""
+        return (
+            f"admin certificate written in {directory} (DOCKER_CERT_PATH): none was there, or it was due"
+            if made
+            else ""
+        )
 
 
 def host_names(name: str, hostname: str, address: str, resolved: str, advertise_ip: str) -> tuple[list[str], list[str]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from overlaylab import certs
 from overlaylab.errors import InputError
 from overlaylab.mode import MODES
 
@@ -110,6 +111,11 @@ class Inventory:
         """HA mode: several Consul servers, a client agent on every other host, each dockerd
         pointed at its own host's agent (libkv's Consul backend takes one address)."""
         return len(self.servers) > 1
+
+    @property
+    def ca_dir(self) -> Path:
+        """Where the cluster's CA lives on the admin's machine (certs.py)."""
+        return self.tls.ca_dir or certs.default_dir(self.cluster)
 
     @property
     def consul_volume(self) -> str:

@@ -31,7 +31,7 @@ def keeper(inv: Inventory, opts: Options) -> certs.Keeper | None:
         if opts.reissue_certs:
             raise InputError(f"{inv.path}: --reissue-certs, but tls.docker_api is not on")
         return None
-    return certs.Keeper(inv.tls.ca_dir or certs.default_dir(inv.cluster), inv.cluster, opts.reissue_certs)
+    return certs.Keeper(inv.ca_dir, inv.cluster, opts.reissue_certs)
 
 
 def _bootstrap(
@@ -154,7 +154,7 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
 
 def admin_line(inv: Inventory) -> str:
     """The admin's certificate, as status reads it (never made here: status changes nothing)."""
-    directory = inv.tls.ca_dir or certs.default_dir(inv.cluster)
+    directory = inv.ca_dir
     path = directory / certs.CLIENT_CERT
     cert = certs.read_cert(path)
     if cert is None:
@@ -200,7 +200,7 @@ def _teardown(inv: Inventory, opts: Options, nodes: list[Node], report: RunRepor
 def teardown(inv: Inventory, opts: Options) -> int:
     code = run_task("teardown", inv, opts, _teardown)
     if opts.remove_ca and not opts.dry_run:
-        where = inv.tls.ca_dir or certs.default_dir(inv.cluster)
+        where = inv.ca_dir
         if code != 0:
             print(f"kept the CA in {where}: the teardown did not finish (exit {code})", file=sys.stderr)
         else:
@@ -215,7 +215,7 @@ def docker_env(inv: Inventory, name: str) -> str:
     host = inv.host(name)
     if not inv.tls.docker_api:
         raise InputError(f"{inv.path}: tls.docker_api is not on: no host serves the Docker API")
-    keeper = certs.Keeper(inv.tls.ca_dir or certs.default_dir(inv.cluster), inv.cluster)
+    keeper = certs.Keeper(inv.ca_dir, inv.cluster)
     if keeper.found is None:
         raise InputError(f"{keeper.directory}: no CA for cluster {inv.cluster}: run bootstrap-cluster first")
     directory, _ = certs.ensure_client(keeper.found)

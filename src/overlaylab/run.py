@@ -189,9 +189,10 @@ def run_steps(
     whole = execute(steps, ctx)
     if ca is not None and not teardown and whole:
         made = ca.admin()
-        for event in [*ca.events, *([made] if made else [])]:
+        changes = [*ca.events, *([made] if made else [])]
+        for event in changes:
             report.note(event)
-        report.extra["ca"] = {"directory": str(ca.directory), "changes": [*ca.events, *([made] if made else [])]}
+        report.extra["ca"] = {"directory": str(ca.directory), "changes": changes}
     report.extra.update(restarts=ctx.restarts, diffs=ctx.diffs)
     if whole and not teardown:
         live = [n for n in nodes if n.name not in ctx.failed]

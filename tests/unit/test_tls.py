@@ -18,6 +18,7 @@ from overlaylab.errors import InputError
 from overlaylab.facts import HOST_CA, HOST_CERT, HOST_KEY
 from overlaylab.inventory import Tls
 from overlaylab.pipelines import kv, swarm
+from overlaylab.report import RunReport
 from overlaylab.run import Refused
 from overlaylab.steps import dockerd, preflight, tls
 from tests.unit.test_pipelines import NAMES, FakeNode, Log, cluster, go, no_remote_services  # noqa: F401
@@ -251,3 +252,24 @@ def test_remove_ca_takes_only_the_files_it_wrote(tmp_path: Path) -> None:
     assert certs.remove(d) == f"removed the CA in {d}"
     assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
     assert certs.remove(tmp_path / "none") == f"no CA in {tmp_path / 'none'}"
+
+
+def test_join_node_installs_the_joining_workers_certificate_alone(tmp_path: Path) -> None:
+    inv, nodes, log, _ = on_tls(tmp_path)
+    nodes[2].facts.tls_files = {}  # w2 joins: no certificate yet
+    code, report = go(inv, nodes, kv.BOOTSTRAP, targets=("w2",), ca=certs.Keeper(tmp_path / "ca", inv.cluster))
+    assert code == 0, report.outcomes
+    assert {h for h, c in log.lines if c.startswith("put-secret")} == {"w2"}
+    assert statuses_of(report, "certs") == {"w2": "changed"}
+
+
+def test_in_ha_mode_the_api_flags_sit_beside_the_local_agents_store(tmp_path: Path) -> None:
+    inv, nodes, _ = cluster()
+    inv = dataclasses.replace(tls_inv(inv, tmp_path), consul_servers=NAMES)
+    argv = render.split((dockerd.dropin(inv, nodes[1], "10.210.1.11").wanted or "").split("ExecStart=")[-1])
+    assert "--cluster-store=consul://127.0.0.1:8500" in argv and "tcp://0.0.0.0:2376" in argv
+    assert argv.index("tcp://0.0.0.0:2376") < argv.index("--cluster-store=consul://127.0.0.1:8500")
+
+
+def statuses_of(report: RunReport, step: str) -> dict[str, str]:
+    return {o["host"]: o["status"] for o in report.outcomes if o["step"] == step}

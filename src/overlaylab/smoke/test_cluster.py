@@ -125,7 +125,11 @@ def test_the_docker_api_answers_the_admins_certificate_and_refuses_a_client_with
     smoke_cluster: Cluster, host: str
 ) -> None:
     c = smoke_cluster
-    directory = c.inv.tls.ca_dir or certs.default_dir(c.inv.cluster)
+    directory = c.inv.ca_dir
+    missing = [n for n in (certs.CA_CERT, certs.CLIENT_CERT, certs.CLIENT_KEY) if not (directory / n).exists()]
+    assert not missing, (
+        f"{directory} lacks {', '.join(missing)}: run the smoke suite where the cluster's CA is (tls.ca_dir)"
+    )
     address = str(c.nodes[host].conn.host)
     answered, detail = tls.probe(address, directory / certs.CA_CERT, directory)
     assert answered, (
