@@ -250,7 +250,9 @@ def issue(
     the host's addresses and names, or (``client``) the admin's."""
     key = ec.generate_private_key(ec.SECP256R1())
     start = now() - dt.timedelta(minutes=5)
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    # a host's certificate is also a client's: its dockerd presents it to a Consul that
+    # verifies clients (tls.store); measured on the lab, Consul refuses a serverAuth-only one
+    usage = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([] if client else [ExtendedKeyUsageOID.SERVER_AUTH])
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -260,7 +262,7 @@ def issue(
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
     )
     sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in dict.fromkeys(ips)]
     sans += [x509.DNSName(n) for n in dict.fromkeys(names)]

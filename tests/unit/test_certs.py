@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from overlaylab import certs
 from overlaylab.errors import InputError
@@ -76,3 +77,18 @@ def test_a_ca_with_its_key_missing_or_not_matching_is_named(tmp_path: Path) -> N
 def test_the_default_directory_is_outside_the_repository(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     assert certs.default_dir("lab") == tmp_path / "overlaylab" / "ca" / "lab"
+
+
+def test_a_hosts_certificate_serves_and_is_a_client_and_the_admins_is_a_client_alone(tmp_path: Path) -> None:
+    """Host certificates carry both usages: the store's Consul (tls.store) verifies dockerd as
+    its client, and refused a serverAuth-only certificate on the lab ("tls: bad certificate")."""
+    ca, _ = certs.load_or_create(tmp_path / "ca", "c")
+
+    def usages(pem: bytes) -> set[x509.ObjectIdentifier]:
+        cert = x509.load_pem_x509_certificate(pem)
+        return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+
+    host, _ = certs.issue(ca, "h", ips=["10.0.0.1"])
+    admin, _ = certs.issue(ca, "admin", client=True)
+    assert usages(host) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert usages(admin) == {ExtendedKeyUsageOID.CLIENT_AUTH}
