@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+# the shared helpers assert too: their failures show what differed, as a test's own do
+pytest.register_assert_rewrite("tests.e2e.healing", "tests.e2e.clusterlab", "tests.e2e.tlscheck")
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:

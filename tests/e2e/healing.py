@@ -145,6 +145,8 @@ def heal(
     if faulted is not None:
         assert set(doc["restarts"]) <= faulted, doc["restarts"]
     assert users_running(lab, hosts) == dict.fromkeys(map(name, hosts), "true")
-    assert pings(lab, hosts) == []
-    assert users_pings(lab, hosts) == []
+    failed = pings(lab, hosts)
+    assert not failed, f"fresh containers, after a re-run that restarted {doc['restarts']}:\n" + "\n".join(failed)
+    failed = users_pings(lab, hosts)
+    assert not failed, f"the users' containers, after a re-run that restarted {doc['restarts']}:\n" + "\n".join(failed)
     return doc
