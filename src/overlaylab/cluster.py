@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 
 import consul
 import paramiko
+import requests
 from fabric import Connection
 
-from overlaylab import certs, facts, remote
+from overlaylab import certs, facts, remote, storetls
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Host, Inventory
 
@@ -172,13 +173,29 @@ def read_one(inv: Inventory, node: Node, only: tuple[str, ...] | None = None) ->
     ports = (
         *facts.PORTS,
         inv.consul_port,
-        *((facts.CONSUL_GOSSIP,) if inv.ha else ()),
+        *((facts.CONSUL_GOSSIP,) if inv.ha else (inv.consul_port + 1,)),  # + 1: storetls.py's round 1
         *((certs.API_PORT,) if inv.tls.docker_api else ()),
     )
     _, out, err = node.result(facts.script(node.host.advertise, store, inv.network, ports, only))
     if facts.MARK + "end" not in out:
         raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
     node.facts = facts.parse(out, node.host.advertise)
+    if store is not None and (manager or server) and not node.facts.store_leader:
+        node.facts.store_leader = secure_leader(inv, node)
+
+
+def secure_leader(inv: Inventory, node: Node) -> str:
+    """The leader as a Consul serving HTTPS alone says it (the facts script speaks plain HTTP
+    only); "" when it runs no such Consul or does not answer, as the script would say."""
+    data = node.facts.consul or {}
+    served = storetls.served(data, inv.consul_port)
+    if not (data.get("State") or {}).get("Running") or (storetls.HTTPS, inv.consul_port) not in served:
+        return ""  # the script asked consul.port over plain HTTP: its answer stands
+    try:
+        with consul_client(inv, node) as client:
+            return str(client.status.leader() or "")
+    except (OverlaylabError, requests.RequestException, consul.ConsulException, OSError):
+        return ""  # no answer, as the facts script would read it
 
 
 def read_facts(inv: Inventory, nodes: list[Node], only: tuple[str, ...] | None = None) -> None:
@@ -241,15 +258,37 @@ class Forward:
 
 
 @contextlib.contextmanager
-def consul_client(manager: Node, ip: str, port: int) -> Iterator[consul.Consul]:
-    """Consul's API through the manager's SSH connection: the laptop need not reach the cluster network."""
-    key = (ip, port)
-    if key not in manager.forwards:
-        transport = manager.conn.client.get_transport()
+def consul_client(inv: Inventory, node: Node) -> Iterator[consul.Consul]:
+    """Consul's API on ``node``'s cluster address, through its SSH connection: the laptop need
+    not reach the cluster network. Where Consul serves HTTPS (storetls.py), the admin's
+    certificate is presented and Consul's is verified against the cluster's CA (it names
+    127.0.0.1, the forward's end)."""
+    listeners = storetls.served(node.facts.consul, inv.consul_port)
+    secure = [port for scheme, port in listeners if scheme == storetls.HTTPS]
+    directory = inv.ca_dir
+    admin = (directory / certs.CLIENT_CERT, directory / certs.CLIENT_KEY)
+    plain = [port for scheme, port in listeners if scheme == storetls.HTTP]
+    use_tls = bool(secure) and (all(p.exists() for p in admin) or not plain)  # round 1 of a move: either
+    port = secure[0] if use_tls else plain[0]
+    key = (node.advertise_ip, port)
+    if key not in node.forwards:
+        transport = node.conn.client.get_transport()
         if transport is None:
-            raise OverlaylabError(f"{manager.name}: no SSH transport for the Consul forward")
-        manager.forwards[key] = Forward(transport, ip, port)
-    yield consul.Consul(host="127.0.0.1", port=manager.forwards[key].port, connections_timeout=5)
+            raise OverlaylabError(f"{node.name}: no SSH transport for the Consul forward")
+        node.forwards[key] = Forward(transport, *key)
+    local = node.forwards[key].port
+    if not use_tls:
+        yield consul.Consul(host="127.0.0.1", port=local, connections_timeout=5)
+        return
+    if not all(p.exists() for p in admin):
+        raise OverlaylabError(
+            f"Consul on {node.name} serves HTTPS only and {directory} holds no admin certificate "
+            f"({certs.CLIENT_CERT}, {certs.CLIENT_KEY}): restore tls.ca_dir, or re-run with --reissue-certs"
+        )
+    yield consul.Consul(
+        host="127.0.0.1", port=local, scheme="https", verify=str(directory / certs.CA_CERT),
+        cert=tuple(str(p) for p in admin), connections_timeout=5,
+    )  # fmt: skip
 
 
 def journal(node: Node, lines: int = 20) -> str:

@@ -215,14 +215,17 @@ def parse_attached(text: str) -> dict[str, Attachment]:
 
 def store_leader_script(advertise: str, port: int) -> str:
     """Asks the manager's Consul for its leader over plain HTTP from bash (no curl on the
-    hosts). Only an answer tells a network the store lost from one it could not be asked
-    about: dockerd says "No such network" in both cases."""
+    hosts); where it serves HTTPS, cluster.read_one asks through the admin's client. Only
+    an answer tells a network the store lost from one it could not be asked about: dockerd
+    says "No such network" in both cases."""
     q = shlex.quote
     return (
         f"a={q(advertise)}; case $a in *[!0-9.]*) a=$(ip -4 -o addr show dev $a 2>/dev/null | "
         "awk '{print $4; exit}'); a=${a%/*};; esac; "
         f'[ -n "$a" ] && timeout 3 bash -c "exec 3<>/dev/tcp/$a/{port} && '
-        "printf 'GET /v1/status/leader HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3\" 2>/dev/null | tail -n 1"
+        "printf 'GET /v1/status/leader HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3\" 2>/dev/null | "
+        # a 200's body only: a Consul serving HTTPS answers plain HTTP with a 400 (storetls.py)
+        "{ IFS= read -r status; case $status in *' 200 '*) tail -n 1;; esac; }"
     )
 
 

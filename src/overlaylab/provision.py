@@ -8,7 +8,7 @@ import sys
 
 from fabric import Connection
 
-from overlaylab import certs, render
+from overlaylab import certs, render, storetls
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError
 from overlaylab.facts import VERIFY_SECTIONS
@@ -29,7 +29,7 @@ def keeper(inv: Inventory, opts: Options) -> certs.Keeper | None:
     """The cluster's CA, read before any host is touched (an unreadable one: exit 2)."""
     if not inv.tls.on:
         if opts.reissue_certs:
-            raise InputError(f"{inv.path}: --reissue-certs, but tls.docker_api is not on")
+            raise InputError(f"{inv.path}: --reissue-certs, but neither tls.docker_api nor tls.store is on")
         return None
     return certs.Keeper(inv.ca_dir, inv.cluster, opts.reissue_certs)
 
@@ -111,7 +111,8 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
                 "role": node.host.role,
                 "engine": f.version,
                 "docker": f.docker_active,
-                "cluster_store": f.cluster_store,
+                # docker info names the store alike over HTTP and HTTPS: the drop-in tells which
+                "cluster_store": f.cluster_store + (" (tls)" if storetls.secure(f.dropin) else ""),
                 "cluster_advertise": f.cluster_advertise,
                 "dropin": "overlaylab" if render.is_ours(f.dropin) else ("other" if f.dropin is not None else "none"),
                 "registered": is_registered,

@@ -119,8 +119,10 @@ def cluster_argv(
     extra: tuple[str, ...],
     discovery: tuple[int, int] = (3, 20),
     api: tuple[str, ...] = (),
+    store_tls: tuple[str, ...] = (),
 ) -> list[str]:
-    """``api``: steps/tls.py's flags, when the inventory serves the Docker API over TLS."""
+    """``api``: steps/tls.py's flags, when the inventory serves the Docker API over TLS;
+    ``store_tls``: storetls.py's kv options, when dockerd reaches its store over HTTPS."""
     heartbeat, ttl = discovery
     return [
         *base,
@@ -129,6 +131,7 @@ def cluster_argv(
         f"--cluster-advertise={advertise}:2376",
         f"--cluster-store-opt=discovery.heartbeat={heartbeat}",
         f"--cluster-store-opt=discovery.ttl={ttl}",
+        *store_tls,
         *extra,
     ]
 

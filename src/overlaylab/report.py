@@ -115,7 +115,8 @@ class RunReport:
             **({"planned_changes": self.changes} if refused else {}),
             "failed": self.failed,
             "exit_code": exit_code,
-            "hosts": per_host,
+            "hosts": per_host,  # each step's last outcome per host
+            "outcomes": self.outcomes,  # all of them, in order (a step may act twice: storetls.py)
             "step_seconds": self.step_seconds,
             **self.extra,
         }

@@ -37,7 +37,7 @@ from tests.e2e.clusterlab import (
 )
 from tests.e2e.healing import dockerd_pids, on, start_users_app, users_pings, users_running
 from tests.e2e.labtools import outer, sh
-from tests.e2e.tlscheck import docker_env, docker_info, refusals, tls_inventory
+from tests.e2e.tlscheck import consul_answers, docker_env, docker_info, refusals, tls_inventory
 
 NAME, RANGE = "e2ekv", "10.213.0.0/16"
 ENGINES = "legacy,legacy,legacy,legacy,modern"
@@ -368,12 +368,13 @@ def test_a_flag_that_stops_dockerd_is_rolled_back_and_reported(lab: Lab) -> None
 NETWORK_ID: dict[str, str] = {}  # ov_net1's ID when the API's TLS was turned on
 
 
-def test_turning_the_api_tls_on_is_refused_where_users_containers_run_then_allowed_keeps_the_network(
+def test_turning_tls_on_is_refused_where_users_containers_run_then_allowed_keeps_the_network(
     lab: Lab,
 ) -> None:
     """Users' containers (restart policy always) on the overlay on bm-docker-01 and -03; turning
-    tls.docker_api on rewrites every drop-in, so every dockerd restarts."""
-    inventory = tls_inventory(lab, "tls", [1, 2, 3, 4])
+    tls.docker_api and tls.store on rewrites every drop-in, so every dockerd restarts (twice:
+    the store moves to HTTPS on a second port while HTTP still serves, then back to 8500)."""
+    inventory = tls_inventory(lab, "tls", [1, 2, 3, 4], store=True)
     start_users_app(lab, [1, 3])
     try:
         NETWORK_ID["before"] = on(lab, 2, "docker network inspect -f '{{.Id}}' ov_net1")
@@ -382,6 +383,21 @@ def test_turning_the_api_tls_on_is_refused_where_users_containers_run_then_allow
         assert code == 2
         assert "the restart stops: users_app3" in doc["hosts"]["bm-docker-03"]["dockerd"]["detail"]
         assert "install a server certificate" in doc["hosts"]["bm-docker-02"]["certs"]["detail"]
+        found = [
+            (
+                o["host"],
+                o["step"],
+                re.search(r"serve (https?:\d+(?:,https?:\d+)*)|moves to (https on :\d+)", o["detail"]),
+            )
+            for o in doc["outcomes"]
+            if o["step"] in ("consul", "dockerd")
+        ]
+        assert [(h, step, (m[1] or m[2]) if m else "") for h, step, m in found] == [
+            ("bm-docker-01", "consul", "http:8500,https:8501"),
+            *[(f"bm-docker-0{i}", "dockerd", "https on :8501") for i in (1, 2, 3, 4)],
+            ("bm-docker-01", "consul", "https:8500"),
+            *[(f"bm-docker-0{i}", "dockerd", "https on :8500") for i in (1, 2, 3, 4)],
+        ], doc  # the dry run's two rounds, in the order the run takes them
         code, doc, _ = fab("bootstrap-cluster", "--inventory", str(inventory))
         assert code == 2
         plan = {h: s["plan"]["detail"] for h, s in doc["hosts"].items() if "plan" in s}
@@ -410,7 +426,7 @@ def test_turning_the_api_tls_on_is_refused_where_users_containers_run_then_allow
 def test_docker_info_over_tls_with_docker_env_and_refused_without_the_cas_client_certificate(
     lab: Lab, tmp_path: Path
 ) -> None:
-    inventory = tls_inventory(lab, "tls", [1, 2, 3, 4])
+    inventory = tls_inventory(lab, "tls", [1, 2, 3, 4], store=True)
     env = docker_env(inventory, "bm-docker-02")
     address = lab.spec.hosts[1].mgmt_ip
     assert env["DOCKER_HOST"] == f"tcp://{address}:2376" and env["DOCKER_TLS_VERIFY"] == "1"
@@ -421,9 +437,16 @@ def test_docker_info_over_tls_with_docker_env_and_refused_without_the_cas_client
     assert found["admin"].startswith("answered"), found
     assert found["no certificate"].startswith("refused"), found
     assert found["another CA's"].startswith("refused"), found
-    # the smoke suite's TLS check, and a re-run that changes nothing
-    passed, failures, _ = run_smoke(inventory, tmp_path / "smoke-tls.xml", "-k", "docker_api")
-    assert failures == {} and passed == 4, failures
+    # Consul, the cluster store, on the manager's cluster address: HTTPS alone, to the CA's certificates
+    store = consul_answers(lab.spec.hosts[0].cluster_ip, 8500, lab.dir / "ca", tmp_path)
+    assert store["admin"].startswith("answered"), store
+    assert store["no certificate"].startswith("refused"), store
+    assert store["another CA's"].startswith("refused"), store
+    assert " 400 " in store["plain HTTP"], store  # "Client sent an HTTP request to an HTTPS server"
+    assert on(lab, 1, "ss -Hltn 'sport = :8501' | wc -l") == "0"  # round 1's second port is closed
+    # the smoke suite's TLS checks (API and store), and a re-run that changes nothing
+    passed, failures, _ = run_smoke(inventory, tmp_path / "smoke-tls.xml", "-m", "tls or tls_store")
+    assert failures == {} and passed == 4 + 4 + 1, failures
     before = host_state(lab, [1, 2, 3, 4])
     code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory))
     assert code == 0 and doc["changes"] == 0, err
@@ -435,7 +458,7 @@ def test_docker_info_over_tls_with_docker_env_and_refused_without_the_cas_client
 
 def test_a_certificate_due_for_renewal_is_renewed_restarting_that_workers_dockerd_alone(lab: Lab) -> None:
     """A 10-day certificate signed by the cluster's CA, installed on bm-docker-04 by hand."""
-    inventory = tls_inventory(lab, "tls", [1, 2, 3, 4])
+    inventory = tls_inventory(lab, "tls", [1, 2, 3, 4], store=True)
     ca = certs.load(lab.dir / "ca")
     assert ca is not None
     address = lab.spec.hosts[3].mgmt_ip
@@ -464,18 +487,39 @@ def test_a_certificate_due_for_renewal_is_renewed_restarting_that_workers_docker
 
 
 def test_a_changed_inventory_then_teardown_brings_back_the_original_state(lab: Lab) -> None:
+    """TLS off (API and store) and Consul on another port, with users' containers on
+    bm-docker-02 and -04: refused without --allow-restart, then done, the network kept."""
     moved = lab.inventory("port", [1, 2, 3, 4], consul={"port": 8501})
-    code, doc, err = fab("bootstrap-cluster", "--inventory", str(moved))
-    assert code == 0, err
+    start_users_app(lab, [2, 4])
+    try:
+        before = host_state(lab, [1, 2, 3, 4])
+        code, doc, _ = fab("bootstrap-cluster", "--inventory", str(moved))
+        assert code == 2
+        plan = {h: s["plan"]["detail"] for h, s in doc["hosts"].items() if "plan" in s}
+        assert sorted(plan) == ["bm-docker-02", "bm-docker-04"], plan
+        assert host_state(lab, [1, 2, 3, 4]) == before
+        code, doc, err = fab("bootstrap-cluster", "--inventory", str(moved), "--allow-restart")
+        assert code == 0, err
+        assert users_running(lab, [2, 4]) == {"bm-docker-02": "true", "bm-docker-04": "true"}
+        assert users_pings(lab, [2, 4]) == []
+    finally:
+        each_host([2, 4], lambda i: on(lab, i, f"docker rm -f users_app{i} >/dev/null 2>&1; true"))
     conn = lab.conn(3)
     assert sh(conn, "docker info --format '{{.ClusterStore}}'").endswith(":8501")
     conn.close()
-    # tls.docker_api is off in this inventory: the flags went, then the files; the network stayed
+    # TLS is off in this inventory: the flags went, then the files; the network stayed
     for i in (1, 2, 3, 4):
         assert on(lab, i, "ls /etc/overlaylab/tls 2>&1; ss -Hltn 'sport = :2376' | wc -l").endswith(
             "No such file or directory\n0"
         )
         assert on(lab, i, "docker network inspect -f '{{.Id}}' ov_net1") == NETWORK_ID["before"]
+    plain = on(
+        lab,
+        2,
+        f"timeout 5 bash -c 'exec 3<>/dev/tcp/{lab.spec.hosts[0].cluster_ip}/8501 && "
+        'printf "GET /v1/status/leader HTTP/1.0\\r\\n\\r\\n" >&3 && head -n 1 <&3\'',
+    )
+    assert " 200 " in plain, plain  # the store is plain HTTP again, on the new port
     code, doc, err = fab("teardown", "--inventory", str(moved))
     assert code == 0, err
     for i in (1, 2, 3, 4):

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -16,9 +17,29 @@ from overlaylab.steps import tls
 from tests.e2e.clusterlab import FAB, ROOT, Lab
 
 
-def tls_inventory(lab: Lab, name: str, hosts: list[int], mode: str | None = None) -> Path:
-    """The lab's inventory with the API over TLS, its CA in the module's directory."""
-    return lab.inventory(name, hosts, mode, tls={"docker_api": True, "ca_dir": str(lab.dir / "ca")})
+def tls_inventory(lab: Lab, name: str, hosts: list[int], mode: str | None = None, store: bool = False) -> Path:
+    """The lab's inventory with the API over TLS (``store``: the cluster store too), its CA in
+    the module's directory."""
+    tls = {"docker_api": True, "ca_dir": str(lab.dir / "ca"), **({"store": True} if store else {})}
+    return lab.inventory(name, hosts, mode, tls=tls)
+
+
+def consul_answers(address: str, port: int, ca_dir: Path, scratch: Path) -> dict[str, str]:
+    """What Consul at ``address:port`` answers, from this machine, to plain HTTP, to TLS
+    without a certificate, with another CA's, and with the admin's (the one it must answer)."""
+    other, _ = certs.load_or_create(scratch / "other-ca", "someone else")
+    certs.ensure_client(other)
+    found = {}
+    for label, client in (("admin", ca_dir), ("no certificate", None), ("another CA's", scratch / "other-ca")):
+        answered, detail = tls.probe(address, ca_dir / certs.CA_CERT, client, port=port, path="/v1/status/leader")
+        found[label] = ("answered " if answered else "refused: ") + detail
+    try:
+        with socket.create_connection((address, port), timeout=10) as raw:
+            raw.sendall(b"GET /v1/status/leader HTTP/1.0\r\n\r\n")
+            found["plain HTTP"] = raw.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+    except OSError as exc:
+        found["plain HTTP"] = f"{type(exc).__name__}: {exc}"
+    return found
 
 
 def docker_env(inventory: Path, node: str) -> dict[str, str]:

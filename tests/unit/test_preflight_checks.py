@@ -8,11 +8,12 @@ these cases cannot be made for real there."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 from overlaylab.cluster import Node
 from overlaylab.facts import HostFacts, Socket
-from overlaylab.inventory import Host, Inventory
+from overlaylab.inventory import Host, Inventory, Tls
 from overlaylab.mode import Mode
 from overlaylab.steps import ports, preflight
 from tests.unit.test_facts_render import FakeConn, recorded
@@ -149,3 +150,23 @@ def test_a_gossip_socket_whose_owner_ss_could_not_name_is_dockerds_only_where_do
     n.facts.exec_start = (n.facts.exec_start or "").replace("--cluster-advertise", "--label")  # no kv dockerd here
     found = problems(n)
     assert len(found) == 2 and all("held by the kernel" in p for p in found)
+
+
+def test_the_next_port_held_by_another_program_is_refused_only_when_the_store_moves_to_tls() -> None:
+    """storetls.py's round 1 serves HTTPS on consul.port + 1 beside HTTP on consul.port."""
+    n = node()
+    n.facts.dropin = (
+        "# Managed by overlaylab\n[Service]\nExecStart=\nExecStart=/usr/sbin/dockerd "
+        "--cluster-store=consul://10.0.0.11:8500 --cluster-advertise=eth1:2376\n"
+    )
+    n.facts.sockets = [*n.facts.sockets, Socket("tcp", "0.0.0.0", 8501, "nginx", 77)]
+    assert problems(n) == []  # store TLS off: 8501 is none of the cluster's business
+    store = dataclasses.replace(INV, tls=Tls(store=True))
+    assert problems(n, store) == [
+        "tcp/8501 on 0.0.0.0 is held by nginx (PID 77); Consul's second port while the store moves between "
+        "HTTP and HTTPS needs it: stop that program, or move it to another port"
+    ]
+    n.facts.dropin = n.facts.dropin.replace(
+        "eth1:2376", "eth1:2376 --cluster-store-opt=kv.certfile=/etc/overlaylab/tls/server.pem"
+    )
+    assert problems(n, store) == []  # moved already: 8501 is not used

@@ -1,5 +1,6 @@
-"""The kv backend (the tutorial's): leave any swarm; Consul with a leader; the drop-ins,
-the manager first, Consul again, then the workers one at a time; every dockerd
+"""The kv backend (the tutorial's): leave any swarm; the hosts' certificates (tls); Consul
+with a leader; the drop-ins, the manager first, Consul again, then the workers one at a
+time (twice, only while the store moves between HTTP and HTTPS: storetls.py); every dockerd
 registered; the network; an anchor per host. No container joins the overlay before its
 daemon's gossip is up (a sandbox made before gossip never looks up its peers): the
 users' containers are held back over each restart (steps/holdback.py), and a stopped
@@ -21,15 +22,17 @@ from overlaylab.steps.verify import RemoveProbes
 
 BOOTSTRAP: tuple[Step, ...] = (
     LeaveSwarm(),
+    Certs(store=True),
     Consul(),
-    Certs(),
     Dockerd(),
+    Consul(round_two=True),
+    Dockerd(round_two=True),
     Registered(),
     Network(),
     Reconnect(),
     Release(),
     Anchor(),
-    RemoveCerts(),
+    RemoveCerts(store=True),
 )
 
 TEARDOWN: tuple[Step, ...] = (
@@ -37,6 +40,6 @@ TEARDOWN: tuple[Step, ...] = (
     RemoveAnchor(Scope.ALL),
     RemoveNetwork(),
     RestoreDropin("restoring the drop-in", Order.WORKERS_FIRST, Scope.ALL, ours_only=False),
-    RemoveCerts(teardown=True),
+    RemoveCerts(teardown=True, store=True),
     RemoveConsul(),
 )

@@ -35,6 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "mode(name): only for clusters in this mode (kv or swarm); deselected otherwise")
     config.addinivalue_line("markers", "ha: only for HA Consul (consul.servers 3 or 5); deselected otherwise")
     config.addinivalue_line("markers", "tls: only for clusters with tls.docker_api on; deselected otherwise")
+    config.addinivalue_line("markers", "tls_store: only for clusters with tls.store on; deselected otherwise")
     path = config.getoption("--inventory", default=None)
     config.stash[_INVENTORY] = inventory.load(path) if path else None
 
@@ -78,8 +79,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "overlaylab/smoke" in str(item.path).replace(os.sep, "/") or "tests/smoke" in str(item.path):
             item.add_marker(SMOKE_MARK)
         marker = item.get_closest_marker("mode")
-        off = (item.get_closest_marker("ha") and inv and not inv.ha) or (
-            item.get_closest_marker("tls") and inv and not inv.tls.docker_api
+        off = (
+            (item.get_closest_marker("ha") and inv and not inv.ha)
+            or (item.get_closest_marker("tls") and inv and not inv.tls.docker_api)
+            or (item.get_closest_marker("tls_store") and inv and not inv.tls.store)
         )
         if (marker and mode and marker.args[0] != mode) or off:
             drop.append(item)

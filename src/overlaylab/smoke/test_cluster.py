@@ -8,16 +8,18 @@ Run: pytest --pyargs overlaylab.smoke --inventory FILE  (from a clone: pytest te
 from __future__ import annotations
 
 import shlex
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from overlaylab import certs, remote, render
-from overlaylab.cluster import consul_client, parallel
+from overlaylab import certs, remote, render, storetls
+from overlaylab.cluster import Forward, consul_client, parallel
 from overlaylab.facts import DROPIN, ROLE_LABEL
 from overlaylab.smoke.plugin import Cluster
 from overlaylab.steps import dockerd, tls
+from overlaylab.steps.consul import LOOPBACK
 
 LABEL = f"--label {ROLE_LABEL}=smoke"
 MTU_OK, MTU_TOO_BIG = 1422, 1423  # ICMP payload: 1422 + 28 = 1450, the overlay's MTU
@@ -139,6 +141,38 @@ def test_the_docker_api_answers_the_admins_certificate_and_refuses_a_client_with
     assert not answered, f"{host}: the Docker API at {address}:{certs.API_PORT} answered a client without a certificate"
 
 
+@pytest.mark.mode("kv")
+@pytest.mark.tls_store
+def test_dockerd_reaches_its_store_over_tls_with_its_certificate(smoke_cluster: Cluster, host: str) -> None:
+    args = smoke_cluster.sh(host, "ps -o args= -C dockerd", check=False)
+    missing = [opt for opt in storetls.kv_opts() if opt not in args]
+    assert not missing, f"{host}: dockerd runs without {', '.join(missing)}: its store is in clear text"
+
+
+@pytest.mark.mode("kv")
+@pytest.mark.tls_store
+def test_consul_serves_https_alone_and_answers_only_the_cas_certificates(smoke_cluster: Cluster) -> None:
+    """Through an SSH forward to the manager's Consul, as overlaylab's own client reaches it."""
+    c = smoke_cluster
+    manager, directory = c.manager, c.inv.ca_dir
+    transport = manager.conn.client.get_transport()
+    assert transport is not None, f"{manager.name}: no SSH transport"
+    forward = Forward(transport, manager.advertise_ip, c.inv.consul_port)
+    where = f"Consul at {manager.advertise_ip}:{c.inv.consul_port}"
+    try:
+        ca = directory / certs.CA_CERT
+        answered, detail = tls.probe(LOOPBACK, ca, directory, port=forward.port, path="/v1/status/leader")
+        assert answered, f"{where} did not answer the admin's certificate: {detail}"
+        answered, detail = tls.probe(LOOPBACK, ca, None, port=forward.port, path="/v1/status/leader")
+        assert not answered, f"{where} answered a client without a certificate: {detail}"
+        with socket.create_connection((LOOPBACK, forward.port), timeout=10) as raw:
+            raw.sendall(b"GET /v1/status/leader HTTP/1.0\r\n\r\n")
+            status = raw.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+        assert " 200 " not in status, f"{where} answered plain HTTP: {status}"
+    finally:
+        forward.close()
+
+
 @pytest.mark.mode("swarm")
 def test_host_is_an_active_node_of_the_managers_swarm(smoke_cluster: Cluster, host: str) -> None:
     c = smoke_cluster
@@ -165,7 +199,7 @@ def test_the_manager_sees_every_node_ready(smoke_cluster: Cluster) -> None:
 @pytest.mark.mode("kv")
 def test_consul_has_a_leader(smoke_cluster: Cluster) -> None:
     c = smoke_cluster
-    with consul_client(c.manager, c.manager.advertise_ip, c.inv.consul_port) as client:
+    with consul_client(c.inv, c.manager) as client:
         assert client.status.leader(), f"{c.manager.name}: Consul on {c.manager.advertise_ip} has no leader"
 
 
@@ -173,7 +207,7 @@ def test_consul_has_a_leader(smoke_cluster: Cluster) -> None:
 @pytest.mark.ha
 def test_consul_has_as_many_raft_peers_as_servers(smoke_cluster: Cluster) -> None:
     c = smoke_cluster
-    with consul_client(c.manager, c.manager.advertise_ip, c.inv.consul_port) as client:
+    with consul_client(c.inv, c.manager) as client:
         peers = sorted(client.status.peers())
     wanted = sorted(f"{c.nodes[s].advertise_ip}:8300" for s in c.inv.servers)
     assert peers == wanted, f"Consul's Raft peers are {peers}, the inventory's servers {wanted}"
@@ -184,7 +218,7 @@ def test_consul_has_as_many_raft_peers_as_servers(smoke_cluster: Cluster) -> Non
 def test_hosts_consul_agent_is_an_alive_member_with_encrypted_gossip(smoke_cluster: Cluster, host: str) -> None:
     c = smoke_cluster
     node = c.nodes[host]
-    with consul_client(node, node.advertise_ip, c.inv.consul_port) as client:  # this host's own agent
+    with consul_client(c.inv, node) as client:  # this host's own agent
         me = client.agent.self()
         members = {m["Addr"]: m["Status"] for m in client.agent.members()}
     assert me["Member"]["Addr"] == node.advertise_ip, f"{host}: the agent answering is {me['Member']['Addr']}'s"
@@ -205,7 +239,7 @@ def test_dockerds_cluster_store_is_its_own_hosts_agent(smoke_cluster: Cluster, h
 def test_host_is_registered_in_consul(smoke_cluster: Cluster, host: str) -> None:
     c = smoke_cluster
     key = f"docker/nodes/{c.nodes[host].advertise_ip}:2376"
-    with consul_client(c.manager, c.manager.advertise_ip, c.inv.consul_port) as client:
+    with consul_client(c.inv, c.manager) as client:
         _, value = client.kv.get(key)
     assert value is not None, f"{host}: no {key} in Consul"
 
@@ -215,7 +249,7 @@ def test_overlay_network_is_in_the_kv_store(smoke_cluster: Cluster) -> None:
     c = smoke_cluster
     net = c.manager.facts.network
     assert net is not None, f"{c.manager.name}: network {c.inv.network} does not exist"
-    with consul_client(c.manager, c.manager.advertise_ip, c.inv.consul_port) as client:
+    with consul_client(c.inv, c.manager) as client:
         _, keys = client.kv.get("docker/network/v1.0/network/", keys=True)
     assert any(net["Id"] in k for k in keys or []), f"network {c.inv.network} ({net['Id'][:12]}) is not in Consul's KV"
 

@@ -18,12 +18,14 @@ from typing import Any
 import consul
 import requests
 
-from overlaylab import render
+from overlaylab import render, storetls
 from overlaylab.cluster import Node, consul_client
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL, HostFacts
 from overlaylab.inventory import FLAVOR_DATA_DIR, FLAVORS, Inventory
 from overlaylab.plan import Action, Context, Scope, Step, apply_at_once, fail, foundation
+from overlaylab.steps.tls import CLOCK_SLACK, HostCert
+from overlaylab.storetls import Listeners
 
 SPEC_LABEL = "overlaylab.consul-spec"
 
@@ -35,14 +37,19 @@ KEY_MOUNT = "/overlaylab/gossip.json"
 HA_MIN_VERSION = (1, 0)  # several HTTP addresses (loopback and the cluster's) and -hcl: Consul 1.0
 
 
-def args(inv: Inventory, ip: str, role: str = "server", join: tuple[str, ...] = ()) -> list[str]:
+def args(
+    inv: Inventory, ip: str, role: str = "server", join: tuple[str, ...] = (), listeners: Listeners = ()
+) -> list[str]:
     """The agent's arguments after the image. One server: the flavour's own (the tutorial's
-    `-server -bootstrap`). HA: servers expect their number and every agent retry-joins the
-    servers; HTTP on loopback (this host's dockerd) and the cluster address (the admin's
-    reads); the gossip key from a mounted file; no DNS (nothing uses it, and port 53 is
-    often taken on a host)."""
+    `-server -bootstrap`), its ports from a config file when it serves HTTPS. HA: servers
+    expect their number and every agent retry-joins the servers; HTTP on loopback (this
+    host's dockerd) and the cluster address (the admin's reads); the gossip key from a
+    mounted file; no DNS (nothing uses it, and port 53 is often taken on a host)."""
     if not inv.ha:
-        return [a.format(ip=ip, port=inv.consul_port) for a in FLAVORS[inv.consul_flavor]]
+        own = [a.format(ip=ip, port=inv.consul_port) for a in FLAVORS[inv.consul_flavor]]
+        if storetls.config(listeners) is None:
+            return own
+        return [*(a for a in own if not a.startswith("-http-port=")), f"-config-file={storetls.CONFIG_MOUNT}"]
     lead = ["agent"] if inv.consul_flavor == "hashicorp" else []
     server = ["-server", f"-bootstrap-expect={len(inv.servers)}"] if role == "server" else []
     return [
@@ -52,10 +59,19 @@ def args(inv: Inventory, ip: str, role: str = "server", join: tuple[str, ...] = 
     ]  # fmt: skip
 
 
-def spec_hash(inv: Inventory, ip: str, role: str = "server", join: tuple[str, ...] = ()) -> str:
+def spec_hash(
+    inv: Inventory, ip: str, role: str = "server", join: tuple[str, ...] = (), listeners: Listeners = ()
+) -> str:
     """What the Consul container was made from; a Consul made before the raft setting
-    existed differs, and is recreated once with it."""
-    made = [inv.consul_image, inv.consul_flavor, *args(inv, ip, role, join), f"raft_multiplier={inv.raft_multiplier}"]
+    existed differs, and is recreated once with it. Its TLS config counts only when it
+    has one, so that a cluster without store TLS keeps its Consul."""
+    made = [
+        inv.consul_image, inv.consul_flavor, *args(inv, ip, role, join, listeners),
+        f"raft_multiplier={inv.raft_multiplier}",
+    ]  # fmt: skip
+    tls_config = storetls.config(listeners)
+    if tls_config is not None:
+        made.append(tls_config)
     return hashlib.sha256("\0".join(made).encode()).hexdigest()[:16]
 
 
@@ -96,26 +112,36 @@ def raft_args(inv: Inventory, manager: Node) -> tuple[list[str], str]:
 
 
 def run_command(
-    inv: Inventory, ip: str, extra: list[str] | None = None, role: str = "server", join: tuple[str, ...] = ()
+    inv: Inventory,
+    ip: str,
+    extra: list[str] | None = None,
+    role: str = "server",
+    join: tuple[str, ...] = (),
+    listeners: Listeners = (),
 ) -> str:
     """Host network: the manager's own dockerd restart then costs ~1 s instead of ~30 s
     (a published port makes dockerd call the store through its own port forward)."""
     q = shlex.quote
     key = ["-v", f"{KEY_FILE}:{KEY_MOUNT}:ro"] if inv.ha else []
-    if inv.ha and inv.consul_flavor == "hashicorp":
+    key += storetls.mounts(listeners)
+    if key and inv.consul_flavor == "hashicorp":
         # the official image's entrypoint drops Consul to its consul user, who cannot read the
-        # root-only key; this variable (its own) keeps root, as progrium/consul always runs
+        # root-only key or certificates; this variable (its own) keeps root, as progrium/consul runs
         key += ["-e", "CONSUL_DISABLE_PERM_MGMT=1"]
+    served = ["--label", f"{storetls.LABEL}={storetls.encode(listeners)}"] if listeners else []
     parts = [
         "docker", "run", "-d", "--name", inv.consul_name, "--network", "host", "--restart", "always",
-        "--label", f"{ROLE_LABEL}=consul", "--label", f"{SPEC_LABEL}={spec_hash(inv, ip, role, join)}",
+        "--label", f"{ROLE_LABEL}=consul",
+        "--label", f"{SPEC_LABEL}={spec_hash(inv, ip, role, join, listeners)}", *served,
         "-v", f"{inv.consul_volume}:{FLAVOR_DATA_DIR[inv.consul_flavor]}", *key,
-        inv.consul_image, *args(inv, ip, role, join), *(extra or []),
+        inv.consul_image, *args(inv, ip, role, join, listeners), *(extra or []),
     ]  # fmt: skip
     return " ".join(q(p) for p in parts)
 
 
-def state(inv: Inventory, manager: Node, role: str = "server", join: tuple[str, ...] = ()) -> tuple[str, str]:
+def state(
+    inv: Inventory, manager: Node, role: str = "server", join: tuple[str, ...] = (), listeners: Listeners = ()
+) -> tuple[str, str]:
     """('ok'|'create'|'recreate'|'refuse', why), of the Consul a host runs (``manager``: the
     manager alone in single-server mode; any host in HA mode)."""
     data: dict[str, Any] | None = manager.facts.consul
@@ -131,10 +157,16 @@ def state(inv: Inventory, manager: Node, role: str = "server", join: tuple[str, 
         gone = moved(manager)
         if gone:
             return "refuse", gone
-    if labels.get(SPEC_LABEL) != spec_hash(inv, manager.advertise_ip, role, join):
+    if labels.get(SPEC_LABEL) != spec_hash(inv, manager.advertise_ip, role, join, listeners):
+        if storetls.served(data, inv.consul_port) != (listeners or storetls.plain(inv.consul_port)):
+            return "recreate", f"to serve {storetls.encode(listeners or storetls.plain(inv.consul_port))}"
         return "recreate", "image or arguments differ"
     if not data.get("State", {}).get("Running"):
         return "recreate", f"not running ({data.get('State', {}).get('Status', '?')})"
+    if storetls.config(listeners) is not None:
+        since = storetls.started(data)
+        if since and HostCert.of(manager.facts).newest > since + CLOCK_SLACK:
+            return "recreate", "its TLS certificate was written after it started (Consul reads it at start)"
     return "ok", "running with the wanted image and arguments"
 
 
@@ -152,10 +184,20 @@ def moved(manager: Node) -> str | None:
     )
 
 
-def create(inv: Inventory, manager: Node, recreate: bool, role: str = "server", join: tuple[str, ...] = ()) -> str:
+def create(
+    inv: Inventory,
+    manager: Node,
+    recreate: bool,
+    role: str = "server",
+    join: tuple[str, ...] = (),
+    listeners: Listeners = (),
+) -> str:
     extra, timing = raft_args(inv, manager) if role == "server" else ([], "agent")
     remove = f"docker rm -f {shlex.quote(inv.consul_name)} >/dev/null && " if recreate else ""
-    manager.sh(remove + run_command(inv, manager.advertise_ip, extra, role, join))
+    tls_config = storetls.config(listeners)
+    if tls_config is not None:
+        manager.put_secret(storetls.CONFIG_FILE, tls_config)
+    manager.sh(remove + run_command(inv, manager.advertise_ip, extra, role, join, listeners))
     return timing
 
 
@@ -165,7 +207,7 @@ def wait_leader(inv: Inventory, manager: Node, timeout: float = 60) -> str:
     last = ""
     while time.monotonic() < deadline:
         try:
-            with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
+            with consul_client(inv, manager) as client:
                 leader = client.status.leader()
             if leader:
                 return str(leader)
@@ -180,7 +222,7 @@ def wait_leader(inv: Inventory, manager: Node, timeout: float = 60) -> str:
 
 def registered(inv: Inventory, manager: Node) -> set[str]:
     """The `ip:port` of every dockerd registered under docker/nodes/."""
-    with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
+    with consul_client(inv, manager) as client:
         _, keys = client.kv.get("docker/nodes/", keys=True)
     return {k.rsplit("/", 1)[-1] for k in keys or []}
 
@@ -189,7 +231,7 @@ def endpoints(inv: Inventory, manager: Node, network_id: str) -> dict[str, tuple
     """The endpoints the store holds for the network: name -> (its IPv4 address, the cluster
     address of the host it is on); None if the store holds no such network."""
     prefix = "docker/network/v1.0"
-    with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
+    with consul_client(inv, manager) as client:
         _, net = client.kv.get(f"{prefix}/network/{network_id}/")
         if net is None:
             return None
@@ -217,7 +259,7 @@ def network_endpoints(inv: Inventory, manager: Node) -> dict[str, tuple[str, str
 def forget(inv: Inventory, manager: Node, ip: str) -> None:
     """Remove a dockerd's registration: one whose address moved, so that, restarted, it does
     not pick its own old address as the one gossip neighbour it joins (it would never retry)."""
-    with consul_client(manager, manager.advertise_ip, inv.consul_port) as client:
+    with consul_client(inv, manager) as client:
         client.kv.delete(f"docker/nodes/{ip}:2376")
 
 
@@ -318,10 +360,23 @@ def quorum_problem(inv: Inventory, nodes: Mapping[str, Node]) -> str | None:
 
 class Consul(Step):
     """Consul with a leader; nothing else proceeds without it. One server on the manager,
-    or (HA) 3 or 5 servers and a client agent on every other host, gossip encrypted."""
+    or (HA) 3 or 5 servers and a client agent on every other host, gossip encrypted.
+
+    With ``round_two`` it is round 2 of moving the store between HTTP and HTTPS
+    (storetls.py): the wanted scheme alone on consul.port, once the dockerds moved to
+    round 1's second port; nothing (not even a line) when there is no move."""
 
     name = "consul"
     scope = Scope.MANAGER
+
+    def __init__(self, round_two: bool = False) -> None:
+        self.round_two = round_two
+
+    def listeners(self, ctx: Context) -> Listeners:
+        if ctx.topo.ha:
+            return ()
+        dropins = [ctx.nodes[n].facts.dropin for n in ctx.topo.hosts if n in ctx.nodes]
+        return storetls.wanted(ctx.inv, dropins, self.round_two)
 
     def hosts(self, ctx: Context) -> list[str]:
         return ctx.live(list(ctx.topo.hosts)) if ctx.topo.ha or not ctx.joining else super().hosts(ctx)
@@ -337,7 +392,12 @@ class Consul(Step):
                 return Action(node.name, False, why, refusal=why)
             return None
         join = join_list(ctx.inv, ctx.nodes)
-        how, why = state(ctx.inv, node, role, join)
+        listeners = self.listeners(ctx)
+        if self.round_two and (
+            ctx.topo.ha or ctx.joining or storetls.served(node.facts.consul, ctx.inv.consul_port) == listeners
+        ):
+            return None
+        how, why = state(ctx.inv, node, role, join, listeners)
         if role == "server" or how == "refuse":  # join-node may start an agent, not the servers
             early = foundation(ctx, node, how, why, "Consul is not running as wanted")
             if early is not None:
@@ -356,8 +416,10 @@ class Consul(Step):
         detail = "; ".join(x for x in (what, "write the gossip key" if key_missing else "") if x)
 
         def project(facts: HostFacts) -> None:
-            labels = {ROLE_LABEL: "consul", SPEC_LABEL: spec_hash(ctx.inv, node.advertise_ip, role, join)}
+            labels = {ROLE_LABEL: "consul", SPEC_LABEL: spec_hash(ctx.inv, node.advertise_ip, role, join, listeners)}
             facts.consul = {"Config": {"Labels": labels}, "State": {"Running": True}}
+            if listeners:
+                storetls.set_served(facts.consul, listeners)
             facts.containers[ctx.inv.consul_name] = "consul"
             if key_missing:
                 facts.gossip_key = "(written)"
@@ -367,7 +429,8 @@ class Consul(Step):
                 facts.consul_volume, facts.store_leader, facts.network = True, "(new)", None
 
         return Action(node.name, True, detail, data={"how": how, "why": why, "role": role, "join": join,
-                                                     "key": key_missing}, project=project)  # fmt: skip
+                                                     "key": key_missing, "listeners": listeners},
+                      project=project)  # fmt: skip
 
     def apply_all(self, ctx: Context, actions: list[Action]) -> None:
         """HA: the gossip key first (read from a host that has it, else made once), then the
@@ -404,7 +467,16 @@ class Consul(Step):
             if data["key"]:
                 node.put_secret(KEY_FILE, key_document(data["secret"]))
             if data["how"] != "ok":
-                timing = create(ctx.inv, node, data["how"] == "recreate", data["role"], data["join"])
+                listeners = data["listeners"]
+                secure = storetls.config(listeners) is not None
+                if secure and ctx.ca is not None:  # our client's certificate, before Consul asks for one
+                    made = ctx.ca.admin()
+                    if made:
+                        ctx.ca.events.append(made)
+                timing = create(ctx.inv, node, data["how"] == "recreate", data["role"], data["join"], listeners)
+                if listeners:  # the leader is asked where Consul now serves (the facts are read later)
+                    node.facts.consul = node.facts.consul or {}
+                    storetls.set_served(node.facts.consul, listeners)
                 empty = "" if node.facts.consul_volume or not node.host.is_manager else ", with an empty store"
                 done = f"{data['how']}d ({data['why']}{empty}; {timing})"
                 if data["key"]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from overlaylab import render
+from overlaylab import render, storetls
 from overlaylab.cluster import Node, journal, write_file_command
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import (
@@ -29,6 +29,7 @@ from overlaylab.facts import (
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Order, Scope, Step, fail
 from overlaylab.steps import anchor, consul, holdback, network, tls
+from overlaylab.storetls import Listener
 
 READY_TIMEOUT = 60  # dockerd answering, cluster store in docker info, gossip listening
 
@@ -58,12 +59,16 @@ def store_ip(inv: Inventory, manager_ip: str) -> str:
     return consul.LOOPBACK if inv.ha else manager_ip
 
 
-def dropin(inv: Inventory, node: Node, manager_ip: str) -> DropIn:
-    """What the templates render for this host from dockerd's command line before overlaylab."""
+def dropin(inv: Inventory, node: Node, manager_ip: str, store: Listener | None = None) -> DropIn:
+    """What the templates render for this host from dockerd's command line before overlaylab.
+    ``store``: the scheme and port its store is reached at (default: where it ends up)."""
     base = render.base_command(node.facts.exec_start, node.facts.dropin)
-    store = store_ip(inv, manager_ip)
+    scheme, port = store or storetls.final(inv)[0]
     api = tuple(tls.with_api(base)) if inv.tls.docker_api else ()
-    argv = render.cluster_argv(base, store, inv.consul_port, node.host.advertise, inv.extra_flags, inv.discovery, api)
+    secure = tuple(storetls.kv_opts()) if scheme == storetls.HTTPS else ()
+    argv = render.cluster_argv(
+        base, store_ip(inv, manager_ip), port, node.host.advertise, inv.extra_flags, inv.discovery, api, secure
+    )
     wanted = render.render(inv.cluster, base, argv, BACKUP_DIR)
     return DropIn(node, wanted, node.facts.dropin)
 
@@ -330,21 +335,34 @@ class Dockerd(Step):
     name = "dockerd"
     order = Order.MANAGER_FIRST
 
-    def plan(self, ctx: Context, node: Node) -> Action:
+    def __init__(self, round_two: bool = False) -> None:
+        self.round_two = round_two  # storetls.py's round 2: only a drop-in that moves its store
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
         manager_ip = ctx.manager.advertise_ip
-        d = dropin(ctx.inv, node, manager_ip)
+        store = (
+            storetls.target(ctx.inv, storetls.served(ctx.manager.facts.consul, ctx.inv.consul_port))
+            if not ctx.topo.ha
+            else None
+        )
+        d = dropin(ctx.inv, node, manager_ip, store)
+        if self.round_two and not d.changed:
+            return None
+        port = store[1] if store else ctx.inv.consul_port
         reason = (
-            restart_reason(node, d, render.store_url(store_ip(ctx.inv, manager_ip), ctx.inv.consul_port))
+            restart_reason(node, d, render.store_url(store_ip(ctx.inv, manager_ip), port))
             or partitioned(ctx, node)
             or store_made(ctx, node)
             or network.holds_lost(ctx, node)
         )
         if reason is None:
             return Action(node.name, False, "drop-in up to date, dockerd running with it", check=not node.facts.gossip)
+        was, now = storetls.uses(d.current), storetls.uses(d.wanted)
+        moves = f" (its store moves to {now[0]} on :{now[1]})" if d.changed and was and now and was != now else ""
         return Action(
             node.name,
             True,
-            "write the drop-in and restart dockerd" if d.changed else f"restart dockerd: {reason}",
+            f"write the drop-in{moves} and restart dockerd" if d.changed else f"restart dockerd: {reason}",
             restart=reason,
             stops=tuple(node.facts.foreign_containers),
             refusal=restart_refusal(node, reason, ctx.opts.allow_restart),
@@ -377,6 +395,9 @@ class Dockerd(Step):
                 with contextlib.suppress(OverlaylabError):
                     anchor.create(node, ctx.inv.network)
             raise
+        was, now = storetls.uses(d.current), storetls.uses(d.wanted)
+        if d.changed and was and now and was != now:
+            done += f"; its store now {now[0]} on :{now[1]}"
         if between is not None:
             wait_rejoined(ctx, node)
             done += f"; the other hosts' gossip took it in as {node.advertise_ip}"

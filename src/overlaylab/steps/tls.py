@@ -18,9 +18,10 @@ from pathlib import Path
 
 from cryptography import x509
 
-from overlaylab import certs
+from overlaylab import certs, storetls
 from overlaylab.cluster import Node
 from overlaylab.facts import HOST_CA, HOST_CERT, HOST_KEY, HOST_TLS, HostFacts
+from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Scope, Step
 
 # a daemon's start time comes from `ps -o etimes` (whole seconds, read against `date`):
@@ -48,8 +49,14 @@ def with_api(base: list[str]) -> list[str]:
 
 
 def served(dropin: str | None) -> bool:
-    """The drop-in serves the TLS API (its files must stay while it does)."""
-    return bool(dropin) and f"--tlscert={HOST_CERT}" in (dropin or "")
+    """The drop-in uses the TLS files: it serves the API with them, or reaches its store with
+    them (storetls.py); they must stay while it does, and dockerd reads them at start."""
+    return bool(dropin) and HOST_CERT in (dropin or "")
+
+
+def wanted(inv: Inventory, store: bool) -> bool:
+    """The hosts need certificates: the API over TLS, or (``store``: kv mode) the store."""
+    return inv.tls.docker_api or (store and inv.tls.store)
 
 
 @dataclass(frozen=True)
@@ -131,23 +138,31 @@ def reload_reason(node: Node) -> str | None:
         return None
     newest = HostCert.of(f).newest
     if newest > f.docker_started + CLOCK_SLACK:
-        return "its TLS certificate was written after dockerd started: restarted to serve it"
+        return "its TLS certificate was written after dockerd started (it reads it at start): restarted to use it"
     return None
 
 
-def probe(address: str, ca_file: Path, client: Path | None, timeout: float = 10) -> tuple[bool, str]:
+def probe(
+    address: str,
+    ca_file: Path,
+    client: Path | None,
+    timeout: float = 10,
+    port: int = certs.API_PORT,
+    path: str = "/info",
+) -> tuple[bool, str]:
     """GET /info on a host's API, as `docker --tlsverify` would: the server must prove the
     address with a certificate of ``ca_file``'s CA; ``client`` is a DOCKER_CERT_PATH-shaped
-    directory whose certificate is presented (None: none). (answered 200, what happened)."""
+    directory whose certificate is presented (None: none). (answered 200, what happened).
+    ``port`` and ``path``: another TLS server of the cluster's CA (Consul, storetls.py)."""
     context = ssl.create_default_context(cafile=str(ca_file))
     if client is not None:
         context.load_cert_chain(client / certs.CLIENT_CERT, client / certs.CLIENT_KEY)
     try:
         with (
-            socket.create_connection((address, certs.API_PORT), timeout=timeout) as raw,
+            socket.create_connection((address, port), timeout=timeout) as raw,
             context.wrap_socket(raw, server_hostname=address) as conn,
         ):
-            conn.sendall(b"GET /info HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
             data = b""
             while chunk := conn.recv(65536):
                 data += chunk
@@ -158,13 +173,17 @@ def probe(address: str, ca_file: Path, client: Path | None, timeout: float = 10)
 
 
 class Certs(Step):
-    """The server certificate each host serves the API with; a new one where it is missing,
-    expires within 30 days, lacks one of the host's names, or (--reissue-certs) always."""
+    """The certificate each host serves the API (and Consul, the store) with, and presents to
+    the store; a new one where it is missing, expires within 30 days, lacks one of the
+    host's names, or (--reissue-certs) always. ``store``: kv mode, where `tls.store` counts."""
 
     name = "certs"
 
+    def __init__(self, store: bool = False) -> None:
+        self.store = store
+
     def plan(self, ctx: Context, node: Node) -> Action | None:
-        if not ctx.inv.tls.docker_api:
+        if not wanted(ctx.inv, self.store):
             return None
         what, why = state(ctx, node)
         if what == "refuse":
@@ -198,19 +217,22 @@ class RemoveCerts(Step):
     name = "certs"
     scope = Scope.ALL
 
-    def __init__(self, teardown: bool = False) -> None:
-        self.teardown = teardown
+    def __init__(self, teardown: bool = False, store: bool = False) -> None:
+        self.teardown, self.store = teardown, store
 
     def plan(self, ctx: Context, node: Node) -> Action | None:
-        if not node.facts.tls_files or (ctx.inv.tls.docker_api and not self.teardown):
+        if not node.facts.tls_files or (wanted(ctx.inv, self.store) and not self.teardown):
             return None
         if not self.teardown and node.name not in ctx.targets:
             return None
-        return Action(node.name, True, f"remove the TLS files in {HOST_TLS} (docker_api is off)", project=_gone)
+        why = "teardown" if self.teardown else "TLS is off"
+        return Action(node.name, True, f"remove the TLS files in {HOST_TLS} ({why})", project=_gone)
 
     def apply(self, ctx: Context, node: Node, action: Action) -> str:
         if served(node.facts.dropin):  # the drop-in was not rewritten here: its dockerd still needs them
-            return f"kept {HOST_TLS}: the drop-in still serves TLS"
+            return f"kept {HOST_TLS}: the drop-in still uses them"
+        if storetls.config(storetls.served(node.facts.consul, ctx.inv.consul_port)) is not None and not self.teardown:
+            return f"kept {HOST_TLS}: Consul still serves HTTPS with them"
         node.sh(f"rm -rf {HOST_TLS}")
         return f"removed {HOST_TLS}"
 
