@@ -186,6 +186,7 @@ class Keeper:
             _read(directory / CLIENT_KEY, "admin key")  # unreadable: the admin's to mend, before any change
         self._made: Authority | None = None
         self._lock = threading.Lock()
+        self._admin_lock = threading.Lock()  # HA mode's agents ask for it at once
         self.events: list[str] = []  # what the run did to the CA, for its report
 
     @property
@@ -209,7 +210,8 @@ class Keeper:
 
     def admin(self) -> str:
         """The admin's client certificate, made or renewed if need be; what was done, or ""."""
-        directory, made = ensure_client(self.authority())
+        with self._admin_lock:
+            directory, made = ensure_client(self.authority())
         return (
             f"admin certificate written in {directory} (DOCKER_CERT_PATH): none was there, or it was due"
             if made

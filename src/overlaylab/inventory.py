@@ -269,15 +269,9 @@ def _flag(r: _Reader, section: dict[str, Any], key: str, where: str) -> bool:
     return value
 
 
-def _tls(r: _Reader, value: Any, ha: bool, consul_port: int) -> Tls:
+def _tls(r: _Reader, value: Any, consul_port: int) -> Tls:
     section = _mapping(r, value, "tls", {"docker_api", "store", "ca_dir"})
     store = _flag(r, section, "store", "tls")
-    if store and ha:
-        raise r.fail(
-            "tls.store",
-            "with consul.servers above 1 (HA Consul) is not built yet: Consul's server RPC would stay in clear "
-            "text. Use one Consul server, or set tls.store to false (tls.docker_api works with HA)",
-        )
     if store and consul_port >= 65535:
         raise r.fail("consul.port", f"{consul_port}: moving the store to HTTPS also uses the next port")
     ca_dir = _typed(r, section, "ca_dir", "tls", str)
@@ -418,6 +412,6 @@ def load(path: str | Path) -> Inventory:
         min_free_disk_mb=min_free,
         mode=mode,
         swarm_addr_pool=pool,
-        tls=_tls(r, doc.get("tls"), len(servers) > 1, int(_typed(r, consul, "port", "consul", int, 8500) or 8500)),
+        tls=_tls(r, doc.get("tls"), int(_typed(r, consul, "port", "consul", int, 8500) or 8500)),
         lines=dict(r.lines),
     )

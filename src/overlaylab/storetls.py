@@ -1,9 +1,10 @@
-"""TLS to the cluster store (issue 12, `tls: {store: true}`, kv mode with one Consul server).
+"""TLS to the cluster store (issue 12, `tls: {store: true}`, kv mode).
 
 Consul serves HTTPS with `verify_incoming`: only holders of a certificate of the
-cluster's CA (each host's, which carries clientAuth, and the admin's) are answered.
-dockerd reaches it with `kv.cacertfile/certfile/keyfile`; overlaylab's own client, with
-the admin's certificate, through its SSH forward.
+cluster's CA (each host's, which carries clientAuth, and the admin's) are answered. In
+HA mode every agent does, and the servers' RPC takes TLS alone (`verify_outgoing` on
+every agent). dockerd reaches its store with `kv.cacertfile/certfile/keyfile`;
+overlaylab's own client, with the admin's certificate, through its SSH forward.
 
 Moving a running cluster between plain HTTP and HTTPS takes two rounds, because one
 Consul cannot serve both on ``consul.port``:
@@ -12,9 +13,9 @@ Consul cannot serve both on ``consul.port``:
    each dockerd moves to the new scheme there, one at a time, its store never away.
 2. Consul serves the new scheme on ``consul.port`` alone; each dockerd moves back to it.
 
-A dockerd that cannot use the new scheme fails round 1 while the old one still serves
-every other host. Round 2 is a Consul restart, which the store sees at every restart of
-the manager's dockerd anyway (Consul is one of its containers).
+In HA mode "Consul" is every host's agent, and each dockerd moves with its own. Round
+2's Consul restart leaves a dockerd without its store until its own restart, as every
+restart of the manager's dockerd does (Consul is one of its containers).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """End to end, real components (sshd, systemd, dockerd 20.10, Consul, busybox): HA Consul,
-of the official image's flavour, on five hosts, three servers (bm-docker-01, the manager, 02 and 03) and two client agents
+of the official image's flavour, its HTTPS and RPC under mutual TLS (tls.store), on five hosts, three servers (bm-docker-01, the manager, 02 and 03) and two client agents
 (04, and 05, which joins with join-node), each dockerd on its own host's agent. The
 faults are injected for real, in order, on one lab: a worker's dockerd restarted (b), the
 manager's Consul server removed (f), the manager's dockerd restarted (a); two of the three
@@ -20,10 +20,12 @@ from typing import Any
 
 import pytest
 
+from overlaylab import storetls
 from overlaylab.lab import lifecycle
 from tests.e2e import healing
-from tests.e2e.clusterlab import Lab, each_host, fab, host_state, module_lab, ping_pairs, statuses
+from tests.e2e.clusterlab import Lab, each_host, fab, host_state, module_lab, ping_pairs, run_smoke, statuses
 from tests.e2e.healing import name, on
+from tests.e2e.tlscheck import consul_answers
 
 NAME, RANGE = "e2eha", "10.220.0.0/16"
 ENGINES = "legacy,legacy,legacy,legacy,legacy"
@@ -32,10 +34,11 @@ FIRST = [1, 2, 3, 4]  # bootstrapped by the fixture; 5 joins
 
 
 def inventory(lab: Lab, hosts: list[int] = HOSTS) -> Path:
-    """The official image's flavour (the lab's hashicorp/consul); progrium's HA runs in
-    tests/e2e/test_dry_run_truth.py."""
+    """The official image's flavour (the lab's hashicorp/consul), the store over mutual TLS
+    (every agent's HTTPS and RPC); progrium's HA runs in tests/e2e/test_dry_run_truth.py."""
     consul = {"servers": 3, "image": "hashicorp/consul", "flavor": "hashicorp"}
-    return lab.inventory("ha" + "".join(map(str, hosts)), hosts, consul=consul)
+    tls = {"store": True, "ca_dir": str(lab.dir / "ca")}
+    return lab.inventory("ha" + "".join(map(str, hosts)), hosts, consul=consul, tls=tls)
 
 
 def _bootstrapped(lab: Lab) -> None:
@@ -54,15 +57,29 @@ def heal(lab: Lab, faulted: set[str] | None, allow_restart: bool = True) -> dict
 
 
 def members(lab: Lab, i: int) -> dict[str, tuple[str, str]]:
-    """Consul's members as host i's own agent sees them: node -> (status, type)."""
-    out = on(lab, i, "docker exec overlaylab-consul consul members")
+    """Consul's members as host i's own agent sees them: node -> (status, type). The CLI asks
+    its agent over HTTPS with the host's certificate (mounted in the container)."""
+    tls = storetls.MOUNT
+    env = (
+        f"-e CONSUL_HTTP_ADDR=https://127.0.0.1:8500 -e CONSUL_CACERT={tls}/ca.pem "
+        f"-e CONSUL_CLIENT_CERT={tls}/server.pem -e CONSUL_CLIENT_KEY={tls}/server-key.pem"
+    )
+    out = on(lab, i, f"docker exec {env} overlaylab-consul consul members")
     rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
     return {row[0]: (row[2], row[3]) for row in rows}
 
 
-def test_join_node_brings_a_new_host_in_as_a_consul_agent(lab: Lab) -> None:
+def test_join_node_brings_a_new_host_in_as_a_consul_agent(lab: Lab, tmp_path: Path) -> None:
+    """Its agent, like every other, serves HTTPS alone to the cluster CA's certificates."""
     code, doc, err = fab("join-node", "--node", name(5), "--inventory", str(inventory(lab)))
     assert code == 0 and set(doc["restarts"]) == {name(5)}, err
+    for i in (2, 5):  # a server's and the new agent's, on their cluster addresses, from this machine
+        store = consul_answers(lab.spec.hosts[i - 1].cluster_ip, 8500, lab.dir / "ca", tmp_path)
+        assert store["admin"].startswith("answered") and store["no certificate"].startswith("refused"), store
+        assert store["another CA's"].startswith("refused") and " 400 " in store["plain HTTP"], store
+    # the smoke suite's store checks: every dockerd's kv options, the manager's HTTPS, the servers' RPC
+    passed, failures, _ = run_smoke(inventory(lab), tmp_path / "smoke-tls.xml", "-m", "tls_store")
+    assert failures == {} and passed == 5 + 1 + 1, failures
     assert "-server" not in on(lab, 5, "docker inspect -f '{{join .Args \" \"}}' overlaylab-consul")
     seen = members(lab, 5)
     assert {n: s for n, (s, _) in seen.items()} == dict.fromkeys(map(name, HOSTS), "alive"), seen
@@ -208,7 +225,7 @@ def test_switching_to_swarm_mode_removes_every_consul_server_and_agent(lab: Lab)
         lambda i: on(
             lab, i,
             "docker ps -a --filter label=overlaylab.role=consul -q; docker volume ls -q | grep -i consul; "
-            "ls /etc/overlaylab/consul 2>/dev/null; docker info --format '{{.Swarm.LocalNodeState}}'",
+            "ls /etc/overlaylab/consul /etc/overlaylab/tls 2>/dev/null; docker info --format '{{.Swarm.LocalNodeState}}'",
         ),
     )  # fmt: skip
     assert left == dict.fromkeys(HOSTS, "active"), left

@@ -25,14 +25,9 @@ def tls_inventory(lab: Lab, name: str, hosts: list[int], mode: str | None = None
 
 
 def consul_answers(address: str, port: int, ca_dir: Path, scratch: Path) -> dict[str, str]:
-    """What Consul at ``address:port`` answers, from this machine, to plain HTTP, to TLS
-    without a certificate, with another CA's, and with the admin's (the one it must answer)."""
-    other, _ = certs.load_or_create(scratch / "other-ca", "someone else")
-    certs.ensure_client(other)
-    found = {}
-    for label, client in (("admin", ca_dir), ("no certificate", None), ("another CA's", scratch / "other-ca")):
-        answered, detail = tls.probe(address, ca_dir / certs.CA_CERT, client, port=port, path="/v1/status/leader")
-        found[label] = ("answered " if answered else "refused: ") + detail
+    """What Consul at ``address:port`` answers, from this machine: refusals()'s three
+    clients, and plain HTTP."""
+    found = refusals(address, ca_dir, scratch, port, "/v1/status/leader")
     try:
         with socket.create_connection((address, port), timeout=10) as raw:
             raw.sendall(b"GET /v1/status/leader HTTP/1.0\r\n\r\n")
@@ -73,14 +68,17 @@ def docker_info(env: dict[str, str]) -> tuple[int, str]:
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
 
-def refusals(address: str, ca_dir: Path, scratch: Path) -> dict[str, str]:
-    """What the API answers, at ``address``, to a client without a certificate and to one
-    whose certificate another CA signed; each must be refused (answered False). Beside them,
-    the admin's own certificate through the same client, so that a refusal is the server's."""
+def refusals(
+    address: str, ca_dir: Path, scratch: Path, port: int = certs.API_PORT, path: str = "/info"
+) -> dict[str, str]:
+    """What the API (or another TLS server of the CA's: ``port``, ``path``) answers, at
+    ``address``, to a client without a certificate and to one whose certificate another CA
+    signed; each must be refused (answered False). Beside them, the admin's own certificate
+    through the same client, so that a refusal is the server's."""
     other, _ = certs.load_or_create(scratch / "other-ca", "someone else")
     certs.ensure_client(other)
     found = {}
     for label, client in (("admin", ca_dir), ("no certificate", None), ("another CA's", scratch / "other-ca")):
-        answered, detail = tls.probe(address, ca_dir / certs.CA_CERT, client)
+        answered, detail = tls.probe(address, ca_dir / certs.CA_CERT, client, port=port, path=path)
         found[label] = ("answered " if answered else "refused: ") + detail
     return found

@@ -180,3 +180,34 @@ def test_the_facts_leader_script_takes_a_200_answer_only() -> None:
     https = serve_once(b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
     out = subprocess.run(["bash", "-c", facts.store_leader_script("127.0.0.1", https)], capture_output=True, text=True)
     assert out.stdout.strip() == ""
+
+
+def test_in_ha_mode_every_agent_serves_https_and_each_dockerd_moves_with_its_own(tmp_path: Path) -> None:
+    """Three servers (every host): each agent's RPC and HTTPS under TLS, each dockerd on its own
+    agent at 127.0.0.1; turned off, the two rounds run on every agent."""
+    inv, nodes, log = cluster()
+    inv = dataclasses.replace(with_store(inv, tmp_path / "ca"), consul_servers=("m", "w1", "w2"))
+    code, report = go(inv, nodes, kv.BOOTSTRAP, ca=certs.Keeper(tmp_path / "ca", inv.cluster))
+    assert code == 0, report.outcomes
+    runs = consul_runs(log)
+    assert len(runs) == 3
+    for _, command in runs:
+        assert f"-config-file={storetls.CONFIG_MOUNT}" in command and f"-config-file={consul.KEY_MOUNT}" in command
+        assert "-http-port" not in command and f"{storetls.LABEL}=https:8500" in command
+    for node in nodes:
+        ((_, written),) = dropins_written(log, node.name)
+        assert "--cluster-store=consul://127.0.0.1:8500" in written
+        assert all(opt in written for opt in storetls.kv_opts())
+    settle_certs(nodes, tmp_path / "ca")
+    off = dataclasses.replace(inv, tls=Tls(ca_dir=tmp_path / "ca"))
+    before = len(log.lines)
+    code, report = go(off, nodes, kv.BOOTSTRAP, ca=None, allow_restart=True)
+    assert code == 0, report.outcomes
+    after = [c for _, c in consul_runs(Log(lines=log.lines[before:]))]
+    served = [c.split(f"{storetls.LABEL}=")[1].split()[0] for c in after]
+    assert served == ["https:8500,http:8501"] * 3 + ["http:8500"] * 3
+    assert "-http-port=8500" in after[-1] and storetls.CONFIG_MOUNT not in after[-1]
+    for node in nodes:
+        (_, one), (_, two) = [(i, t) for i, t in dropins_written(log, node.name) if i >= before]
+        assert "consul://127.0.0.1:8501" in one and "consul://127.0.0.1:8500" in two
+        assert "kv.certfile" not in one + two

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import shlex
 import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -225,6 +227,53 @@ def test_hosts_consul_agent_is_an_alive_member_with_encrypted_gossip(smoke_clust
     assert members.get(node.advertise_ip) == 1, f"{host}: not an alive member of Consul's gossip ({members})"
     encrypted = me["Stats"]["serf_lan"]["encrypted"]
     assert encrypted == "true", f"{host}: Consul's gossip is not encrypted (serf_lan.encrypted={encrypted})"
+
+
+RPC_PORT, RPC_CONSUL, RPC_TLS = 8300, b"\x00", b"\x03"  # Consul's server RPC and its first byte's meanings
+
+
+def _msgpack_str(text: str) -> bytes:
+    data = text.encode()
+    return bytes([0xA0 | len(data)]) + data  # a fixstr: the few names below are short
+
+
+def _rpc_ping(port: int, ca: Path | None = None, client: Path | None = None) -> bytes:
+    """Status.Ping to a Consul server's RPC through a forward, in clear text, or (``ca``)
+    inside TLS with ``client``'s certificate: what it answered (b"": it closed the connection)."""
+    header = b"\x82" + _msgpack_str("ServiceMethod") + _msgpack_str("Status.Ping") + _msgpack_str("Seq") + b"\x00"
+    request = RPC_CONSUL + header + b"\x80"  # net/rpc's header, then the empty arguments
+    with socket.create_connection((LOOPBACK, port), timeout=10) as raw:
+        conn: socket.socket = raw
+        if ca is not None:
+            raw.sendall(RPC_TLS)
+            context = ssl.create_default_context(cafile=str(ca))
+            if client is not None:
+                context.load_cert_chain(client / certs.CLIENT_CERT, client / certs.CLIENT_KEY)
+            conn = context.wrap_socket(raw, server_hostname=LOOPBACK)
+        conn.sendall(request)
+        try:
+            return conn.recv(4096)
+        except OSError:
+            return b""
+
+
+@pytest.mark.mode("kv")
+@pytest.mark.ha
+@pytest.mark.tls_store
+def test_consul_servers_rpc_answers_the_cas_certificates_over_tls_alone(smoke_cluster: Cluster) -> None:
+    c = smoke_cluster
+    for server in c.inv.servers:
+        node = c.nodes[server]
+        transport = node.conn.client.get_transport()
+        assert transport is not None, f"{server}: no SSH transport"
+        forward = Forward(transport, node.advertise_ip, RPC_PORT)
+        where = f"{server}: Consul's RPC at {node.advertise_ip}:{RPC_PORT}"
+        try:
+            answer = _rpc_ping(forward.port, c.inv.ca_dir / certs.CA_CERT, c.inv.ca_dir)
+            assert answer, f"{where} did not answer a ping over TLS with the admin's certificate"
+            assert not _rpc_ping(forward.port), f"{where} answered a ping in clear text"
+        finally:
+            forward.close()
 
 
 @pytest.mark.mode("kv")

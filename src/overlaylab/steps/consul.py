@@ -52,9 +52,11 @@ def args(
         return [*(a for a in own if not a.startswith("-http-port=")), f"-config-file={storetls.CONFIG_MOUNT}"]
     lead = ["agent"] if inv.consul_flavor == "hashicorp" else []
     server = ["-server", f"-bootstrap-expect={len(inv.servers)}"] if role == "server" else []
+    secure = storetls.config(listeners) is not None  # its ports, and RPC's TLS, from that file
+    ports = [f"-config-file={storetls.CONFIG_MOUNT}"] if secure else [f"-http-port={inv.consul_port}"]
     return [
         *lead, *server, f"-bind={ip}", f"-advertise={ip}", f"-client={LOOPBACK} {ip}",
-        f"-http-port={inv.consul_port}", "-dns-port=-1", f"-config-file={KEY_MOUNT}",
+        *ports, "-dns-port=-1", f"-config-file={KEY_MOUNT}",
         *[f"-retry-join={peer}" for peer in join if peer != ip],
     ]  # fmt: skip
 
@@ -373,8 +375,6 @@ class Consul(Step):
         self.round_two = round_two
 
     def listeners(self, ctx: Context) -> Listeners:
-        if ctx.topo.ha:
-            return ()
         dropins = [ctx.nodes[n].facts.dropin for n in ctx.topo.hosts if n in ctx.nodes]
         return storetls.wanted(ctx.inv, dropins, self.round_two)
 
@@ -393,9 +393,7 @@ class Consul(Step):
             return None
         join = join_list(ctx.inv, ctx.nodes)
         listeners = self.listeners(ctx)
-        if self.round_two and (
-            ctx.topo.ha or ctx.joining or storetls.served(node.facts.consul, ctx.inv.consul_port) == listeners
-        ):
+        if self.round_two and (ctx.joining or storetls.served(node.facts.consul, ctx.inv.consul_port) == listeners):
             return None
         how, why = state(ctx.inv, node, role, join, listeners)
         if role == "server" or how == "refuse":  # join-node may start an agent, not the servers

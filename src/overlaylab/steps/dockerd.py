@@ -340,15 +340,12 @@ class Dockerd(Step):
 
     def plan(self, ctx: Context, node: Node) -> Action | None:
         manager_ip = ctx.manager.advertise_ip
-        store = (
-            storetls.target(ctx.inv, storetls.served(ctx.manager.facts.consul, ctx.inv.consul_port))
-            if not ctx.topo.ha
-            else None
-        )
+        own = node if ctx.topo.ha else ctx.manager  # the Consul its store is: HA mode's own agent
+        store = storetls.target(ctx.inv, storetls.served(own.facts.consul, ctx.inv.consul_port))
         d = dropin(ctx.inv, node, manager_ip, store)
         if self.round_two and not d.changed:
             return None
-        port = store[1] if store else ctx.inv.consul_port
+        port = store[1]
         reason = (
             restart_reason(node, d, render.store_url(store_ip(ctx.inv, manager_ip), port))
             or partitioned(ctx, node)
