@@ -173,7 +173,8 @@ def read_one(inv: Inventory, node: Node, only: tuple[str, ...] | None = None) ->
     ports = (
         *facts.PORTS,
         inv.consul_port,
-        *((facts.CONSUL_GOSSIP,) if inv.ha else (inv.consul_port + 1,)),  # + 1: storetls.py's round 1
+        inv.consul_port + 1,  # storetls.py's round 1
+        *((facts.CONSUL_GOSSIP,) if inv.ha else ()),
         *((certs.API_PORT,) if inv.tls.docker_api else ()),
     )
     _, out, err = node.result(facts.script(node.host.advertise, store, inv.network, ports, only))

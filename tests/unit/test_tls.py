@@ -275,3 +275,16 @@ def test_in_ha_mode_the_api_flags_sit_beside_the_local_agents_store(tmp_path: Pa
 
 def statuses_of(report: RunReport, step: str) -> dict[str, str]:
     return {o["host"]: o["status"] for o in report.outcomes if o["step"] == step}
+
+
+def test_teardown_keeps_the_files_where_the_drop_in_could_not_be_restored(tmp_path: Path) -> None:
+    """w1's restore fails: its dockerd still reads the certificates, so they stay there (an
+    `ok` line saying why, not a change), and go everywhere else."""
+    inv, nodes, log, _ = on_tls(tmp_path)
+    log.fail = {"w1": "systemctl restart docker.service"}
+    code, report = go(inv, nodes, kv.TEARDOWN, teardown=True)
+    assert code == 1
+    removed = {h for h, c in log.lines if c == "rm -rf /etc/overlaylab/tls"}
+    assert removed == {"m", "w2"}
+    kept = next(o for o in report.outcomes if o["host"] == "w1" and o["step"] == "certs")
+    assert kept["status"] == "ok" and "the drop-in still uses them" in kept["detail"]

@@ -46,6 +46,12 @@ class DropIn:
     def changed(self) -> bool:
         return self.wanted != self.current
 
+    @property
+    def store_move(self) -> str:
+        """Where its store moves (storetls.py's rounds), as the report says it; "" if it stays."""
+        was, now = storetls.uses(self.current), storetls.uses(self.wanted)
+        return f"{now[0]} on :{now[1]}" if was and now and was != now else ""
+
     def diff(self) -> str:
         before = (self.current or "").splitlines(keepends=True)
         after = (self.wanted or "").splitlines(keepends=True)
@@ -354,8 +360,7 @@ class Dockerd(Step):
         )
         if reason is None:
             return Action(node.name, False, "drop-in up to date, dockerd running with it", check=not node.facts.gossip)
-        was, now = storetls.uses(d.current), storetls.uses(d.wanted)
-        moves = f" (its store moves to {now[0]} on :{now[1]})" if d.changed and was and now and was != now else ""
+        moves = f" (its store moves to {d.store_move})" if d.store_move else ""
         return Action(
             node.name,
             True,
@@ -392,9 +397,8 @@ class Dockerd(Step):
                 with contextlib.suppress(OverlaylabError):
                     anchor.create(node, ctx.inv.network)
             raise
-        was, now = storetls.uses(d.current), storetls.uses(d.wanted)
-        if d.changed and was and now and was != now:
-            done += f"; its store now {now[0]} on :{now[1]}"
+        if d.store_move:
+            done += f"; its store now {d.store_move}"
         if between is not None:
             wait_rejoined(ctx, node)
             done += f"; the other hosts' gossip took it in as {node.advertise_ip}"

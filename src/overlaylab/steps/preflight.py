@@ -76,8 +76,8 @@ def port_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
     ]
     if (node.host.is_manager or inv.ha) and mode == Mode.KV:
         needs.append(("tcp", inv.consul_port, "Consul (consul.port)", ("consul",) if consul_running else ()))
-    moving = not inv.ha and storetls.wanted(inv, [f.dropin]) == storetls.interim(inv)
-    if node.host.is_manager and mode == Mode.KV and moving:  # round 1 of storetls.py's move
+    moving = storetls.wanted(inv, [f.dropin]) == storetls.interim(inv)
+    if (node.host.is_manager or inv.ha) and mode == Mode.KV and moving:  # round 1 of storetls.py's move
         second = "Consul's second port while the store moves between HTTP and HTTPS"
         needs.append(("tcp", inv.consul_port + 1, second, ("consul",) if consul_running else ()))
     if inv.ha and mode == Mode.KV:

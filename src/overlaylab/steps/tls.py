@@ -225,14 +225,14 @@ class RemoveCerts(Step):
             return None
         if not self.teardown and node.name not in ctx.targets:
             return None
+        if served(node.facts.dropin):  # its drop-in was not rewritten (that step failed): dockerd still reads them
+            return Action(node.name, False, f"kept {HOST_TLS}: the drop-in still uses them")
+        if not self.teardown and storetls.config(storetls.served(node.facts.consul, ctx.inv.consul_port)):
+            return Action(node.name, False, f"kept {HOST_TLS}: Consul still serves HTTPS with them")
         why = "teardown" if self.teardown else "TLS is off"
         return Action(node.name, True, f"remove the TLS files in {HOST_TLS} ({why})", project=_gone)
 
     def apply(self, ctx: Context, node: Node, action: Action) -> str:
-        if served(node.facts.dropin):  # the drop-in was not rewritten here: its dockerd still needs them
-            return f"kept {HOST_TLS}: the drop-in still uses them"
-        if storetls.config(storetls.served(node.facts.consul, ctx.inv.consul_port)) is not None and not self.teardown:
-            return f"kept {HOST_TLS}: Consul still serves HTTPS with them"
         node.sh(f"rm -rf {HOST_TLS}")
         return f"removed {HOST_TLS}"
 
