@@ -98,7 +98,7 @@ def insecure_tcp(argv: list[str]) -> str | None:
     return hosts[0] if hosts and not tls else None
 
 
-STORE_RE = re.compile(r"--cluster-store=consul://([^:/\s\"]+):")
+STORE_RE = re.compile(r"--cluster-store=consul://([^:/\s\"]+):(\d+)")
 
 
 def store_ip(dropin: str | None) -> str | None:

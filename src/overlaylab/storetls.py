@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from overlaylab import render
 from overlaylab.facts import HOST_CA, HOST_CERT, HOST_KEY, HOST_TLS
 from overlaylab.inventory import Inventory
 
@@ -109,15 +110,12 @@ def kv_opts() -> list[str]:
     ]
 
 
-PORT_RE = re.compile(r"--cluster-store=consul://[^:/\s\"]+:(\d+)")
-
-
 def uses(dropin: str | None) -> Listener | None:
     """The scheme and port an overlaylab drop-in gives dockerd's store; None: no store."""
-    match = PORT_RE.search(dropin or "")
+    match = render.STORE_RE.search(dropin or "")
     if match is None:
         return None
-    return (HTTPS if f"kv.certfile={HOST_CERT}" in (dropin or "") else HTTP, int(match[1]))
+    return (HTTPS if f"kv.certfile={HOST_CERT}" in (dropin or "") else HTTP, int(match[2]))
 
 
 def secure(dropin: str | None) -> bool:
