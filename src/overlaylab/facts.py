@@ -56,7 +56,7 @@ TLS_SCRIPT = (
 )
 
 # all `fab verify` reads before its probes
-VERIFY_SECTIONS = ("hostname", "network", "gossip_events", "deaf_sandboxes", "dropin")
+VERIFY_SECTIONS = ("hostname", "active", "addrs", "network", "gossip_events", "deaf_sandboxes", "peers", "dropin")
 
 
 def script(
@@ -129,6 +129,7 @@ def script(
         ),
         ("stray_threads", stray_threads_script()),
         ("deaf_sandboxes", deaf_sandboxes_script()),
+        ("peers", PEERS_SCRIPT),
         ("held", f"cat {HELD_FILE} 2>/dev/null"),
         ("tls", TLS_SCRIPT),
         ("restore_failed", RESTORE_FAILED_SCRIPT),
@@ -238,6 +239,37 @@ RESTORE_FAILED_SCRIPT = (
     "pid=$(systemctl show -p MainPID --value docker.service); "
     f'[ "$pid" -gt 0 ] 2>/dev/null && journalctl _PID=$pid -o cat --no-pager -q | grep -c "{RESTORE_FAILED}"'
 )
+
+# Where each overlay sandbox's kernel sends a peer's address (overlaylab/peers.py):
+# "<sandbox> neigh <IP> <MAC>" and "<sandbox> fdb <MAC> <VTEP>" lines, the sandbox named
+# as in /run/docker/netns (<epoch>-<network ID, 10 chars>).
+PEERS_SCRIPT = (
+    'for f in /run/docker/netns/*-*; do [ -e "$f" ] || continue; n=${f##*/}; '
+    'nsenter --net="$f" ip -4 neigh show nud permanent 2>/dev/null | '
+    'awk -v n="$n" \'$2 == "dev" && $3 ~ /^vxlan/ && $4 == "lladdr" {print n, "neigh", $1, $5}\'; '
+    'nsenter --net="$f" bridge fdb show 2>/dev/null | '
+    'awk -v n="$n" \'$2 == "dev" && $3 ~ /^vxlan/ && $4 == "dst" {print n, "fdb", $1, $5}\'; done; true'
+)
+
+
+def parse_peers(text: str) -> dict[str, dict[str, str]]:
+    """network ID (10 chars) -> {a peer's IPv4 address: the VTEP its MAC is sent to}."""
+    macs: dict[str, dict[str, str]] = {}
+    vteps: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 4 or "-" not in parts[0]:
+            continue
+        nid = parts[0].partition("-")[2]
+        if parts[1] == "neigh":
+            macs.setdefault(nid, {})[parts[2]] = parts[3].lower()
+        elif parts[1] == "fdb":
+            vteps.setdefault(nid, {})[parts[2].lower()] = parts[3]
+    return {
+        nid: {ip: vteps[nid][mac] for ip, mac in found.items() if mac in vteps.get(nid, {})}
+        for nid, found in macs.items()
+    }
+
 
 # The last gossip (serf) event this dockerd logged for each peer. dockerd joins one
 # neighbour once and never rejoins by itself: a peer it last saw fail stays apart from
@@ -465,6 +497,7 @@ class HostFacts:
     stray_threads: int = 0
     held: dict[str, str] = field(default_factory=dict)  # a stopped run's held-back containers -> policy
     deaf_sandboxes: list[str] = field(default_factory=list)  # network IDs (10 chars): no miss watcher
+    peers: dict[str, dict[str, str]] = field(default_factory=dict)  # network ID (10) -> peer IP -> VTEP sent to
     attached: dict[str, Attachment] = field(default_factory=dict)  # container (any state) -> its endpoint's record
     consul_volume: bool = False  # the manager: Consul's data volume exists
     gossip_key: str = ""  # a digest of HA mode's gossip key file; "" none
@@ -594,6 +627,7 @@ def parse(output: str, advertise: str) -> HostFacts:
     facts.attached = parse_attached(sec.get("attached", ""))
     facts.held = dict(line.split(None, 1) for line in sec.get("held", "").splitlines() if len(line.split()) == 2)
     facts.deaf_sandboxes = sorted({n.partition("-")[2] for n in sec.get("deaf_sandboxes", "").split() if "-" in n})
+    facts.peers = parse_peers(sec.get("peers", ""))
     facts.sockets = parse_sockets(sec.get("listening", ""))
     kernel = sec.get("kernel", "").split()
     facts.kernel_release, facts.vxlan = [*kernel, "", ""][:2]

@@ -8,7 +8,7 @@ import sys
 
 from fabric import Connection
 
-from overlaylab import certs, render, storetls
+from overlaylab import certs, peers, render, storetls
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError
 from overlaylab.facts import VERIFY_SECTIONS
@@ -71,7 +71,7 @@ def _verify_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
         return 1
     if reader.facts.network is None:
         raise InputError(f"network {inv.network} does not exist on {reader.name}: run bootstrap-cluster first")
-    return 0 if verify_step(inv, nodes, report, problems=deaf_hosts(nodes)) else 1
+    return 0 if verify_step(inv, nodes, report, problems=unseen_problems(nodes)) else 1
 
 
 DEAF = (
@@ -81,9 +81,14 @@ DEAF = (
 )
 
 
-def deaf_hosts(nodes: list[Node]) -> dict[str, str]:
-    """Hosts whose sandbox of the cluster's network has no miss watcher (steps/holdback.py)."""
-    return {n.name: DEAF for n in nodes if holdback.deaf(n)}
+def unseen_problems(nodes: list[Node]) -> dict[str, str]:
+    """What fresh probes cannot see: a sandbox of the cluster's network with no miss
+    watcher (steps/holdback.py), stale peers (peers.py)."""
+    found = peers.stale_hosts(nodes)
+    for n in nodes:
+        if holdback.deaf(n):
+            found[n.name] = DEAF + (f"; {found[n.name]}" if n.name in found else "")
+    return found
 
 
 def verify_only(inv: Inventory, opts: Options) -> int:
@@ -104,7 +109,7 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
     for node in nodes:
         f = node.facts
         is_registered = None if registered is None else f"{node.advertise_ip}:2376" in registered
-        needs[node.name] = repairs(node, manager, is_registered)
+        needs[node.name] = repairs(node, manager, is_registered, nodes)
         rows.append(
             {
                 "host": node.name,
@@ -164,7 +169,7 @@ def admin_line(inv: Inventory) -> str:
     return f"admin certificate in {directory}: valid until {tls.day(certs.expires(cert))}{renew}"
 
 
-def repairs(node: Node, manager: Node, registered: bool | None) -> list[str]:
+def repairs(node: Node, manager: Node, registered: bool | None, nodes: list[Node]) -> list[str]:
     """What a bootstrap-cluster re-run would mend on a host of a kv cluster (our drop-in on it)."""
     f = node.facts
     if not render.is_ours(f.dropin):
@@ -185,6 +190,9 @@ def repairs(node: Node, manager: Node, registered: bool | None) -> list[str]:
             found.append("gossip port 7946 not listening")
         if holdback.deaf(node):
             found.append("its overlay sandbox never looks up peers (made before gossip, by a restart)")
+        stale = peers.stale(node, nodes)
+        if stale:
+            found.append(f"its overlay still sends {', '.join(stale)} to hosts that run no container there")
     return found
 
 

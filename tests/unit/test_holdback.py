@@ -101,6 +101,16 @@ def test_a_deaf_sandbox_is_a_restart_reason_and_the_restart_holds_the_users_cont
     assert release.endswith(f"rm -f {facts.HELD_FILE}")  # the record goes last
 
 
+def test_the_users_running_containers_are_stopped_before_a_restart_of_ours_so_their_leaves_go_out() -> None:
+    """Held or not; never overlaylab's own (the anchor goes by `docker rm`), never a stopped one."""
+    n = node(
+        "bm-docker-02", _worker(False, {"users_app2": "always", "batch": "no", "overlaylab-anchor-bm-docker-02": "no"})
+    )
+    n.facts.attached["old"] = facts.Attachment("old-id", NID, False, policy="no")
+    assert holdback.leave_command(n) == "timeout 120 docker stop batch users_app2 >/dev/null 2>&1; true"
+    assert holdback.leave_command(node("bm-docker-03", _worker(False, {}))) == "true"
+
+
 def test_a_healthy_sandbox_is_no_restart_reason_and_swarm_mode_is_never_deaf() -> None:
     n = node("bm-docker-02", _worker(False, {"users_app2": "always"}))
     assert dockerd.restart_reason(n, dockerd.DropIn(n, n.facts.dropin, n.facts.dropin), n.facts.cluster_store) is None

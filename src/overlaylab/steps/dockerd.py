@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from overlaylab import render, storetls
+from overlaylab import peers, render, storetls
 from overlaylab.cluster import Node, journal, write_file_command
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import (
@@ -213,6 +213,12 @@ def partitioned(ctx: Context, node: Node) -> str | None:
     return f"its gossip last saw {', '.join(gone)} fail and never joined them again, while they run"
 
 
+def stale_peers(ctx: Context, node: Node) -> str | None:
+    """Its overlay's peer table holds addresses no host serves where it sends them (peers.py)."""
+    found = peers.stale(node, [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts)])
+    return peers.describe(found) if found else None
+
+
 def clearing_restart(inv: Inventory, node: Node, d: DropIn) -> str:
     """One start of dockerd without the cluster flags, then the wanted drop-in back in place.
 
@@ -357,6 +363,7 @@ class Dockerd(Step):
             or partitioned(ctx, node)
             or store_made(ctx, node)
             or network.holds_lost(ctx, node)
+            or stale_peers(ctx, node)
         )
         if reason is None:
             return Action(node.name, False, "drop-in up to date, dockerd running with it", check=not node.facts.gossip)
@@ -379,7 +386,8 @@ class Dockerd(Step):
             return action.detail
         d: DropIn = action.data
         held = holdback.to_hold(node)
-        before, between = f"{holdback.hold_command(held)} && {anchor.stop_command(node)}", None
+        before = f"{holdback.hold_command(held)} && {holdback.leave_command(node)} && {anchor.stop_command(node)}"
+        between = None
         if node.facts.restore_failed:
             before += f" && {clearing_restart(ctx.inv, node, d)}"
         if node.address_moved():  # stopped, its old registration removed, then started

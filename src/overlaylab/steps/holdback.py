@@ -54,6 +54,19 @@ def hold_command(held: dict[str, str]) -> str:
     return f"{write_file_command(HELD_FILE, record)} && docker update --restart no {names} >/dev/null"
 
 
+def leave_command(node: Node) -> str:
+    """Stops the users' running containers on the overlay before a restart of ours, while
+    gossip is still up. dockerd's shutdown would stop them too, but its gossip stops with
+    it and their "leave" events are lost: the other hosts keep sending those addresses
+    here (seen on the lab after a soft reboot; overlaylab/peers.py). Stopped first, they
+    leave as a `docker rm` does. The held ones start after gossip; the others stay
+    stopped, as the daemon's shutdown would have left them."""
+    names = sorted(c for c, a in node.facts.attached.items() if a.running and not network.ours(node, c))
+    if not names:
+        return "true"
+    return f"timeout 120 docker stop {' '.join(shlex.quote(c) for c in names)} >/dev/null 2>&1; true"
+
+
 def release_command(held: dict[str, str]) -> str:
     """Run once gossip is up (or after a rollback): start them, put each policy back, then
     drop the record. Each part on its own: one container gone meanwhile stops no other."""

@@ -1,0 +1,73 @@
+"""Stale peers: a host's overlay still sends an address to a host that serves no container there.
+
+Why: Docker 20.10's legacy overlay learns where each container runs from gossip events (a
+"join" or "leave" of an endpoint, libnetwork ``ov_serf.go``) into a peer table held in
+memory, and programs the sandbox's kernel neighbour and FDB entries from it. Only a
+"leave" removes an entry: nothing expires one, and a peer host that fails or leaves
+gossip takes none of its entries with it. Leaves are lost when a host dies, and when a
+dockerd starting again cleans up the endpoints of containers that died with the old one
+before its gossip is up. The entry then stays for the holding daemon's life.
+
+It bites later: a container's MAC follows from its address (02:42 + the IPv4), so when
+the address is given to a new container on another host, the table holds two entries
+for the same key and the kernel keeps the first (``peerAddOp``'s "transient case"): the
+new container is unreachable from that host, and its replies to it go astray. Measured
+on the lab: a worker powered off with a container on it and powered on again, that
+container removed; a new container on the manager got its address and did not answer the
+other worker, whose FDB still sent the MAC to the powered-off host. In the HA module's
+host-death fault, the fresh containers of a later check got two such addresses (a CI
+failure, 2 runs in 5). Only a restart empties the holding dockerd's table: a restart
+reason (steps/dockerd.py), under the --allow-restart rule.
+
+An entry is judged only against a host of the run whose facts were read and whose dockerd
+runs (its own containers on the network are the truth); one toward a host that does not
+answer is left alone. A container started on the other host between the two hosts'
+facts would look stale here for that moment: a restart more, reported, never a loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from overlaylab.cluster import Node
+
+
+def local_addresses(node: Node) -> set[str]:
+    """The addresses of the host's own containers on the network: `docker network inspect`
+    lists them by container ID (another host's endpoints, if listed, by ``ep-<ID>``)."""
+    containers = (node.facts.network or {}).get("Containers") or {}
+    mine = [c for key, c in containers.items() if not key.startswith("ep-")]
+    return {str(c.get("IPv4Address") or "").partition("/")[0] for c in mine} - {""}
+
+
+def stale(node: Node, nodes: Iterable[Node]) -> dict[str, str]:
+    """address -> the host this one's overlay sends it to, which runs no container there (kv mode)."""
+    f = node.facts
+    nid = str((f.network or {}).get("Id") or "")[:10]
+    if not nid or "--cluster-store=" not in (f.dropin or "") or f.docker_active != "active":
+        return {}
+    owners = {
+        n.advertise_ip: n
+        for n in nodes
+        if n.name != node.name and n.advertise_ip and n.facts.docker_active == "active" and n.facts.network is not None
+    }
+    found = {}
+    for ip, vtep in sorted(f.peers.get(nid, {}).items()):
+        owner = owners.get(vtep)
+        if owner is not None and ip not in local_addresses(owner):
+            found[ip] = owner.name
+    return found
+
+
+def describe(found: dict[str, str]) -> str:
+    """The reason, as the plan, `fab verify` and `fab status` say it."""
+    where = ", ".join(f"{ip} to {host}" for ip, host in found.items())
+    return (
+        f"its overlay still sends {where}, where no such container runs (a leave it never got): "
+        "a container given one of these addresses elsewhere would be unreachable from this host; "
+        "only a restart of its dockerd forgets them"
+    )
+
+
+def stale_hosts(nodes: list[Node]) -> dict[str, str]:
+    """host -> why, for every host whose overlay holds stale peers."""
+    return {n.name: describe(found) for n in nodes if (found := stale(n, nodes))}

@@ -1,0 +1,71 @@
+"""Unit tests (no host: facts built in memory, the peer lines as recorded on the lab after
+a worker's power cut): the stale-peer fact and what verify and status say of it. The
+e2e heal tests read the same from the lab's kernels (tests/e2e/healing.stale_peers)."""
+
+from __future__ import annotations
+
+from overlaylab import facts, peers, provision, render
+from tests.unit.test_facts_render import node
+
+NID = "bdfa374594bb0000000000000000000000000000000000000000000000000000"
+DROPIN = (
+    render.MANAGED_MARK
+    + "\n[Service]\nExecStart=\nExecStart=/usr/sbin/dockerd --cluster-store=consul://10.218.1.11:8500\n"
+)
+
+# bm-docker-02's sandbox, recorded: 10.218.9.6 still sent to bm-docker-03 (10.218.1.13),
+# whose container at that address died in the power cut
+RECORDED = """\
+1-bdfa374594 neigh 10.218.9.6 02:42:0a:da:09:06
+1-bdfa374594 neigh 10.218.9.2 02:42:0a:da:09:02
+1-bdfa374594 neigh 10.218.9.3 02:42:0a:da:09:03
+1-bdfa374594 fdb 02:42:0a:da:09:03 10.218.1.13
+1-bdfa374594 fdb 02:42:0a:da:09:06 10.218.1.13
+1-bdfa374594 fdb 02:42:0a:da:09:02 10.218.1.11
+"""
+
+
+def host(addr: str, serves: list[str], peer_lines: str = "", active: str = "active") -> facts.HostFacts:
+    f = facts.HostFacts(docker_active=active, dropin=DROPIN, advertise_ips=[addr])
+    containers = {f"c{n}": {"Name": f"c{n}", "IPv4Address": f"{ip}/24"} for n, ip in enumerate(serves)}
+    f.network = {"Id": NID, "Containers": {**containers, "ep-0123": {"IPv4Address": "10.218.9.6/24"}}}
+    f.peers = facts.parse_peers(peer_lines)
+    return f
+
+
+def test_the_recorded_sandbox_lines_give_each_peer_address_its_vtep() -> None:
+    assert facts.parse_peers(RECORDED) == {
+        "bdfa374594": {"10.218.9.6": "10.218.1.13", "10.218.9.2": "10.218.1.11", "10.218.9.3": "10.218.1.13"}
+    }
+    assert facts.parse_peers("garbage\n1-x fdb too few\n") == {}
+
+
+def test_an_address_sent_to_a_host_that_runs_no_container_there_is_stale() -> None:
+    """Another host's endpoint listed as ``ep-...`` (here at .6) is not the owner's own."""
+    one = node("bm-docker-01", host("10.218.1.11", ["10.218.9.2"]), "manager")
+    two = node("bm-docker-02", host("10.218.1.12", [], RECORDED))
+    three = node("bm-docker-03", host("10.218.1.13", ["10.218.9.3"]))
+    nodes = [one, two, three]
+    assert peers.stale(two, nodes) == {"10.218.9.6": "bm-docker-03"}
+    assert peers.stale(one, nodes) == {} and peers.stale(three, nodes) == {}
+    problems = provision.unseen_problems(nodes)
+    assert list(problems) == ["bm-docker-02"] and "10.218.9.6 to bm-docker-03" in problems["bm-docker-02"]
+    assert "its overlay still sends 10.218.9.6 to hosts that run no container there" in provision.repairs(
+        two, one, True, nodes
+    )
+
+
+def test_entries_toward_a_host_whose_truth_is_not_known_are_left_alone() -> None:
+    """Unreachable (not among the nodes), or its dockerd not running: its containers may run."""
+    two = node("bm-docker-02", host("10.218.1.12", [], RECORDED))
+    assert peers.stale(two, [two]) == {}
+    stopped = node("bm-docker-03", host("10.218.1.13", [], active="failed"))
+    assert peers.stale(two, [two, stopped]) == {}
+
+
+def test_a_swarm_hosts_sandbox_is_not_judged() -> None:
+    """Swarm mode's peers come from its network database, not from the legacy gossip events."""
+    f = host("10.218.1.12", [], RECORDED)
+    f.dropin = render.MANAGED_MARK + "\n[Service]\nExecStart=\nExecStart=/usr/sbin/dockerd --tlsverify\n"
+    two, three = node("bm-docker-02", f), node("bm-docker-03", host("10.218.1.13", []))
+    assert peers.stale(two, [two, three]) == {}
