@@ -3,10 +3,13 @@
 Why: Docker 20.10's legacy overlay learns where each container runs from gossip events (a
 "join" or "leave" of an endpoint, libnetwork ``ov_serf.go``) into a peer table held in
 memory, and programs the sandbox's kernel neighbour and FDB entries from it. Only a
-"leave" removes an entry: nothing expires one, and a peer host that fails or leaves
-gossip takes none of its entries with it. Leaves are lost when a host dies, and when a
-dockerd starting again cleans up the endpoints of containers that died with the old one
-before its gossip is up. The entry then stays for the holding daemon's life.
+"leave" removes an entry, and only the one with the leaving endpoint's ID: nothing
+expires one, and a peer host that fails or leaves gossip takes none of its entries with
+it. Leaves are lost when a host dies, and when a dockerd stops its containers in its own
+shutdown or cleans up, starting again, those that died with the old one. And an entry
+learned by a lookup, as a host learns every container that was already running elsewhere
+when its dockerd started (``watchMiss`` adds it under the endpoint ID "dummy"), is never
+removed by a leave at all. The entry then stays for the holding daemon's life.
 
 It bites later: a container's MAC follows from its address (02:42 + the IPv4), so when
 the address is given to a new container on another host, the table holds two entries

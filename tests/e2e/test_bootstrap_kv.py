@@ -447,6 +447,13 @@ def test_docker_info_over_tls_with_docker_env_and_refused_without_the_cas_client
     # the smoke suite's TLS checks (API and store), and a re-run that changes nothing
     passed, failures, _ = run_smoke(inventory, tmp_path / "smoke-tls.xml", "-m", "tls or tls_store")
     assert failures == {} and passed == 4 + 4 + 1, failures
+    # The test before removed the users' containers after its run restarted every dockerd: a
+    # host restarted after one of them started learned its address by a lookup, an entry no
+    # leave removes (overlaylab/peers.py). verify names such a host, and a re-run restarts it,
+    # for that reason alone; then a re-run changes nothing.
+    code, doc, err = fab("bootstrap-cluster", "--allow-restart", "--inventory", str(inventory))
+    assert code == 0, err
+    assert all(why.startswith("its overlay still sends") for why in doc["restarts"].values()), doc["restarts"]
     before = host_state(lab, [1, 2, 3, 4])
     code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory))
     assert code == 0 and doc["changes"] == 0, err

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from overlaylab import certs, remote, render, storetls
+from overlaylab import certs, peers, remote, render, storetls
 from overlaylab.cluster import Forward, consul_client, parallel
 from overlaylab.facts import DROPIN, ROLE_LABEL
 from overlaylab.smoke.plugin import Cluster
@@ -291,6 +291,15 @@ def test_host_is_registered_in_consul(smoke_cluster: Cluster, host: str) -> None
     with consul_client(c.inv, c.manager) as client:
         _, value = client.kv.get(key)
     assert value is not None, f"{host}: no {key} in Consul"
+
+
+@pytest.mark.mode("kv")
+def test_the_overlay_sends_no_address_to_a_host_that_runs_no_container_there(smoke_cluster: Cluster, host: str) -> None:
+    """A stale peer (overlaylab/peers.py): a container later given that address on another
+    host would be unreachable from this one. Read from the session's facts."""
+    c = smoke_cluster
+    found = peers.stale(c.nodes[host], list(c.nodes.values()))
+    assert not found, f"{host}: {peers.describe(found)}"
 
 
 @pytest.mark.mode("kv")
