@@ -48,17 +48,16 @@ def stale(node: Node, nodes: Iterable[Node]) -> dict[str, str]:
     nid = str((f.network or {}).get("Id") or "")[:10]
     if not nid or "--cluster-store=" not in (f.dropin or "") or f.docker_active != "active":
         return {}
-    owners = {
-        n.advertise_ip: n
+    serves = {  # VTEP -> (host, its containers' addresses)
+        n.advertise_ip: (n.name, local_addresses(n))
         for n in nodes
         if n.name != node.name and n.advertise_ip and n.facts.docker_active == "active" and n.facts.network is not None
     }
-    found = {}
-    for ip, vtep in sorted(f.peers.get(nid, {}).items()):
-        owner = owners.get(vtep)
-        if owner is not None and ip not in local_addresses(owner):
-            found[ip] = owner.name
-    return found
+    return {
+        ip: serves[vtep][0]
+        for ip, vtep in sorted(f.peers.get(nid, {}).items())
+        if vtep in serves and ip not in serves[vtep][1]
+    }
 
 
 def describe(found: dict[str, str]) -> str:
