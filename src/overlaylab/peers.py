@@ -64,7 +64,8 @@ def describe(found: dict[str, str]) -> str:
     """The reason, as the plan, `fab verify` and `fab status` say it."""
     where = ", ".join(f"{ip} to {host}" for ip, host in found.items())
     return (
-        f"its overlay still sends {where}, where no such container runs (a leave it never got): "
+        f"its overlay still sends {where}, where no such container runs "
+        "(a leave it never got, or a lookup's entry, which no leave removes): "
         "a container given one of these addresses elsewhere would be unreachable from this host; "
         "only a restart of its dockerd forgets them"
     )
