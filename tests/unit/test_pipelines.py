@@ -219,6 +219,57 @@ def test_a_manager_cut_off_from_gossip_is_restarted_alone() -> None:
     }
 
 
+def mended_cluster(monkeypatch: pytest.MonkeyPatch) -> tuple[Inventory, list[FakeNode], Log]:
+    """w1's drop-in edited by hand, so the run restarts w1; read again after that restart,
+    w2's overlay sends 10.210.9.9 to w1, which has no container there (the address its
+    restart moved); read after w2's own restart, no longer."""
+    inv, nodes, log = cluster("bootstrapped")
+    for node in nodes:
+        node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
+        node.facts.gossip = True
+    nodes[1].facts.dropin = (nodes[1].facts.dropin or "") + "# edited by hand\n"
+    nid = str((nodes[2].facts.network or {})["Id"])[:10]
+    reads = {"w2": 0}
+
+    def read_one(inv: Inventory, node: Node) -> None:
+        if node.name == "w2":
+            node.facts.peers = {nid: {"10.210.9.9": "10.210.1.12"}} if reads["w2"] == 0 else {}
+            reads["w2"] += 1
+
+    monkeypatch.setattr(cluster_mod, "read_one", read_one)
+    return inv, nodes, log
+
+
+def test_a_host_the_runs_own_restart_left_with_a_stale_peer_is_restarted_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inv, nodes, log = mended_cluster(monkeypatch)
+    code, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    assert code == 0 and dry.extra["restarts"] == {"w1": "drop-in changed"}
+    checks = {o["host"]: o["detail"] for o in dry.outcomes if o["step"] == "peers"}
+    assert set(checks) == set(NAMES) and all("after the restarts of w1" in d for d in checks.values())
+    code, report = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 0 and log.commands("systemctl restart") == ["w1", "w2"]
+    restarts = report.extra["restarts"]
+    assert isinstance(restarts, dict) and restarts["w2"].startswith("its overlay still sends 10.210.9.9 to w1")
+    peers = {o["host"]: o["status"] for o in report.outcomes if o["step"] == "peers"}
+    assert peers == {"w2": "changed", "m": "ok", "w1": "ok"}
+    w2 = [c for h, c in log.lines if h == "w2"]
+    restart = next(i for i, c in enumerate(w2) if "systemctl restart" in c)
+    assert any("overlaylab-anchor-w2" in c and "docker run" in c for c in w2[restart:])  # its anchor again
+
+
+def test_a_stale_peer_left_by_the_run_on_a_host_with_users_containers_needs_allow_restart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inv, nodes, log = mended_cluster(monkeypatch)
+    nodes[2].facts.containers["app"] = ""  # a user's container: a restart stops it
+    code, report = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 1 and log.commands("systemctl restart") == ["w1"]
+    failed = {o["host"]: o["detail"] for o in report.outcomes if o["status"] == "failed"}
+    assert list(failed) == ["w2"] and "pass --allow-restart" in failed["w2"], failed
+
+
 OLD = "0ld1d" * 8
 
 

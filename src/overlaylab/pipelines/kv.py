@@ -1,10 +1,11 @@
 """The kv backend (the tutorial's): leave any swarm; the hosts' certificates (tls); Consul
 with a leader; the drop-ins, the manager first, Consul again, then the workers one at a
 time (twice, only while the store moves between HTTP and HTTPS: storetls.py); every dockerd
-registered; the network; an anchor per host. No container joins the overlay before its
-daemon's gossip is up (a sandbox made before gossip never looks up its peers): the
-users' containers are held back over each restart (steps/holdback.py), and a stopped
-run's held ones are released."""
+registered; the network; an anchor per host; after any restart, every host's peers read
+again and those the restarts left stale restarted too (steps/stale.py). No container
+joins the overlay before its daemon's gossip is up (a sandbox made before gossip never
+looks up its peers): the users' containers are held back over each restart
+(steps/holdback.py), and a stopped run's held ones are released."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from overlaylab.steps.holdback import Release
 from overlaylab.steps.network import Network, RemoveNetwork
 from overlaylab.steps.reconnect import Reconnect
 from overlaylab.steps.registered import Registered
+from overlaylab.steps.stale import MendPeers
 from overlaylab.steps.swarm import LeaveSwarm
 from overlaylab.steps.tls import Certs, RemoveCerts
 from overlaylab.steps.verify import RemoveProbes
@@ -32,6 +34,7 @@ BOOTSTRAP: tuple[Step, ...] = (
     Reconnect(),
     Release(),
     Anchor(),
+    MendPeers(),
     RemoveCerts(store=True),
 )
 

@@ -350,11 +350,16 @@ class Dockerd(Step):
     def __init__(self, round_two: bool = False) -> None:
         self.round_two = round_two  # storetls.py's round 2: only a drop-in that moves its store
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
-        manager_ip = ctx.manager.advertise_ip
+    @staticmethod
+    def wanted(ctx: Context, node: Node) -> tuple[DropIn, Listener]:
+        """The drop-in for this host, and where its store is served now."""
         own = node if ctx.topo.ha else ctx.manager  # the Consul its store is: HA mode's own agent
         store = storetls.target(ctx.inv, storetls.served(own.facts.consul, ctx.inv.consul_port))
-        d = dropin(ctx.inv, node, manager_ip, store)
+        return dropin(ctx.inv, node, ctx.manager.advertise_ip, store), store
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
+        manager_ip = ctx.manager.advertise_ip
+        d, store = self.wanted(ctx, node)
         if self.round_two and not d.changed:
             return None
         port = store[1]

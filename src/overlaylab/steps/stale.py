@@ -1,0 +1,85 @@
+"""Step 8 (kv, only after a run that restarted a dockerd): the peers read again on every
+host, and a host whose overlay the run's own restarts left with stale peers restarted too.
+
+Why: a restart of ours stops the host's containers and starts them again, and Docker
+20.10's IPAM gives each the first free address, not the one it had (the free ones
+include what the other restarts of the run just released). A host that learned the old
+address by a lookup holds it under the endpoint ID "dummy", which no leave removes
+(overlaylab/peers.py): it now sends an address to a host where no container has it, and
+the container that gets that address next is unreachable from it. Seen in CI (HA module,
+a worker's dockerd restarted by the fault): the re-run restarted it and another worker,
+their containers swapped addresses, and three hosts that the run had not touched were
+left sending them to the wrong host; the next containers there would have failed.
+
+Which addresses move cannot be told before the restarts (a lookup's entry looks like any
+other in the kernel), so the plan says that the check will be made, and the run makes it:
+up to PASSES times, since a restart of this step moves its own containers' addresses in
+turn (a host that looked them up since would go stale; with no traffic during the run,
+one pass is measured to be enough). A restart here follows the --allow-restart rule of
+every other: without it, a host with users' containers is named and the run exits 1."""
+
+from __future__ import annotations
+
+from overlaylab import cluster, peers
+from overlaylab.cluster import Node, parallel
+from overlaylab.plan import Action, Context, apply_one, fail
+from overlaylab.steps import anchor
+from overlaylab.steps.dockerd import Dockerd, restart_refusal
+
+PASSES = 3
+
+
+class MendPeers(Dockerd):
+    """kv: after the run's restarts, one pass (or up to PASSES) over every host's peers; the
+    stale ones restarted, the manager first, then one worker at a time, each anchor made again."""
+
+    name = "peers"
+
+    def plan(self, ctx: Context, node: Node) -> Action | None:
+        if not ctx.restarts:
+            return None
+        return Action(
+            node.name,
+            False,
+            f"after the restarts of {', '.join(sorted(ctx.restarts))}: read its overlay's peers again, and restart "
+            "dockerd if they send an address to a host where no container has it (a restart moves addresses)",
+            check=True,
+        )
+
+    def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+        checked = [a.host for a in actions]
+        order = [ctx.topo.manager] * (ctx.topo.manager in checked) + [h for h in checked if h != ctx.topo.manager]
+        mended: set[str] = set()
+        for done in range(PASSES + 1):
+            live = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts)]
+            for name, exc in parallel(live, lambda n: cluster.read_one(ctx.inv, n)).items():
+                fail(ctx, "facts", name, f"reading facts again failed: {type(exc).__name__}: {exc}")
+            live = [n for n in live if n.name not in ctx.failed]
+            found = {n.name: f for n in live if n.name in order and (f := peers.stale(n, live))}
+            if not found or done == PASSES:
+                break
+            for host in order:
+                if host in found and host not in ctx.failed:
+                    self.restart(ctx, ctx.nodes[host], peers.describe(found[host]))
+                    mended.add(host)
+        for host in ctx.live(order):
+            if host in found:
+                fail(ctx, self.name, host, f"still, after {PASSES} passes of restarts: {peers.describe(found[host])}")
+            elif host not in mended:  # a mended host's line is its restart
+                ctx.report.record(host, self.name, "ok", "its overlay sends no address to a host where none runs")
+
+    def restart(self, ctx: Context, node: Node, reason: str) -> None:
+        d, _ = self.wanted(ctx, node)
+        refusal = restart_refusal(node, reason, ctx.opts.allow_restart)
+        if refusal:
+            fail(ctx, self.name, node.name, refusal)
+            return
+        stops = tuple(node.facts.foreign_containers)
+        action = Action(node.name, True, f"restart dockerd: {reason}", restart=reason, stops=stops, data=d)
+        if apply_one(ctx, self, action) and node.name == ctx.topo.manager:
+            self.settle(ctx, node, action)
+
+    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+        done = super().apply(ctx, node, action)
+        anchor.Anchor().apply(ctx, node, action)  # removed before the restart, as in the Dockerd step
+        return f"{done}; anchor made again"
