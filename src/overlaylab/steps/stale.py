@@ -9,13 +9,15 @@ address by a lookup holds it under the endpoint ID "dummy", which no leave remov
 the container that gets that address next is unreachable from it. Seen in CI (HA module,
 a worker's dockerd restarted by the fault): the re-run restarted it and another worker,
 their containers swapped addresses, and three hosts that the run had not touched were
-left sending them to the wrong host; the next containers there would have failed.
+left sending them to the wrong host; the next containers there would have failed. An
+anchor made again (after a restart by someone else, or alone) takes the first free
+address in the same way.
 
 Which addresses move cannot be told before the restarts (a lookup's entry looks like any
 other in the kernel), so the plan says that the check will be made, and the run makes it:
 up to PASSES times, since a restart of this step moves its own containers' addresses in
-turn (a host that looked them up since would go stale; with no traffic during the run,
-one pass is measured to be enough). A restart here follows the --allow-restart rule of
+turn (a host that looked them up since would go stale; in the e2e tests, with no traffic
+during the run, one pass was enough). A restart here follows the --allow-restart rule of
 every other: without it, a host with users' containers is named and the run exits 1."""
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ class MendPeers(Dockerd):
     name = "peers"
 
     def plan(self, ctx: Context, node: Node) -> Action | None:
-        if not ctx.restarts:
+        anchored = {o["host"] for o in ctx.report.outcomes if o["step"] == "anchor" and o["status"] == "changed"}
+        moved = sorted(set(ctx.restarts) | anchored)
+        if not moved:
             return None
         return Action(
             node.name,
             False,
-            f"after the restarts of {', '.join(sorted(ctx.restarts))}: read its overlay's peers again, and restart "
-            "dockerd if they send an address to a host where no container has it (a restart moves addresses)",
+            f"after the restarts and anchors of this run (on {', '.join(moved)}): read its overlay's peers again, "
+            "and restart dockerd if they send an address to a host where no container has it (a container "
+            "started again takes the first free address)",
             check=True,
         )
 
