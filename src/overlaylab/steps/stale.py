@@ -64,6 +64,8 @@ class MendPeers(Dockerd):
             if not found or done == PASSES:
                 break
             for host in order:
+                if ctx.topo.manager in ctx.failed:
+                    return  # as in the Dockerd step: a manager that failed to come up stops the run
                 if host in found and host not in ctx.failed:
                     self.restart(ctx, ctx.nodes[host], peers.describe(found[host]))
                     mended.add(host)
