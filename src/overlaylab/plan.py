@@ -81,6 +81,7 @@ class Context:
     stale: set[str] = field(default_factory=set)  # hosts changed since their facts were read
     refusals: dict[str, str] = field(default_factory=dict)
     stores_made: set[str] = field(default_factory=set)  # HA: hosts whose running dockerd got its own agent made again
+    anchor_ips: dict[str, str] = field(default_factory=dict)  # host -> its anchor's address before a restart of ours
     halt: bool = True
     ca: Any = None  # certs.Keeper when the inventory turns TLS on: the CA, made only when a real run needs it
 
@@ -270,6 +271,7 @@ def preview(steps: Sequence[Step], ctx: Context) -> Context:
         failed=set(),
         stale=set(),
         refusals={},
+        anchor_ips={},
     )
     execute(steps, dry)
     return dry

@@ -41,8 +41,20 @@ def present(node: Node) -> bool:
     return node.facts.containers.get(name(node)) == "anchor"
 
 
+def address(node: Node) -> str:
+    """The anchor's address on the network, as the facts saw it; "" if none."""
+    containers = (node.facts.network or {}).get("Containers") or {}
+    found = [c for c in containers.values() if c.get("Name") == name(node)]
+    return str(found[0].get("IPv4Address") or "").partition("/")[0] if found else ""
+
+
 def create(
-    node: Node, network: str, image: str = "busybox:latest", witness: Node | None = None, recorded: bool = True
+    node: Node,
+    network: str,
+    image: str = "busybox:latest",
+    witness: Node | None = None,
+    recorded: bool = True,
+    ip: str = "",
 ) -> None:
     """(Re)create the anchor: a stopped one, or one that outlived a restart, is replaced.
 
@@ -52,16 +64,27 @@ def create(
     on a daemon that has no container of that name (moby#27398): so it runs on another
     host (``witness``) once the old anchor is gone, and on this one as a fallback. Where
     the store holds no record of the name (``recorded`` False), neither is needed.
+
+    ``ip``: the address it had, asked for again (`--ip`). Docker 20.10's IPAM would give it
+    the first free one, and a host that knew the old one by a lookup would go on sending
+    it here for good (overlaylab/peers.py; the peers step would then restart that host).
+    If the address is taken, or the network has no subnet of the user's (`--ip` needs
+    one), the anchor takes any address, as before.
     """
     q = shlex.quote
     clear = f"docker network disconnect -f {q(network)} {name(node)} >/dev/null 2>&1; true" if recorded else "true"
     if witness is not None:
         node.sh(stop_command(node))
         witness.sh(clear)
-    node.sh(
-        f"{stop_command(node)}; {clear}; docker run -d --name {name(node)} --restart no "
-        f"--label {ROLE_LABEL}=anchor --network {q(network)} {q(image)} sh -c {q(COMMAND)} >/dev/null"
+    run = (
+        f"docker run -d --name {name(node)} --restart no --label {ROLE_LABEL}=anchor --network {q(network)}"
+        + " {ip}"
+        + f" {q(image)} sh -c {q(COMMAND)} >/dev/null"
     )
+    start = run.format(ip="")
+    if ip:  # a refused --ip leaves a created container behind: it goes before the plain run
+        start = f"{{ {run.format(ip='--ip ' + q(ip))} 2>/dev/null || {{ {stop_command(node)}; {start}; }}; }}"
+    node.sh(f"{stop_command(node)}; {clear}; {start}")
 
 
 def stop_command(node: Node) -> str:
@@ -90,7 +113,9 @@ class Anchor(Step):
         others = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts) if n != node.name]
         held = consul.network_endpoints(ctx.inv, ctx.manager)
         recorded = held is None or name(node) in held  # the store cannot tell: the careful way
-        create(node, ctx.inv.network, witness=others[0] if others and recorded else None, recorded=recorded)
+        ip = ctx.anchor_ips.get(node.name) or address(node)
+        witness = others[0] if others and recorded else None
+        create(node, ctx.inv.network, witness=witness, recorded=recorded, ip=ip)
         return "created"
 
 
