@@ -117,25 +117,24 @@ def test_a_worker_host_rebooted(lab: Lab, hard: bool) -> None:
     """`systemctl reboot`, or a power cut (after which dockerd's overlay restore fails).
 
     A container of the user's without a restart policy runs on the worker and does not
-    come back. Its address, once free, is given (`--ip`) to a new container on the
-    manager, which the other worker must reach: its dockerd got no leave for the old one
+    come back. Its address (given with `--ip`, high in the subnet, so that no container
+    the run starts again takes it: they get the first free one), once free, is given
+    (`--ip`) to a new container on the manager, which the other worker must reach: its dockerd got no leave for the old one
     (the host died, or stopped it in its own shutdown) and would send that address to
     bm-docker-03 until restarted (overlaylab/peers.py); the re-run restarts the hosts that
     hold such an entry."""
-    ip = on(
-        lab, 3,
-        f'docker run -d --name gone3 --network ov_net1 busybox sh -c "{healing.LOOP}" >/dev/null && '
-        f"docker inspect -f '{healing.IP_FORMAT}' gone3",
-    )  # fmt: skip
+    # high in the subnet: the re-run's restarts give the first free addresses, which it is not
+    ip = on(lab, 3, f"docker inspect -f '{healing.IP_FORMAT}' {USER_APP}3").rpartition(".")[0] + ".200"
+    on(lab, 3, f'docker run -d --name gone3 --ip {ip} --network ov_net1 busybox sh -c "{healing.LOOP}" >/dev/null')
     lifecycle.reboot(NAME, name(3), hard=hard)
     heal(lab, {name(3)})
     on(lab, 3, "docker rm -f gone3 >/dev/null")
-    on(lab, 1, f'docker run -d --name got1 --ip {ip} --network ov_net1 busybox sh -c "{healing.LOOP}" >/dev/null')
     try:
+        on(lab, 1, f'docker run -d --name got1 --ip {ip} --network ov_net1 busybox sh -c "{healing.LOOP}" >/dev/null')
         targets = [(f"{USER_APP}2 -> got1", ip), (f"{USER_APP}2 -> got1", "got1")]
         assert on(lab, 2, healing.ping_command(f"{USER_APP}2", targets, 20)) == ""
     finally:
-        on(lab, 1, "docker rm -f got1 >/dev/null")
+        on(lab, 1, "docker rm -f got1 >/dev/null 2>&1; true")
 
 
 def changes(doc: dict[str, Any]) -> set[tuple[str, str]]:

@@ -113,7 +113,8 @@ class Anchor(Step):
         others = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts) if n != node.name]
         held = consul.network_endpoints(ctx.inv, ctx.manager)
         recorded = held is None or name(node) in held  # the store cannot tell: the careful way
-        ip = ctx.anchor_ips.get(node.name) or address(node)
+        pinned = node.facts.attached.get(name(node))  # a stopped one keeps the address it was made with
+        ip = ctx.anchor_ips.get(node.name) or address(node) or (pinned.ip if pinned else "")
         witness = others[0] if others and recorded else None
         create(node, ctx.inv.network, witness=witness, recorded=recorded, ip=ip)
         return "created"

@@ -52,6 +52,8 @@ class MendPeers(Dockerd):
         )
 
     def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+        if not actions:  # nothing restarted or made: no read at all (a no-op re-run's two commands a host)
+            return
         checked = [a.host for a in actions]
         order = [ctx.topo.manager] * (ctx.topo.manager in checked) + [h for h in checked if h != ctx.topo.manager]
         mended: set[str] = set()
