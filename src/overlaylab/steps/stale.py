@@ -8,10 +8,9 @@ address by a lookup holds it under the endpoint ID "dummy", which no leave remov
 (overlaylab/peers.py): it now sends an address to a host where no container has it, and
 the container that gets that address next is unreachable from it. Seen in CI (HA module,
 a worker's dockerd restarted by the fault): the re-run restarted it and another worker,
-their containers swapped addresses, and three hosts that the run had not touched were
-left sending them to the wrong host; the next containers there would have failed. An
-anchor made again (after a restart by someone else, or alone) takes the first free
-address in the same way.
+and three hosts that the run had not touched were left sending two of their old
+addresses to them, where no container had those any more. An anchor made again takes the
+first free address in the same way, unless it gets its old one back (steps/anchor.py).
 
 Which addresses move cannot be told before the restarts (a lookup's entry looks like any
 other in the kernel), so the plan says that the check will be made, and the run makes it:
