@@ -76,14 +76,16 @@ def create(
     if witness is not None:
         node.sh(stop_command(node))
         witness.sh(clear)
-    run = (
-        f"docker run -d --name {name(node)} --restart no --label {ROLE_LABEL}=anchor --network {q(network)}"
-        + " {ip}"
-        + f" {q(image)} sh -c {q(COMMAND)} >/dev/null"
-    )
-    start = run.format(ip="")
+
+    def run(options: str = "") -> str:
+        return (
+            f"docker run -d --name {name(node)} --restart no --label {ROLE_LABEL}=anchor --network {q(network)}"
+            f"{options} {q(image)} sh -c {q(COMMAND)} >/dev/null"
+        )
+
+    start = run()
     if ip:  # a refused --ip leaves a created container behind: it goes before the plain run
-        start = f"{{ {run.format(ip='--ip ' + q(ip))} 2>/dev/null || {{ {stop_command(node)}; {start}; }}; }}"
+        start = f"{{ {run(f' --ip {q(ip)}')} 2>/dev/null || {{ {stop_command(node)}; {start}; }}; }}"
     node.sh(f"{stop_command(node)}; {clear}; {start}")
 
 

@@ -391,8 +391,8 @@ class Dockerd(Step):
             return action.detail
         d: DropIn = action.data
         held = holdback.to_hold(node)
-        if anchor.address(node):
-            ctx.anchor_ips.setdefault(node.name, anchor.address(node))
+        if ip := anchor.address(node):
+            ctx.anchor_ips.setdefault(node.name, ip)
         before = f"{holdback.hold_command(held)} && {holdback.leave_command(node)} && {anchor.stop_command(node)}"
         between = None
         if node.facts.restore_failed:

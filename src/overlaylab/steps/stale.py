@@ -1,5 +1,6 @@
-"""Step 8 (kv, only after a run that restarted a dockerd): the peers read again on every
-host, and a host whose overlay the run's own restarts left with stale peers restarted too.
+"""The peers step (kv, only after a run that restarted a dockerd or made an anchor): the
+peers read again on every host, and a host the run's own changes left with stale peers
+restarted too.
 
 Why: a restart of ours stops the host's containers and starts them again, and Docker
 20.10's IPAM gives each the first free address, not the one it had (the free ones
