@@ -418,9 +418,6 @@ class Dockerd(Step):
             wait_rejoined(ctx, node)
             done += f"; the other hosts' gossip took it in as {node.advertise_ip}"
         if held:
-            if node.name in ctx.anchor_ips:  # first, at its old address: a held one would take it
-                with contextlib.suppress(OverlaylabError):  # the Anchor step makes it anyway
-                    anchor.create(node, ctx.inv.network, recorded=False, ip=ctx.anchor_ips[node.name])
             node.sh(holdback.release_command(held), check=False)
             done += f"; {', '.join(held)} started after its gossip"
         else:
