@@ -12,9 +12,11 @@ demo: setup
 	$(BIN)/fab lab-up
 	$(BIN)/fab bootstrap-cluster --inventory inventory/lab.yaml
 
-## test: the full suite, as CI runs it: lint, types, unit and end-to-end tests.
+## test: the full suite, as CI runs it: lint, types, unit and end-to-end tests. The unit tests
+## and the lab's own tests first; then the cluster modules, two at once (tests/e2e/conftest.py).
 test: setup lint
-	$(BIN)/pytest -v -ra --durations=25
+	$(BIN)/pytest -v -ra --durations=10 -m "not cluster"
+	$(BIN)/pytest -v -ra --durations=25 -m cluster -n 2 --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check .

@@ -112,11 +112,28 @@ def pings(lab: Lab, hosts: list[int], window: float = 20) -> list[str]:
 
         for found in each_host(hosts, from_host).values():
             failures += found
+        failures += diagnose(conns, failures, tag)
     finally:
         for i, conn in conns.items():
             sh(conn, f"docker rm -f heal-{tag}-{i} >/dev/null 2>&1; true")
             conn.close()
     return failures
+
+
+def diagnose(conns: dict[int, Any], failures: list[str], tag: str) -> list[str]:
+    """For each source host with a failed pair: what its embedded DNS answers for each other
+    probe, and its dockerd's last lines: a failure's cause, read while it lasts."""
+    lines: list[str] = []
+    for i in sorted({int(f.split()[0].rsplit("-", 1)[1]) for f in failures}):
+        probe = f"heal-{tag}-{i}"
+        lines.append(f"  -- {name(i)}: DNS, then dockerd's journal --")
+        lines += ["    " + line for line in sh(
+            conns[i],
+            f"for c in {' '.join(f'heal-{tag}-{j}' for j in conns if j != i)}; do "
+            f"echo \"$c: $(docker exec {probe} nslookup $c 127.0.0.11 2>&1 | tail -2 | tr '\\n' ' ')\"; done; "
+            "journalctl -u docker.service --since '-4min' --no-pager -o short-precise | tail -40",
+        ).splitlines()]  # fmt: skip
+    return lines
 
 
 def stale_peers(lab: Lab, hosts: list[int]) -> list[str]:

@@ -8,13 +8,17 @@ else on the machine; lab-down stops it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.lab.docker import Docker
@@ -27,6 +31,25 @@ PRIVATE_PIDFILE = PRIVATE_RUN / "dockerd.pid"
 PRIVATE_LOG = PRIVATE_RUN / "dockerd.log"
 PRIVATE_EXEC = PRIVATE_RUN / "exec"
 CONTAINERD_NS = "overlaylab"
+LOCK = PRIVATE_RUN / "labs.lock"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def exclusive(change: Callable[P, R]) -> Callable[P, R]:
+    """One lab change at a time on this machine (an flock, so across processes): `make test`
+    runs two cluster modules at once, and without it both could start the private dockerd,
+    or one stop it (its last lab gone) while the other is between two labs."""
+
+    @functools.wraps(change)
+    def held(*args: P.args, **kwargs: P.kwargs) -> R:
+        PRIVATE_RUN.mkdir(parents=True, exist_ok=True)
+        with open(LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return change(*args, **kwargs)
+
+    return held
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ def ensure(lab: str, bridges: list[str]) -> bool:
     changed = False
     for bridge in bridges:
         rule = _rule(lab, bridge)
-        if subprocess.run(["iptables", "-C", *rule], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["iptables", "-I", *rule], capture_output=True, check=True)
+        if subprocess.run(["iptables", "-w", "-C", *rule], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["iptables", "-w", "-I", *rule], capture_output=True, check=True)
             changed = True
     return changed
 
@@ -35,7 +35,7 @@ def ensure(lab: str, bridges: list[str]) -> bool:
 def rules(lab: str) -> list[str]:
     if shutil.which("iptables") is None:
         return []
-    listing = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True, check=False).stdout
+    listing = subprocess.run(["iptables", "-w", "-S", "FORWARD"], capture_output=True, text=True, check=False).stdout
     mark = f"--comment {_comment(lab)} "
     return [line for line in listing.splitlines() if mark in line + " " or f'"{_comment(lab)}"' in line]
 
@@ -45,6 +45,6 @@ def remove(lab: str) -> int:
     for line in rules(lab):
         spec = shlex.split(line)
         if spec[:1] == ["-A"]:
-            subprocess.run(["iptables", "-D", *spec[1:]], capture_output=True, check=False)
+            subprocess.run(["iptables", "-w", "-D", *spec[1:]], capture_output=True, check=False)
             removed += 1
     return removed

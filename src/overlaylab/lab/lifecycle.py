@@ -90,6 +90,7 @@ def _ensure_network(docker: Docker, spec: LabSpec, name: str, bridge: str, subne
     return True
 
 
+@engine.exclusive
 def up(
     name: str = "lab",
     count: int | None = None,
@@ -193,6 +194,7 @@ def up(
     return result
 
 
+@engine.exclusive
 def down(name: str = "lab", inventory: Path | None = None, steps: Steps | None = None) -> list[str]:
     """Remove every object of the lab, then the private engine if no other lab uses it."""
     steps = steps or Steps()
