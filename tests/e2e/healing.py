@@ -122,7 +122,8 @@ def pings(lab: Lab, hosts: list[int], window: float = 20) -> list[str]:
 
 def diagnose(conns: dict[int, Any], failures: list[str], tag: str) -> list[str]:
     """For each source host with a failed pair: what its embedded DNS answers for each other
-    probe, and its dockerd's last lines: a failure's cause, read while it lasts."""
+    probe, its dockerd's last lines and its Consul container's (in HA mode, the agent its
+    dockerd reads the store through): a failure's cause, read while it lasts."""
     lines: list[str] = []
     for i in sorted({int(f.split()[0].rsplit("-", 1)[1]) for f in failures}):
         probe = f"heal-{tag}-{i}"
@@ -131,7 +132,8 @@ def diagnose(conns: dict[int, Any], failures: list[str], tag: str) -> list[str]:
             conns[i],
             f"for c in {' '.join(f'heal-{tag}-{j}' for j in conns if j != i)}; do "
             f"echo \"$c: $(docker exec {probe} nslookup $c 127.0.0.11 2>&1 | tail -2 | tr '\\n' ' ')\"; done; "
-            "journalctl -u docker.service --since '-4min' --no-pager -o short-precise | tail -40",
+            "journalctl -u docker.service --since '-4min' --no-pager -o short-precise | tail -40; "
+            "echo '  -- its Consul container --'; docker logs --since 4m overlaylab-consul 2>&1 | tail -25",
         ).splitlines()]  # fmt: skip
     return lines
 
