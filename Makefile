@@ -13,7 +13,7 @@ demo: setup
 	$(BIN)/fab bootstrap-cluster --inventory inventory/lab.yaml
 
 ## test: the full suite, as CI runs it: lint, types, unit and end-to-end tests. The unit tests
-## and the lab's own tests first; then the cluster modules, two at once (tests/e2e/conftest.py).
+## and the lab's own tests first; then the cluster modules, two at once (tests/e2e/streams.py).
 test: setup lint
 	$(BIN)/pytest -v -ra --durations=10 -m "not cluster"
 	$(BIN)/pytest -v -ra --durations=25 -m cluster -n 2 --dist loadgroup

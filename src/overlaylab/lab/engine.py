@@ -44,8 +44,12 @@ def exclusive(change: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(change)
     def held(*args: P.args, **kwargs: P.kwargs) -> R:
-        PRIVATE_RUN.mkdir(parents=True, exist_ok=True)
-        with open(LOCK, "a") as lock:
+        try:
+            PRIVATE_RUN.mkdir(parents=True, exist_ok=True)
+            lock = open(LOCK, "a")  # noqa: SIM115 (held for the whole change, closed below)
+        except PermissionError:
+            return change(*args, **kwargs)  # not root: the change itself says what it needs
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             return change(*args, **kwargs)
 
