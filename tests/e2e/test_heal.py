@@ -75,14 +75,10 @@ def test_the_cluster_with_user_containers_pings_before_any_fault(lab: Lab) -> No
     assert pings(lab) == [] and healing.users_pings(lab, HOSTS) == []
 
 
-def test_a_workers_dockerd_restarted(lab: Lab) -> None:
-    healing.restart_dockerd(lab, 2)
-    heal(lab, {name(2)})
-
-
-def test_a_restart_that_moves_a_users_address_leaves_no_host_sending_the_old_one(lab: Lab) -> None:
-    """A user's container (restart policy always) on bm-docker-03, which bm-docker-02 knows
-    only by a lookup: 02's dockerd restarted after it joined (a fault, healed), then 02
+def test_a_workers_dockerd_restarted_then_a_restart_that_moves_a_users_address(lab: Lab) -> None:
+    """The fault: bm-docker-02's dockerd restarted, healed by one re-run. It also sets the
+    scene for the next: a user's container (restart policy always) on bm-docker-03, which
+    bm-docker-02 knows only by a lookup: 02's dockerd restarted after it joined, then 02
     pinged it. Such an entry carries the endpoint ID "dummy" and no leave removes it
     (overlaylab/peers.py). Then 03's drop-in is edited by hand: the re-run writes it back and
     restarts that dockerd, and the container comes back at another address: the first free
