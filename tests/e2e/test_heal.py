@@ -77,9 +77,9 @@ def test_the_cluster_with_user_containers_pings_before_any_fault(lab: Lab) -> No
 
 def test_a_workers_dockerd_restarted_then_a_restart_that_moves_a_users_address(lab: Lab) -> None:
     """The fault: bm-docker-02's dockerd restarted, healed by one re-run. It also sets the
-    scene for the next: a user's container (restart policy always) on bm-docker-03, which
-    bm-docker-02 knows only by a lookup: 02's dockerd restarted after it joined, then 02
-    pinged it. Such an entry carries the endpoint ID "dummy" and no leave removes it
+    scene for the second half: a user's container (restart policy always) on bm-docker-03,
+    which bm-docker-02 knows only by a lookup: 02's dockerd restarted after it joined, then
+    02 pinged it. Such an entry carries the endpoint ID "dummy" and no leave removes it
     (overlaylab/peers.py). Then 03's drop-in is edited by hand: the re-run writes it back and
     restarts that dockerd, and the container comes back at another address: the first free
     one, and a lower one was freed on bm-docker-01 meanwhile. 02 would go on sending the old
