@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint unit e2e lab-down bench clean
+.PHONY: setup demo test test-two-streams lint unit e2e lab-down bench clean
 
 setup:
 	@bash scripts/setup.sh $(VENV)
@@ -12,9 +12,13 @@ demo: setup
 	$(BIN)/fab lab-up
 	$(BIN)/fab bootstrap-cluster --inventory inventory/lab.yaml
 
-## test: the full suite, as CI runs it: lint, types, unit and end-to-end tests. The unit tests
-## and the lab's own tests first; then the cluster modules, two at once (tests/e2e/streams.py).
+## test: the full suite, as CI runs it: lint, types, unit and end-to-end tests, one module at a time.
 test: setup lint
+	$(BIN)/pytest -v -ra --durations=25
+
+## test-two-streams: the same tests, the cluster modules two at once (tests/e2e/streams.py):
+## ~18-23 min instead of ~28, but not yet as steady (see the note on issue 12).
+test-two-streams: setup lint
 	$(BIN)/pytest -v -ra --durations=10 -m "not cluster"
 	$(BIN)/pytest -v -ra --durations=25 -m cluster -n 2 --dist loadgroup
 
