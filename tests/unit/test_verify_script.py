@@ -1,7 +1,7 @@
 """Unit: the verify step's ping script, run by a real `sh` with a fake `docker` and a fake
 `ping` on PATH (no container, no network): one docker exec per host, each target's result
 line, its retries inside the window, and that the targets are tried at once rather than
-one after another."""
+one after another. And, with a fake host, the window verify gives a network of each scope."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from overlaylab.steps.verify import ping_script
+import pytest
+
+from overlaylab.cluster import Node
+from overlaylab.inventory import Host
+from overlaylab.steps.verify import CONVERGE_SECONDS, SWARM_CONVERGE_SECONDS, ping_script, run
 
 FAKE_DOCKER = """#!/bin/sh
 # docker exec PROBE COMMAND...: the command runs here
@@ -85,3 +89,24 @@ def test_a_failed_pair_whose_gossip_works_names_udp_4789() -> None:
     }
     assert diagnose(matrix, [a, b, c]) == {("a", "b"): LIKELY_VXLAN}
     assert "udp/4789" in LIKELY_VXLAN
+
+
+class ScopeNode(Node):
+    """A fake host: its probe starts on a network of the given scope; commands are kept."""
+
+    def __init__(self, name: str, scope: str, index: int) -> None:
+        super().__init__(Host(name, f"10.0.0.{index}", "worker", "eth1"), conn=None)
+        self.scope, self.index = scope, index
+        self.ran: list[str] = []
+
+    def sh(self, command: str, check: bool = True) -> str:
+        self.ran.append(command)
+        return f"10.9.0.{self.index}\n{self.scope}\n" if command.startswith("docker run") else ""
+
+
+@pytest.mark.parametrize(("scope", "window"), [("swarm", SWARM_CONVERGE_SECONDS), ("global", CONVERGE_SECONDS)])
+def test_a_swarm_networks_probes_wait_for_two_anti_entropy_rounds(scope: str, window: int) -> None:
+    nodes = [ScopeNode(f"h{i}", scope, i) for i in (1, 2)]
+    run("ov_net1", list(nodes))
+    pings = [c for n in nodes for c in n.ran if c.startswith("docker exec")]
+    assert len(pings) == 2 and all(f"end=$(( $(date +%s) + {window} ))" in c for c in pings)
