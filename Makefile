@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-two-streams lint unit e2e lab-down bench clean
+.PHONY: setup demo test test-serial lint unit e2e lab-down bench clean
 
 setup:
 	@bash scripts/setup.sh $(VENV)
@@ -12,15 +12,15 @@ demo: setup
 	$(BIN)/fab lab-up
 	$(BIN)/fab bootstrap-cluster --inventory inventory/lab.yaml
 
-## test: the full suite, as CI runs it: lint, types, unit and end-to-end tests, one module at a time.
+## test: the full suite, as CI runs it: lint, types, unit tests and the lab's own modules,
+## then the cluster modules in two streams at once (tests/e2e/streams.py).
 test: setup lint
-	$(BIN)/pytest -v -ra --durations=25
-
-## test-two-streams: the same tests, the cluster modules two at once (tests/e2e/streams.py):
-## ~18-23 min instead of ~28, but not yet as steady (see the note on issue 12).
-test-two-streams: setup lint
 	$(BIN)/pytest -v -ra --durations=10 -m "not cluster"
 	$(BIN)/pytest -v -ra --durations=25 -m cluster -n 2 --dist loadgroup
+
+## test-serial: the same tests, one module at a time (~28 min): to read one failure in peace.
+test-serial: setup lint
+	$(BIN)/pytest -v -ra --durations=25
 
 lint: setup
 	$(BIN)/ruff check .
