@@ -105,13 +105,23 @@ def test_the_managers_consul_server_removed(lab: Lab) -> None:
 
 
 def test_the_managers_dockerd_restarted(lab: Lab) -> None:
-    """a, as a user would: the fault, `fab verify` (it must name the manager: its users'
-    container came back before gossip), then the re-run without --allow-restart, which
-    refuses, naming the manager; the run with it heals. test_heal restarts the manager
-    three times in a row, in single-server mode."""
+    """a, as a user would: the fault, `fab verify`, then the re-run without --allow-restart,
+    which refuses, naming the manager, or heals without a restart; the run with the flag
+    heals. test_heal restarts the manager three times in a row, in single-server mode.
+
+    Whether the users' container comes back before dockerd's gossip is the restart's race,
+    not ours: its restore waits for its network, that is for the store, the Consul server
+    that restarts with the same dockerd. Mostly it wins (its sandbox is then deaf), but on
+    a loaded machine (CI, two streams) gossip came first. verify must say which, truly: it
+    names the manager (exit 1), or passes, and then the users' own containers ping every
+    pair."""
     healing.restart_dockerd(lab, 1)
     code, doc, err = fab("verify", "--inventory", str(inventory(lab)))
-    assert code == 1 and "made before dockerd's gossip" in doc["hosts"][name(1)]["verify"]["detail"], err
+    if code == 0:
+        assert healing.users_pings(lab, HOSTS) == [], err
+        print("the users' container on bm-docker-01 came back after gossip: verify passed, and so do their pings")
+    else:
+        assert code == 1 and "made before dockerd's gossip" in doc["hosts"][name(1)]["verify"]["detail"], err
     heal(lab, {name(1)}, allow_restart=False)
 
 
