@@ -121,18 +121,46 @@ def pings(lab: Lab, hosts: list[int], window: float = 20) -> list[str]:
     return failures
 
 
+WATCHES = ("datastore.(*datastore).Watch", "networkWatchLoop", "discovery/kv.(*Discovery).Watch", "monitorDiscovery")
+
+
+def watch_goroutines(conn: Any) -> list[str]:
+    """dockerd's goroutines that follow the store (the network's endpoint watch, discovery),
+    each with its state, from a stack dump (SIGUSR1): a watch that waits on `<-watchCh` is
+    dead until libnetwork's RestartWatch; one blocked in a send waits for its reader."""
+    out = sh(
+        conn,
+        "pid=$(systemctl show -p MainPID --value docker.service); kill -USR1 $pid; sleep 1; "
+        'f=$(ls -t /var/run/docker/goroutine-stacks-*.log 2>/dev/null | head -1); [ -n "$f" ] && cat $f; rm -f $f',
+    )
+    found = []
+    for block in out.split("\n\n"):
+        frames = [line for line in block.splitlines() if line and not line.startswith("\t")]
+        if frames and any(w in block for w in WATCHES):
+            found.append(" | ".join(frames[:4]))
+    return found or ["(no stack dump, or no store goroutine in it)"]
+
+
 def diagnose(conns: dict[int, Any], failures: list[str], tag: str) -> list[str]:
     """For each source host with a failed pair: what its embedded DNS answers for each other
-    probe, its dockerd's last lines and its Consul container's (in HA mode, the agent its
-    dockerd reads the store through): a failure's cause, read while it lasts."""
+    probe, for its own (a local record) and for the users' containers elsewhere (records
+    learned before the fault); dockerd's goroutines that follow the store; its dockerd's last
+    lines and its Consul container's (in HA mode, the agent its dockerd reads the store
+    through): a failure's cause, read while it lasts."""
     lines: list[str] = []
     for i in sorted({int(f.split()[0].rsplit("-", 1)[1]) for f in failures}):
         probe = f"heal-{tag}-{i}"
-        lines.append(f"  -- {name(i)}: DNS, then dockerd's journal --")
+        lines.append(f"  -- {name(i)}: DNS, the store's goroutines, then dockerd's journal --")
+        lookups = [f"heal-{tag}-{j}" for j in conns] + [f"{USER_APP}{j}" for j in conns if j != i]
         lines += ["    " + line for line in sh(
             conns[i],
-            f"for c in {' '.join(f'heal-{tag}-{j}' for j in conns if j != i)}; do "
-            f"echo \"$c: $(docker exec {probe} nslookup $c 127.0.0.11 2>&1 | tail -2 | tr '\\n' ' ')\"; done; "
+            f"for c in {' '.join(lookups)}; do "
+            f"echo \"$c: $(docker exec {probe} nslookup -type=a $c 127.0.0.11 2>&1 | grep -E 'Address: |Address [0-9]|timed out|NXDOMAIN|SERVFAIL|find' | grep -v '127.0.0.11' | tr '\\n' ' ')\"; done; "
+            f"echo \"resolv.conf: $(docker exec {probe} cat /etc/resolv.conf | grep -v '^#' | tr '\\n' ' ')\"",
+        ).splitlines()]  # fmt: skip
+        lines += ["    " + line for line in watch_goroutines(conns[i])]
+        lines += ["    " + line for line in sh(
+            conns[i],
             "journalctl -u docker.service --since '-4min' --no-pager -o short-precise | tail -40; "
             "echo '  -- its Consul container --'; docker logs --since 4m overlaylab-consul 2>&1 | tail -25",
         ).splitlines()]  # fmt: skip
