@@ -128,6 +128,7 @@ def script(
             "else timeout 20 docker service ls -q 2>/dev/null | wc -l; fi",
         ),
         ("stray_threads", stray_threads_script()),
+        ("dead_watches", dead_watches_script()),
         ("deaf_sandboxes", deaf_sandboxes_script()),
         ("peers", PEERS_SCRIPT),
         ("held", f"cat {HELD_FILE} 2>/dev/null"),
@@ -333,6 +334,37 @@ def stray_threads_script(
     )
 
 
+STACKS_DIR = "/var/run/docker"  # where dockerd 20.10 writes its goroutine stacks on SIGUSR1
+# a goroutine blocked in a channel receive whose first frame is the datastore's watch: stopped
+DEAD_WATCH_AWK = (
+    r"/^goroutine [0-9]+ \[chan receive/ {h=1; next} "
+    r"h && /datastore\.\(\*datastore\)\.Watch\.func1/ {n++} {h=0} END {print n+0}"
+)
+
+
+def dead_watches_script(
+    pid: str = "$(systemctl show -p MainPID --value docker.service)", stacks: str = STACKS_DIR
+) -> str:
+    """Counts a kv dockerd's store watches that stopped, from its own goroutine stacks
+    (SIGUSR1 writes them to a file, read and removed here; dockerd logs one line).
+
+    libnetwork's watch of a network's endpoints in the store ends at the first error
+    Consul answers (a server restarting: "EOF", "No cluster leader"). It then waits, in a
+    channel receive, for a discovery event to start it again (libnetwork datastore.Watch,
+    RestartWatch); Consul 1.x does not change dockerd's discovery keys on its heartbeats,
+    so the event may never come, and the host never learns another container's name
+    (steps/watches.py). A daemon without a cluster store, or one that does not dump: 0."""
+    return (
+        f'pid={pid}; [ "$pid" -gt 0 ] 2>/dev/null && grep -qa -- --cluster-store= /proc/$pid/cmdline || exit 0; '
+        f"old=$(ls {stacks}/goroutine-stacks-*.log 2>/dev/null); kill -USR1 $pid || exit 0; f=''; "
+        f"for _ in $(seq 40); do sleep 0.1; n=$(ls -t {stacks}/goroutine-stacks-*.log 2>/dev/null | head -1); "
+        '[ -s "$n" ] && ! echo "$old" | grep -qxF "$n" && { f=$n; break; }; done; '
+        '[ -n "$f" ] || exit 0; sleep 0.1; '
+        f'awk {shlex.quote(DEAD_WATCH_AWK)} "$f"; '
+        'rm -f "$f"'
+    )
+
+
 def deaf_sandboxes_script(
     proc: str = "/proc",
     netns_dir: str = "/run/docker/netns",
@@ -495,6 +527,7 @@ class HostFacts:
     services: int = 0
     overlays: list[str] = field(default_factory=list)
     stray_threads: int = 0
+    dead_watches: int = 0  # dockerd's store watches that stopped (steps/watches.py)
     held: dict[str, str] = field(default_factory=dict)  # a stopped run's held-back containers -> policy
     deaf_sandboxes: list[str] = field(default_factory=list)  # network IDs (10 chars): no miss watcher
     peers: dict[str, dict[str, str]] = field(default_factory=dict)  # network ID (10) -> peer IP -> VTEP sent to
@@ -624,6 +657,8 @@ def parse(output: str, advertise: str) -> HostFacts:
     facts.overlays = sec.get("overlays", "").split()
     stray = sec.get("stray_threads", "0").strip()
     facts.stray_threads = int(stray) if stray.isdigit() else 0
+    dead = sec.get("dead_watches", "0").strip()
+    facts.dead_watches = int(dead) if dead.isdigit() else 0
     facts.attached = parse_attached(sec.get("attached", ""))
     facts.held = dict(line.split(None, 1) for line in sec.get("held", "").splitlines() if len(line.split()) == 2)
     facts.deaf_sandboxes = sorted({n.partition("-")[2] for n in sec.get("deaf_sandboxes", "").split() if "-" in n})

@@ -182,6 +182,8 @@ def repairs(node: Node, manager: Node, registered: bool | None, nodes: list[Node
             found.append("dockerd's overlay restore failed at its start (a power cut)")
         if f.stray_threads:
             found.append(f"{f.stray_threads} dockerd thread(s) in a deleted network namespace")
+        if f.dead_watches:
+            found.append(f"{f.dead_watches} store watch(es) of dockerd stopped (new names elsewhere unresolvable)")
         if manager.facts.network is not None and not anchor.present(node):
             found.append("its anchor is not running")
         if registered is False:

@@ -270,3 +270,33 @@ def test_attached_containers_are_parsed_with_their_endpoint_records_and_the_shor
     assert (user.network_id, user.running, user.aliases, user.ip) == (old, False, ("web",), "10.217.9.40")
     assert user.failed_on(old) and not parsed["overlaylab-anchor-bm-docker-02"].failed_on(old)
     assert parsed["overlaylab-anchor-bm-docker-02"].running
+
+
+STACKS = """goroutine 1 [chan receive, 3 minutes]:
+main.main()
+\t/go/src/github.com/docker/docker/cmd/dockerd/docker.go:97 +0x185
+
+goroutine 93 [select, 2 minutes]:
+github.com/docker/docker/pkg/discovery/kv.(*Discovery).watchOnce(0xc0002265a0, 0xc00090c300)
+\t/go/src/github.com/docker/docker/pkg/discovery/kv/kv.go:120 +0x11a
+
+goroutine 411 [{state}]:
+github.com/docker/libnetwork/datastore.(*datastore).Watch.func1(0xc000a2a580, 0xc001002a80)
+\t/go/src/github.com/docker/libnetwork/datastore/datastore.go:340 +0x2b1
+created by github.com/docker/libnetwork/datastore.(*datastore).Watch
+"""
+
+
+@pytest.mark.parametrize(
+    ("state", "count"),
+    [("select", 0), ("select, 1 minutes", 0), ("chan receive", 1), ("chan receive, 4 minutes", 1), ("chan send", 0)],
+)
+def test_a_store_watch_waiting_to_be_started_again_counts_as_stopped(tmp_path: Path, state: str, count: int) -> None:
+    """Recorded goroutine stacks of dockerd 20.10 (the lab's, shortened), read by the facts'
+    awk: a watch in a channel receive waits for RestartWatch; in its select it runs."""
+    dump = tmp_path / "goroutine-stacks.log"
+    dump.write_text(STACKS.replace("{state}", state))
+    out = subprocess.run(["awk", facts.DEAD_WATCH_AWK, str(dump)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(count)
+    parsed = facts.parse(f"{facts.MARK}dead_watches\n{out.stdout}{facts.MARK}end\n", "eth1")
+    assert parsed.dead_watches == count

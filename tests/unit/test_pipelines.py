@@ -5,12 +5,14 @@ API, the fact re-reads and the ping matrix are stubbed: the end-to-end suite run
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from overlaylab.mode import Mode
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport
 from overlaylab.run import Options, Refused, run_steps
-from overlaylab.steps import consul, dockerd
+from overlaylab.steps import consul, dockerd, watches
 from tests.unit.test_facts_render import FakeConn, recorded, with_info
 
 NAMES = ("m", "w1", "w2")
@@ -39,6 +41,7 @@ class Log:
     fail: dict[str, str] = field(default_factory=dict)  # host -> a command fragment that fails there
     secrets: list[str] = field(default_factory=list)  # what put_secret wrote, never in a command
     consul_version: str = "Consul v1.8.7"  # what `consul version` of the image answers
+    dead_watches: dict[str, int] = field(default_factory=dict)  # host -> its stopped store watches now
 
     def add(self, host: str, what: str) -> None:
         with self.lock:
@@ -69,6 +72,8 @@ class FakeNode(Node):
             return 0, self.log.consul_version + "\n", ""
         if "systemctl is-active docker.service" in command:
             return 0, "active\n", ""
+        if "goroutine-stacks" in command:  # facts.dead_watches_script: no store watch stopped
+            return 0, f"{self.log.dead_watches.get(self.name, 0)}\n", ""
         return 0, "ready\n", ""
 
     def put_secrets(self, files: dict[str, str]) -> None:
@@ -724,3 +729,59 @@ def test_five_servers_each_expect_five_and_retry_join_the_four_others() -> None:
     assert {part for part in runs["w5"].split() if part.startswith("-retry-join=")} == {
         f"-retry-join=10.210.1.{11 + j}" for j in range(5)
     }
+
+
+class FakeConsul:
+    """Consul's KV API as the store-watch step uses it: each write recorded."""
+
+    def __init__(self, written: list[tuple[str, ...]]) -> None:
+        self.kv = self
+        self.written = written
+
+    def put(self, key: str, value: str) -> bool:
+        self.written.append(("put", key, value))
+        return True
+
+    def delete(self, key: str) -> bool:
+        self.written.append(("delete", key))
+        return True
+
+
+@pytest.mark.parametrize("comes_back", [True, False])
+def test_a_stopped_store_watch_is_started_again_by_one_discovery_event_without_a_restart(
+    monkeypatch: pytest.MonkeyPatch, comes_back: bool
+) -> None:
+    """Fake hosts and Consul: the dry run says it, the run writes one empty key under
+    docker/nodes/ and removes it, restarts nothing, and reads the stacks again."""
+    inv, nodes, log = cluster("bootstrapped")
+    nodes[1].facts.dead_watches = 1
+    log.dead_watches["w1"] = 0 if comes_back else 1
+    written: list[tuple[str, ...]] = []
+
+    @contextlib.contextmanager
+    def client(inv: Inventory, node: Any) -> Iterator[FakeConsul]:
+        yield FakeConsul(written)
+
+    monkeypatch.setattr(watches, "consul_client", client)
+    monkeypatch.setattr(watches, "WAIT", 0.1)
+    _, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    planned = [o for o in dry.outcomes if o["step"] == "watches"]
+    assert [(o["host"], o["status"]) for o in planned] == [("w1", "changed")]
+    assert "would 1 store watch(es) of dockerd stopped" in planned[0]["detail"] and written == []
+    code, report = go(inv, nodes, kv.BOOTSTRAP)
+    assert written == [("put", watches.NUDGE_KEY, ""), ("delete", watches.NUDGE_KEY)]
+    assert watches.NUDGE_KEY.startswith("docker/nodes/")
+    assert "w1" not in report.extra["restarts"]  # type: ignore[operator]
+    done = {o["host"]: (o["status"], o["detail"]) for o in report.outcomes if o["step"] == "watches"}
+    if comes_back:
+        assert done == {"w1": ("changed", "its store watch started again (no restart)")}
+    else:
+        assert done["w1"][0] == "failed" and "still, after a discovery event" in done["w1"][1]
+        assert code != 0
+
+
+def test_a_no_op_run_with_every_store_watch_alive_has_no_watches_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    inv, nodes, _ = cluster("bootstrapped")
+    monkeypatch.setattr(watches, "consul_client", lambda inv, node: pytest.fail("Consul written"))
+    _, report = go(inv, nodes, kv.BOOTSTRAP)
+    assert not [o for o in report.outcomes if o["step"] == "watches"]

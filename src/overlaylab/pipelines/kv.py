@@ -2,7 +2,8 @@
 with a leader; the drop-ins, the manager first, Consul again, then the workers one at a
 time (twice, only while the store moves between HTTP and HTTPS: storetls.py); every dockerd
 registered; the network; an anchor per host; after any restart, every host's peers read
-again and those the restarts left stale restarted too (steps/stale.py). No container
+again and those the restarts left stale restarted too (steps/stale.py); a dockerd whose
+store watch stopped made to watch again (steps/watches.py). No container
 joins the overlay before its daemon's gossip is up (a sandbox made before gossip never
 looks up its peers): the users' containers are held back over each restart
 (steps/holdback.py), and a stopped run's held ones are released."""
@@ -21,6 +22,7 @@ from overlaylab.steps.stale import MendPeers
 from overlaylab.steps.swarm import LeaveSwarm
 from overlaylab.steps.tls import Certs, RemoveCerts
 from overlaylab.steps.verify import RemoveProbes
+from overlaylab.steps.watches import StoreWatches
 
 BOOTSTRAP: tuple[Step, ...] = (
     LeaveSwarm(),
@@ -35,6 +37,7 @@ BOOTSTRAP: tuple[Step, ...] = (
     Release(),
     Anchor(),
     MendPeers(),
+    StoreWatches(),
     RemoveCerts(store=True),
 )
 
