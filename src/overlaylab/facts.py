@@ -351,7 +351,7 @@ def dead_watches_script(
     libnetwork's watch of a network's endpoints in the store ends at the first error
     Consul answers (a server restarting: "EOF", "No cluster leader"). It then waits, in a
     channel receive, for a discovery event to start it again (libnetwork datastore.Watch,
-    RestartWatch); Consul 1.x does not change dockerd's discovery keys on its heartbeats,
+    RestartWatch); Consul 1.8 (measured) does not change dockerd's discovery keys on its heartbeats,
     so the event may never come, and the host never learns another container's name
     (steps/watches.py). A daemon without a cluster store, or one that does not dump: 0."""
     return (

@@ -126,7 +126,7 @@ def stop_store_watch(lab: Lab, i: int) -> None:
 
 def test_a_workers_store_watch_stopped_at_a_consul_error(lab: Lab) -> None:
     """The fault leaves bm-docker-04 unable to resolve a container started elsewhere after
-    it, for good (libnetwork waits for a discovery event that Consul 1.x does not send);
+    it, for good (libnetwork waits for a discovery event that Consul 1.8 does not send);
     `fab status` names it; one re-run without --allow-restart makes its watch start again
     with one discovery event, restarts nothing, and fresh containers ping by name."""
     stop_store_watch(lab, 4)

@@ -732,11 +732,12 @@ def test_five_servers_each_expect_five_and_retry_join_the_four_others() -> None:
 
 
 class FakeConsul:
-    """Consul's KV API as the store-watch step uses it: each write recorded."""
+    """Consul's KV API as the store-watch step uses it: each write recorded; the event
+    starts the stopped watches again where ``restarts`` says so."""
 
-    def __init__(self, written: list[tuple[str, ...]]) -> None:
+    def __init__(self, written: list[tuple[str, ...]], log: Log, restarts: bool) -> None:
         self.kv = self
-        self.written = written
+        self.written, self.log, self.restarts = written, log, restarts
 
     def put(self, key: str, value: str) -> bool:
         self.written.append(("put", key, value))
@@ -744,36 +745,42 @@ class FakeConsul:
 
     def delete(self, key: str) -> bool:
         self.written.append(("delete", key))
+        if self.restarts:
+            self.log.dead_watches.clear()
         return True
 
 
-@pytest.mark.parametrize("comes_back", [True, False])
+@pytest.mark.parametrize("case", ["started by the event", "still stopped", "started by discovery itself"])
 def test_a_stopped_store_watch_is_started_again_by_one_discovery_event_without_a_restart(
-    monkeypatch: pytest.MonkeyPatch, comes_back: bool
+    monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
-    """Fake hosts and Consul: the dry run says it, the run writes one empty key under
-    docker/nodes/ and removes it, restarts nothing, and reads the stacks again."""
+    """Fake hosts and Consul: the dry run says the check; the run reads the stacks again,
+    and only where the watch still stopped writes one empty key under docker/nodes/ and
+    removes it, restarts nothing, and reads the stacks again."""
     inv, nodes, log = cluster("bootstrapped")
     nodes[1].facts.dead_watches = 1
-    log.dead_watches["w1"] = 0 if comes_back else 1
+    log.dead_watches["w1"] = 0 if case == "started by discovery itself" else 1
     written: list[tuple[str, ...]] = []
 
     @contextlib.contextmanager
     def client(inv: Inventory, node: Any) -> Iterator[FakeConsul]:
-        yield FakeConsul(written)
+        yield FakeConsul(written, log, restarts=case == "started by the event")
 
     monkeypatch.setattr(watches, "consul_client", client)
     monkeypatch.setattr(watches, "WAIT", 0.1)
     _, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
     planned = [o for o in dry.outcomes if o["step"] == "watches"]
-    assert [(o["host"], o["status"]) for o in planned] == [("w1", "changed")]
-    assert "would 1 store watch(es) of dockerd stopped" in planned[0]["detail"] and written == []
+    assert [(o["host"], o["status"]) for o in planned] == [("w1", "ok")]
+    assert "1 store watch(es) of dockerd stopped" in planned[0]["detail"] and written == []
     code, report = go(inv, nodes, kv.BOOTSTRAP)
-    assert written == [("put", watches.NUDGE_KEY, ""), ("delete", watches.NUDGE_KEY)]
-    assert watches.NUDGE_KEY.startswith("docker/nodes/")
     assert "w1" not in report.extra["restarts"]  # type: ignore[operator]
     done = {o["host"]: (o["status"], o["detail"]) for o in report.outcomes if o["step"] == "watches"}
-    if comes_back:
+    if case == "started by discovery itself":
+        assert written == [] and done == {"w1": ("ok", "its store watch runs (started again by discovery)")}
+        return
+    assert written == [("put", watches.NUDGE_KEY, ""), ("delete", watches.NUDGE_KEY)]
+    assert watches.NUDGE_KEY.startswith("docker/nodes/")
+    if case == "started by the event":
         assert done == {"w1": ("changed", "its store watch started again (no restart)")}
     else:
         assert done["w1"][0] == "failed" and "still, after a discovery event" in done["w1"][1]

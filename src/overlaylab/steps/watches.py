@@ -5,7 +5,7 @@ Why: libnetwork learns the other hosts' containers on the overlay (their names, 
 embedded DNS) from a watch of the network's endpoints in Consul. At the first error
 Consul answers it (a server restarting: "EOF", then "No cluster leader") that watch
 stops, and waits for libnetwork's RestartWatch, which only a delivery of dockerd's
-discovery watch (docker/nodes/) calls. Consul 1.x leaves those keys unchanged on the
+discovery watch (docker/nodes/) calls. Consul 1.8 leaves those keys unchanged on the
 daemons' heartbeats (measured on the lab: their ModifyIndex stays put), so where the
 discovery watch itself did not fail, no delivery comes: the host pings every address
 but never resolves a container started after that moment (seen in CI: HA mode, the
@@ -17,11 +17,13 @@ connection to the agent cut while new ones were refused; the host's fresh names
 unresolvable for minutes; one such event, and they resolve.
 
 Which hosts need it is read from dockerd's own goroutine stacks (facts.dead_watches),
-before the run and again after its restarts (steps/stale.py reads the facts again)."""
+before the run and again after its restarts (steps/stale.py reads the facts again), and
+once more at this step: a watch that stopped while the store was away (Consul removed,
+restarted: discovery fails too) is started again by discovery once the store is back,
+so the plan is a check, and only a watch still stopped gets the event."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import consul as consul_api
@@ -53,42 +55,51 @@ class StoreWatches(Step):
         count = node.facts.dead_watches
         if not count:
             return None
-
-        def project(f: facts.HostFacts) -> None:
-            f.dead_watches = 0
-
         return Action(
             node.name,
-            True,
-            f"{stopped(count)}: a discovery event (an empty key written and removed under docker/nodes/) "
+            False,
+            f"{stopped(count)} (or while the store was away, and discovery then starts it again): read again, "
+            "and where it still is, one discovery event (an empty key written and removed under docker/nodes/) "
             "starts it again, without a restart",
-            project=project,
+            check=True,
         )
 
     def apply_all(self, ctx: Context, actions: list[Action]) -> None:
-        if not actions:
+        left = {a.host: count for a in actions if (count := read(ctx.nodes[a.host]))}
+        for action in actions:
+            if action.host not in left:
+                ctx.nodes[action.host].facts.dead_watches = 0
+                ctx.report.record(action.host, self.name, "ok", "its store watch runs (started again by discovery)")
+        if not left:
             return
         try:
             nudge(ctx)
         except (OverlaylabError, requests.RequestException, consul_api.ConsulException, OSError) as exc:
-            for action in actions:
-                fail(ctx, self.name, action.host, f"writing the discovery event to Consul failed: {exc}")
+            for host in left:
+                fail(ctx, self.name, host, f"writing the discovery event to Consul failed: {exc}")
             return
-        left = {a.host: ctx.nodes[a.host].facts.dead_watches for a in actions}
+        stuck = dict(left)
         deadline = time.monotonic() + WAIT
-        while left and time.monotonic() < deadline:
+        while stuck and time.monotonic() < deadline:
             time.sleep(1)
-            for host in list(left):
-                with contextlib.suppress(OverlaylabError, ValueError):
-                    left[host] = int(ctx.nodes[host].sh(facts.dead_watches_script()).strip() or 0)
-                if not left[host]:
+            for host in list(stuck):
+                stuck[host] = read(ctx.nodes[host])
+                if not stuck[host]:
                     ctx.nodes[host].facts.dead_watches = 0
-                    del left[host]
-        for action in actions:
-            if action.host in left:
-                fail(ctx, self.name, action.host, f"still, after a discovery event: {stopped(left[action.host])}")
+                    del stuck[host]
+        for host in left:
+            if host in stuck:
+                fail(ctx, self.name, host, f"still, after a discovery event: {stopped(stuck[host])}")
             else:
-                ctx.report.record(action.host, self.name, "changed", "its store watch started again (no restart)")
+                ctx.report.record(host, self.name, "changed", "its store watch started again (no restart)")
+
+
+def read(node: Node) -> int:
+    """The host's stopped store watches now (an unreadable answer counts as still stopped)."""
+    try:
+        return int(node.sh(facts.dead_watches_script()).strip() or 0)
+    except (OverlaylabError, ValueError):
+        return node.facts.dead_watches
 
 
 def nudge(ctx: Context) -> None:
