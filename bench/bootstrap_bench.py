@@ -1,4 +1,5 @@
 """Prints bootstrap-cluster figures on the lab, for 3, 6 and 12 hosts (OVERLAYLAB_BENCH_HOSTS): from clean; a
+blocked port refused, against a dry run; a
 re-run with nothing to change (in all, steps 1-7 and verify apart, remote commands
 per host); `fab verify` alone (fresh probes) against the same work by hand; and, as the floor, the tutorial's own commands scripted over plain ssh in
 an order that works, with no checks, as it is and tuned (the floor's commands with
@@ -180,6 +181,29 @@ def ha_rows(inventory: Path) -> None:
         )
 
 
+def refusal(count: int, inventory: Path) -> tuple[float, float]:
+    """A fresh lab whose last host drops VXLAN (udp/4789): the seconds a bootstrap takes to
+    refuse it (exit 2, the port probe naming the path), and a dry run's on the same lab, the
+    baseline (facts and plan, no probe). Was a test's threshold ("within 10 s"): a figure here."""
+    host = build_spec(NAME, "legacy", count, {}, addr_range=RANGE).hosts[-1]
+    rule = "INPUT -p udp --dport 4789 -j DROP"
+    ssh = [*ssh_command(), f"admin@{host.mgmt_ip}", "sudo", "iptables"]
+    subprocess.run([*ssh, "-I", *rule.split()], check=True)
+    try:
+        dry, _ = fab("bootstrap-cluster", "--dry-run", "--inventory", str(inventory))
+        start = time.monotonic()
+        proc = subprocess.run(
+            [FAB, "-r", str(ROOT), "bootstrap-cluster", "--inventory", str(inventory), "--json"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        took = time.monotonic() - start
+        if proc.returncode != 2 or "udp/4789 (VXLAN data) blocked" not in proc.stdout:
+            raise SystemExit(f"the blocked port was not refused (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    finally:
+        subprocess.run([*ssh, "-D", *rule.split()], check=True)
+    return took, dry
+
+
 def main() -> None:
     inventory = Path("/tmp/overlaylab-bench.yaml")
     if os.environ.get("OVERLAYLAB_BENCH_ONLY") == "ha":
@@ -193,12 +217,14 @@ def main() -> None:
     results = {}
     phases = {}
     counts = [int(n) for n in os.environ.get("OVERLAYLAB_BENCH_HOSTS", "3,6,12").split(",")]
+    refused = {}
     for count in counts:
         fresh_lab(count, inventory)
         bottom = floor(count)
         fresh_lab(count, inventory)
         tuned = floor(count, tuned=True)
         fresh_lab(count, inventory)
+        refused[count] = refusal(count, inventory)
         first, boot = fab("bootstrap-cluster", "--inventory", str(inventory))
         phases[count] = {**boot["step_seconds"], "port probe": boot.get("seconds_port_probe", 0)}
         noop, again = fab("bootstrap-cluster", "--inventory", str(inventory))
@@ -219,6 +245,9 @@ def main() -> None:
     print("a healthy preflight (SSH, facts and the checks from them; then the port probe between the hosts):")
     for count, steps in phases.items():
         print(f"{count:>5}  {steps['preflight']:.1f}s + port probe {steps['port probe']:.1f}s", flush=True)
+    print("a blocked udp/4789 refused by the port probe, against a dry run on the same lab:")
+    for count, (took, dry) in refused.items():
+        print(f"{count:>5}  refused in {took:.1f}s, dry run {dry:.1f}s: {took / dry:.2f}x", flush=True)
     print("bootstrap phases (seconds each step took, from the run's start to its last line):")
     for count, steps in phases.items():
         marks = sorted(((k, v) for k, v in steps.items() if k != "port probe"), key=lambda kv: kv[1])

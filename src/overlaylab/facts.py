@@ -342,8 +342,14 @@ DEAD_WATCH_AWK = (
 )
 
 
+STACKS_WAIT = 4.0  # seconds the facts wait for dockerd's stack dump (it came within 0.1-0.2 s on the lab)
+STACKS_WAIT_STEP = 10.0  # seconds the watches step waits, reading again a host whose dump did not come
+
+
 def dead_watches_script(
-    pid: str = "$(systemctl show -p MainPID --value docker.service)", stacks: str = STACKS_DIR
+    pid: str = "$(systemctl show -p MainPID --value docker.service)",
+    stacks: str = STACKS_DIR,
+    wait: float = STACKS_WAIT,
 ) -> str:
     """Counts a kv dockerd's store watches that stopped, from its own goroutine stacks
     (SIGUSR1 writes them to a file, read and removed here; dockerd logs one line).
@@ -353,16 +359,25 @@ def dead_watches_script(
     channel receive, for a discovery event to start it again (libnetwork datastore.Watch,
     RestartWatch); Consul 1.8 (measured) does not change dockerd's discovery keys on its heartbeats,
     so the event may never come, and the host never learns another container's name
-    (steps/watches.py). A daemon without a cluster store, or one that does not dump: 0."""
+    (steps/watches.py). A daemon without a cluster store: 0. One that gives no dump within
+    ``wait`` seconds: "unknown", never a count (parse_dead_watches)."""
     return (
-        f'pid={pid}; [ "$pid" -gt 0 ] 2>/dev/null && grep -qa -- --cluster-store= /proc/$pid/cmdline || exit 0; '
-        f"old=$(ls {stacks}/goroutine-stacks-*.log 2>/dev/null); kill -USR1 $pid || exit 0; f=''; "
-        f"for _ in $(seq 40); do sleep 0.1; n=$(ls -t {stacks}/goroutine-stacks-*.log 2>/dev/null | head -1); "
+        f'pid={pid}; [ "$pid" -gt 0 ] 2>/dev/null && grep -qa -- --cluster-store= /proc/$pid/cmdline || '
+        "{ echo 0; exit 0; }; "
+        f"old=$(ls {stacks}/goroutine-stacks-*.log 2>/dev/null); kill -USR1 $pid || {{ echo unknown; exit 0; }}; f=''; "
+        f"for _ in $(seq {round(wait * 10)}); do sleep 0.1; "
+        f"n=$(ls -t {stacks}/goroutine-stacks-*.log 2>/dev/null | head -1); "
         '[ -s "$n" ] && ! echo "$old" | grep -qxF "$n" && { f=$n; break; }; done; '
-        '[ -n "$f" ] || exit 0; sleep 0.1; '
+        '[ -n "$f" ] || { echo unknown; exit 0; }; sleep 0.1; '
         f'awk {shlex.quote(DEAD_WATCH_AWK)} "$f"; '
         'rm -f "$f"'
     )
+
+
+def parse_dead_watches(text: str) -> int | None:
+    """The count dead_watches_script printed; None for "unknown", an empty or a garbled answer."""
+    text = text.strip()
+    return int(text) if text.isdigit() else None
 
 
 def deaf_sandboxes_script(
@@ -527,7 +542,7 @@ class HostFacts:
     services: int = 0
     overlays: list[str] = field(default_factory=list)
     stray_threads: int = 0
-    dead_watches: int = 0  # dockerd's store watches that stopped (steps/watches.py)
+    dead_watches: int | None = 0  # dockerd's store watches that stopped (steps/watches.py); None: unknown
     held: dict[str, str] = field(default_factory=dict)  # a stopped run's held-back containers -> policy
     deaf_sandboxes: list[str] = field(default_factory=list)  # network IDs (10 chars): no miss watcher
     peers: dict[str, dict[str, str]] = field(default_factory=dict)  # network ID (10) -> peer IP -> VTEP sent to
@@ -657,8 +672,8 @@ def parse(output: str, advertise: str) -> HostFacts:
     facts.overlays = sec.get("overlays", "").split()
     stray = sec.get("stray_threads", "0").strip()
     facts.stray_threads = int(stray) if stray.isdigit() else 0
-    dead = sec.get("dead_watches", "0").strip()
-    facts.dead_watches = int(dead) if dead.isdigit() else 0
+    if "dead_watches" in sec:  # not asked (a task that reads a few sections): 0, as the default
+        facts.dead_watches = parse_dead_watches(sec["dead_watches"])
     facts.attached = parse_attached(sec.get("attached", ""))
     facts.held = dict(line.split(None, 1) for line in sec.get("held", "").splitlines() if len(line.split()) == 2)
     facts.deaf_sandboxes = sorted({n.partition("-")[2] for n in sec.get("deaf_sandboxes", "").split() if "-" in n})

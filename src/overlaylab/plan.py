@@ -64,6 +64,19 @@ class Action:
     reads_back: bool = False  # apply reads back what it changed into the facts: no re-read of the host after it
 
 
+@dataclass(frozen=True)
+class Maybe:
+    """What a step may change on a host that no fact can foretell, and on what condition.
+
+    Some events happen only during the run itself: a store watch that stops while Consul is
+    away, a peer address that a restart of the run's own leaves stale. A dry run cannot
+    know them, so it says them as conditional ("may change", "may restart"), each with its
+    condition: what the run then does is the certain plan, plus some of these."""
+
+    condition: str  # "if ...": when the step changes the host after all, and what it does then
+    restart: bool = False  # the change restarts dockerd
+
+
 @dataclass
 class Context:
     """One pass over a backend: what the steps read, and what the pass has done so far."""
@@ -76,11 +89,13 @@ class Context:
     report: RunReport
     dry: bool
     restarts: dict[str, str] = field(default_factory=dict)  # host -> why its dockerd restarts
+    may_restart: dict[str, str] = field(default_factory=dict)  # a dry run's host -> on what condition it may restart
     diffs: dict[str, str] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
     stale: set[str] = field(default_factory=set)  # hosts changed since their facts were read
     refusals: dict[str, str] = field(default_factory=dict)
     stores_made: set[str] = field(default_factory=set)  # HA: hosts whose running dockerd got its own agent made again
+    consul_made: set[str] = field(default_factory=set)  # hosts whose Consul this pass (re)makes: the store goes away
     anchor_ips: dict[str, str] = field(default_factory=dict)  # host -> its anchor's address before a restart of ours
     halt: bool = True
     ca: Any = None  # certs.Keeper when the inventory turns TLS on: the CA, made only when a real run needs it
@@ -93,6 +108,12 @@ class Context:
     def joining(self) -> bool:
         """join-node: one worker joins a cluster that must already be there."""
         return set(self.targets) != set(self.topo.hosts)
+
+    @property
+    def store_interrupted(self) -> bool:
+        """This pass takes the store away for a while (a Consul made again, a dockerd restarted,
+        which in the tutorial's layout stops the manager's Consul too), or may (a dry run)."""
+        return bool(self.restarts or self.consul_made or self.may_restart)
 
     def live(self, names: Sequence[str]) -> list[str]:
         """Hosts still in the run: with ``halt``, a host that failed takes no further step."""
@@ -114,6 +135,11 @@ class Step:
     def apply(self, ctx: Context, node: Node, action: Action) -> str:
         """Carry out one changing (or checking) action; returns what was done. Raises on failure."""
         raise NotImplementedError
+
+    def may(self, ctx: Context, node: Node) -> Maybe | None:
+        """For a dry run only: what this step may change on the host beyond its plan, and when
+        (None: nothing beyond it). The run's changes are the plan's, plus some of these."""
+        return None
 
     def settle(self, ctx: Context, node: Node, action: Action) -> None:
         """After the manager's action under MANAGER_FIRST, before any worker's (Consul's leader again)."""
@@ -223,6 +249,13 @@ def _record_planned(ctx: Context, step: Step, action: Action) -> None:
         action.project(ctx.nodes[action.host].facts)
 
 
+def _record_maybe(ctx: Context, step: Step, host: str, maybe: Maybe) -> None:
+    what = "may restart dockerd" if maybe.restart else "may change"
+    ctx.report.record(host, step.name, "may change", f"{what}, {maybe.condition}")
+    if maybe.restart:
+        ctx.may_restart[host] = maybe.condition
+
+
 def _refresh(ctx: Context) -> None:
     """Facts read again where this run changed a host: a later step plans from what is, not what was."""
     stale = [ctx.nodes[n] for n in ctx.live(sorted(ctx.stale))]
@@ -240,10 +273,16 @@ def execute(steps: Sequence[Step], ctx: Context) -> bool:
     for i, step in enumerate(steps):
         if not ctx.dry and i:
             _refresh(ctx)
-        actions = [a for a in (step.plan(ctx, ctx.nodes[n]) for n in step.hosts(ctx)) if a is not None]
+        planned = [(n, step.plan(ctx, ctx.nodes[n])) for n in step.hosts(ctx)]
+        actions = [a for _, a in planned if a is not None]
         if ctx.dry:
-            for action in actions:
-                _record_planned(ctx, step, action)
+            for name, action in planned:
+                certain = action is not None and (action.change or action.refusal)
+                maybe = None if certain else step.may(ctx, ctx.nodes[name])
+                if maybe is not None:
+                    _record_maybe(ctx, step, name, maybe)
+                elif action is not None:
+                    _record_planned(ctx, step, action)
             continue
         for action in [a for a in actions if a.refusal]:  # facts changed since the dry pass
             fail(ctx, step.name, action.host, action.refusal or "")
@@ -261,18 +300,10 @@ def shadow(nodes: dict[str, Node]) -> dict[str, Node]:
 def preview(steps: Sequence[Step], ctx: Context) -> Context:
     """The dry pass of a real run: recorded into a report of its own, printed only if it refuses."""
     quiet = RunReport(ctx.report.task, ctx.report.hosts, ctx.report.json_mode, stream=io.StringIO())
-    dry = dataclasses.replace(
-        ctx,
-        nodes=shadow(ctx.nodes),
-        report=quiet,
-        dry=True,
-        restarts={},
-        diffs={},
-        failed=set(),
-        stale=set(),
-        refusals={},
-        anchor_ips={},
-    )
+    # every record of what a pass did starts empty: nothing the dry pass notes reaches the run's
+    fields = dataclasses.fields(ctx)
+    fresh = {f.name: f.default_factory() for f in fields if f.default_factory is not dataclasses.MISSING}
+    dry = dataclasses.replace(ctx, nodes=shadow(ctx.nodes), report=quiet, dry=True, **fresh)
     execute(steps, dry)
     return dry
 

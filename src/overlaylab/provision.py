@@ -40,6 +40,8 @@ def _bootstrap(
     if only is not None and only == inv.manager.name:
         raise InputError(f"join-node: {only} is the manager; use bootstrap-cluster")
     report.extra.update(dry_run=opts.dry_run, restarts={}, diffs={})  # also when preflight refuses
+    if opts.dry_run:
+        report.extra["may_restart"] = {}
     mode = mode_step(inv, nodes, report)
     preflight_step(inv, nodes, report, mode)
     targets = [only] if only else [h.name for h in inv.hosts]
@@ -182,7 +184,9 @@ def repairs(node: Node, manager: Node, registered: bool | None, nodes: list[Node
             found.append("dockerd's overlay restore failed at its start (a power cut)")
         if f.stray_threads:
             found.append(f"{f.stray_threads} dockerd thread(s) in a deleted network namespace")
-        if f.dead_watches:
+        if f.dead_watches is None:
+            found.append("its store watches are unknown: dockerd wrote no goroutine stack dump in time")
+        elif f.dead_watches:
             found.append(f"{f.dead_watches} store watch(es) of dockerd stopped (new names elsewhere unresolvable)")
         if manager.facts.network is not None and not anchor.present(node):
             found.append("its anchor is not running")

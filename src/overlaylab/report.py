@@ -43,7 +43,7 @@ def columns(rows: Sequence[Sequence[str]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
-STATUSES = ("changed", "ok", "failed", "skipped")
+STATUSES = ("changed", "ok", "failed", "skipped", "may change")  # "may change": a dry run's conditional (plan.Maybe)
 
 
 class RunReport:
@@ -67,7 +67,7 @@ class RunReport:
 
     def record(self, host: str, step: str, status: str, detail: str = "") -> None:
         assert status in STATUSES, status
-        mark = {"changed": "~", "ok": "✓", "failed": "✗", "skipped": "-"}[status]
+        mark = {"changed": "~", "ok": "✓", "failed": "✗", "skipped": "-", "may change": "?"}[status]
         with self._lock:
             self.outcomes.append({"host": host, "step": step, "status": status, "detail": detail})
             elapsed = time.monotonic() - self.started
@@ -85,6 +85,10 @@ class RunReport:
         return sum(1 for o in self.outcomes if o["status"] == "changed")
 
     @property
+    def conditional(self) -> int:
+        return sum(1 for o in self.outcomes if o["status"] == "may change")
+
+    @property
     def failed(self) -> bool:
         return any(o["status"] == "failed" for o in self.outcomes)
 
@@ -99,7 +103,8 @@ class RunReport:
             verdict = ("dry run, nothing changed" if self.extra.get("dry_run") else "nothing changed") + (
                 ", refused" if self.failed else ""
             )
-            lines.append(f"{self.task}: {verdict} ({self.changes} changes planned)")
+            maybe = f"; {self.conditional} may change, on a condition said" if self.conditional else ""
+            lines.append(f"{self.task}: {verdict} ({self.changes} changes planned{maybe})")
         else:
             lines.append(f"{self.task}: {verdict} ({self.changes} changes)")
         return "\n".join(lines)

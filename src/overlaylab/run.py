@@ -22,7 +22,7 @@ from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode
 from overlaylab.plan import Context, Step, execute, preview, replay
 from overlaylab.report import RunReport
-from overlaylab.steps import anchor, consul, preflight, verify
+from overlaylab.steps import anchor, consul, ports, preflight, verify
 from overlaylab.topology import Topology
 
 Pipeline = Callable[..., int]
@@ -154,7 +154,7 @@ def run_steps(
     steps: Sequence[Step],
     targets: Sequence[str],
     teardown: bool = False,
-    probe: Callable[[], dict[str, list[str]]] | None = None,
+    probe: Callable[[], ports.Probed] | None = None,
     ca: certs.Keeper | None = None,
 ) -> int:
     """A backend's steps, dry or for real. The real run is planned whole first (a silent dry
@@ -166,8 +166,12 @@ def run_steps(
     planned = preview(steps, ctx)
     if probe is not None and planned.report.changes and not planned.refusals:
         probing = time.monotonic()
-        blocked = probe()  # only where something will change: a no-op re-run stays two commands a host
+        probed = probe()  # only where something will change: a no-op re-run stays two commands a host
         report.extra["seconds_port_probe"] = round(time.monotonic() - probing, 2)
+        report.extra["ports_not_probed"] = probed.unprobed
+        for line in (line for found in probed.unprobed.values() for line in found):
+            report.note(f"preflight: {line}")
+        blocked = probed.blocked
         for host, found in blocked.items():
             report.record(host, "preflight", "failed", "; ".join(found))
         if blocked:
@@ -175,6 +179,8 @@ def run_steps(
     if opts.dry_run or planned.refusals:
         replay(planned, report)
         report.extra.update(dry_run=opts.dry_run, restarts={} if planned.refusals else planned.restarts)
+        if opts.dry_run:  # what may restart besides, each on its condition (plan.Maybe)
+            report.extra["may_restart"] = {} if planned.refusals else planned.may_restart
         report.extra["diffs"] = planned.diffs
         if planned.refusals and not opts.dry_run:
             report.extra["refused"] = True

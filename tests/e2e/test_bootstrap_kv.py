@@ -35,7 +35,7 @@ from tests.e2e.clusterlab import (
     run_smoke,
     statuses,
 )
-from tests.e2e.healing import dockerd_pids, on, start_users_app, users_pings, users_running
+from tests.e2e.healing import PEERS_REASON, dockerd_pids, on, read_peers, start_users_app, users_pings, users_running
 from tests.e2e.labtools import outer, sh
 from tests.e2e.tlscheck import consul_answers, docker_env, docker_info, refusals, tls_inventory
 
@@ -129,8 +129,9 @@ def test_unknown_and_changed_host_keys_are_refused(lab: Lab) -> None:
 
 def refused_by_preflight(lab: Lab, fault: dict[int, str], undo: dict[int, str]) -> dict[str, str]:
     """The fault made for real on the hosts, one bootstrap run, the fault undone. The run must
-    exit 2 within 10 s and change nothing: dockerd PIDs, drop-ins, containers, networks,
-    volumes, and no listener of the probe left. Returns each host's preflight detail."""
+    exit 2 and change nothing: dockerd PIDs, drop-ins, containers, networks, volumes, and no
+    listener of the probe left. Returns each host's preflight detail. (How fast it refuses
+    is a figure of `make bench`, not a condition here.)"""
     hosts = [1, 2, 3]
     for i, command in fault.items():
         conn = lab.conn(i)
@@ -142,9 +143,9 @@ def refused_by_preflight(lab: Lab, fault: dict[int, str], undo: dict[int, str]) 
         code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", hosts)))
         took = time.monotonic() - start
         assert code == 2 and doc["changes"] == 0, err
-        assert took < 10, f"refused after {took:.1f}s"
+        assert not doc.get("ports_not_probed"), doc["ports_not_probed"]  # where the probe ran, every port probed
         assert host_state(lab, hosts, full=True) == before
-        print(f"refused in {took:.1f}s")
+        print(f"refused in {took:.1f}s")  # a figure; `make bench` times the refusal against its floor
         return {h: s["preflight"]["detail"] for h, s in doc["hosts"].items() if "preflight" in s}
     finally:
         for i, command in undo.items():
@@ -449,18 +450,27 @@ def test_docker_info_over_tls_with_docker_env_and_refused_without_the_cas_client
     assert failures == {} and passed == 4 + 4 + 1, failures
     # The test before removed the users' containers after its run restarted every dockerd: a
     # host restarted after one of them started learned its address by a lookup, an entry no
-    # leave removes (overlaylab/peers.py). verify names such a host, and a re-run restarts it,
-    # for that reason alone; then a re-run changes nothing.
+    # leave removes (overlaylab/peers.py). The test reads them itself: a re-run restarts
+    # exactly those hosts, for that reason alone; then a re-run changes nothing.
+    stale = {line.split()[0] for line in read_peers(lab, [1, 2, 3, 4]).stale()}
     code, doc, err = fab("bootstrap-cluster", "--allow-restart", "--inventory", str(inventory))
     assert code == 0, err
-    assert all(why.startswith("its overlay still sends") for why in doc["restarts"].values()), doc["restarts"]
+    assert set(doc["restarts"]) == stale, (stale, doc["restarts"])
+    assert all(why.startswith(PEERS_REASON) for why in doc["restarts"].values()), doc["restarts"]
+    print(f"hosts with stale peers, read by the test, restarted by the re-run: {sorted(stale)}")
     before = host_state(lab, [1, 2, 3, 4])
     code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory))
     assert code == 0 and doc["changes"] == 0, err
     assert host_state(lab, [1, 2, 3, 4]) == before
     code, doc, err = fab("status", "--inventory", str(inventory))
     assert code == 0, err
-    assert all(row["tls_expires"] > "2026" for row in doc["status"]), doc["status"]
+    # each host's certificate's last day, read as a date: past the renewal window, within its life
+    today = dt.datetime.now(dt.timezone.utc).date()
+    expires = {row["host"]: dt.date.fromisoformat(row["tls_expires"]) for row in doc["status"]}
+    assert sorted(expires) == [f"bm-docker-0{i}" for i in (1, 2, 3, 4)], doc["status"]
+    assert all(
+        today + certs.RENEW_WITHIN < day <= today + dt.timedelta(days=certs.CERT_DAYS) for day in expires.values()
+    ), expires
 
 
 def test_a_certificate_due_for_renewal_is_renewed_restarting_that_workers_dockerd_alone(lab: Lab) -> None:

@@ -7,14 +7,17 @@ restarted three times in a row; the manager rebooted, soft and hard; a restart o
 run's own that moves a user's container to another address; the manager's
 cluster address moved (refused) and back; a worker's power cut in the middle of a
 bootstrap. A worker's moved address is not healed without restarting its peers, and is
-not asserted here: see the note on issue 9.
+not asserted here: see the note on issue 9. Last, the smoke suite on the cluster broken on
+purpose (it names the broken hosts).
 
 A user container with `--restart always` runs on the overlay on every host; the re-run
 is given `--allow-restart` (the manager's restarts: without it, see heal()). After it
 the test proves, with containers of its own and plain `docker exec ... ping`, that every
-ordered pair of hosts pings by IP and by name; that every dockerd whose PID changed was
-reported restarted (only the faulted host's, for a worker's fault); and that the user
-containers run again. One lab serves the module; the faults run in order."""
+ordered pair of hosts pings by IP and by name; that the restarts are exactly those the
+fault calls for, a race of dockerd's the test names, or a stale peer the test itself read
+(healing.heal()); that every dockerd whose PID changed was reported restarted; and that
+the user containers run again. After a dockerd restart `fab verify` is held to the truth
+(healing.verify_after_a_restart()). One lab serves the module; the faults run in order."""
 
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ import pytest
 
 from overlaylab.facts import DROPIN
 from overlaylab.lab import lifecycle
+from tests import dry_run_rule
 from tests.e2e import healing
-from tests.e2e.clusterlab import FAB, ROOT, Lab, fab, module_lab
+from tests.e2e.clusterlab import FAB, ROOT, Lab, fab, module_lab, run_smoke
 from tests.e2e.healing import USER_APP, name, on
 from tests.e2e.labtools import sh
 
@@ -64,10 +68,10 @@ def pings(lab: Lab, hosts: list[int] = HOSTS) -> list[str]:
 
 
 def heal(
-    lab: Lab, faulted: set[str] | None, inventory: Path | None = None, allow_restart: bool = True
+    lab: Lab, must: set[str], may: set[str] | None = None, inventory: Path | None = None, allow_restart: bool = True
 ) -> dict[str, Any]:
-    """healing.heal() on this module's three hosts and inventory."""
-    return healing.heal(lab, HOSTS, inventory or lab.inventory("abc", HOSTS), faulted, allow_restart)
+    """healing.heal() on this module's three hosts and inventory: ``must`` restart, ``may`` too."""
+    return healing.heal(lab, HOSTS, inventory or lab.inventory("abc", HOSTS), must, may, allow_restart)
 
 
 def test_the_cluster_with_user_containers_pings_before_any_fault(lab: Lab) -> None:
@@ -95,14 +99,16 @@ def test_a_workers_dockerd_restarted_then_a_restart_that_moves_a_users_address(l
     try:
         before = on(lab, 3, q)
         healing.restart_dockerd(lab, 2)
-        heal(lab, {name(2)})
+        healing.verify_after_a_restart(lab, HOSTS, lab.inventory("abc", HOSTS), 2)
+        heal(lab, set(), may={name(2)})  # if the users' container came back before gossip (README)
         assert on(lab, 2, healing.ping_command(f"{USER_APP}2", [(f"{USER_APP}2 -> mover3", before)], 20)) == ""
         on(lab, 1, "docker rm -f hole1 >/dev/null")  # a free address below mover3's
         on(lab, 3, f"echo '# edited by hand' >> {DROPIN}")
         doc = heal(lab, {name(3)})
         assert on(lab, 3, q) != before, "the test's premise: the container came back at another address"
         assert doc["hosts"][name(2)]["peers"]["status"] == "changed", doc["hosts"][name(2)]
-        assert doc["restarts"][name(2)].startswith("its overlay still sends"), doc["restarts"]
+        assert set(doc["restarts"]) == {name(2), name(3)}, doc["restarts"]
+        assert (before, name(3)) in healing.mended_entries(doc["restarts"][name(2)]), doc["restarts"]
     finally:
         on(lab, 1, "docker rm -f hole1 >/dev/null 2>&1; true")
         on(lab, 3, "docker rm -f mover3 >/dev/null")
@@ -122,9 +128,12 @@ def test_a_worker_host_rebooted(lab: Lab, hard: bool) -> None:
     # high in the subnet: the re-run's restarts give the first free addresses, which it is not
     ip = on(lab, 3, f"docker inspect -f '{healing.IP_FORMAT}' {USER_APP}3").rpartition(".")[0] + ".200"
     on(lab, 3, f'docker run -d --name gone3 --ip {ip} --network ov_net1 busybox sh -c "{healing.LOOP}" >/dev/null')
-    lifecycle.reboot(NAME, name(3), hard=hard)
-    heal(lab, {name(3)})
-    on(lab, 3, "docker rm -f gone3 >/dev/null")
+    try:
+        lifecycle.reboot(NAME, name(3), hard=hard)
+        # soft: as a dockerd restart (may); hard: its overlay restore fails, it must restart
+        heal(lab, {name(3)} if hard else set(), may={name(3)})
+    finally:
+        on(lab, 3, "docker rm -f gone3 >/dev/null")
     try:
         on(lab, 1, f'docker run -d --name got1 --ip {ip} --network ov_net1 busybox sh -c "{healing.LOOP}" >/dev/null')
         targets = [(f"{USER_APP}2 -> got1", ip), (f"{USER_APP}2 -> got1", "got1")]
@@ -133,7 +142,7 @@ def test_a_worker_host_rebooted(lab: Lab, hard: bool) -> None:
         on(lab, 1, "docker rm -f got1 >/dev/null 2>&1; true")
 
 
-def changes(doc: dict[str, Any]) -> set[tuple[str, str]]:
+def certain(doc: dict[str, Any]) -> set[tuple[str, str]]:
     return {(h, step) for h, steps in doc["hosts"].items() for step, o in steps.items() if o["status"] == "changed"}
 
 
@@ -153,7 +162,8 @@ def test_the_consul_container_removed(lab: Lab) -> None:
     conn.close()
     planned = dry_run(lab)
     doc = heal(lab, set())
-    assert changes(planned) == changes(doc) == {(name(1), "consul")}
+    dry_run_rule.check(planned, doc)
+    assert certain(planned) == {(name(1), "consul")}
 
 
 def test_consuls_data_lost(lab: Lab) -> None:
@@ -172,8 +182,8 @@ def test_consuls_data_lost(lab: Lab) -> None:
     sh(conn, "docker rm -f overlaylab-consul >/dev/null && docker volume rm overlaylab-consul-data >/dev/null")
     conn.close()
     planned = dry_run(lab)
-    doc = heal(lab, None)
-    assert changes(planned) == changes(doc)
+    doc = heal(lab, set(map(name, HOSTS)))
+    dry_run_rule.check(planned, doc)
     assert set(doc["restarts"]) == set(map(name, HOSTS))
     conn = lab.conn(1)
     new, subnet = sh(conn, "docker network inspect -f '{{.Id}} {{(index .IPAM.Config 0).Subnet}}' ov_net1").split()
@@ -192,18 +202,27 @@ def test_consuls_data_lost(lab: Lab) -> None:
 
 
 def test_the_managers_dockerd_restarted_three_times_in_a_row(lab: Lab) -> None:
-    """As a user would: the fault, `fab verify` (its result is measured, not asserted), then
-    the re-run, without --allow-restart (it refuses, or heals without a restart)."""
+    """As a user would: the fault, `fab verify` (held to the truth: it names the manager
+    whose users' container came back before gossip, or passes and the users' containers
+    ping), then the re-run, without --allow-restart (it refuses, naming the manager, or
+    heals without a restart; then with it the manager alone restarts)."""
     for _ in range(3):
         healing.restart_dockerd(lab, 1)
-        fab("verify", "--inventory", str(lab.inventory("abc", HOSTS)))
-        heal(lab, None, allow_restart=False)
+        healing.verify_after_a_restart(lab, HOSTS, lab.inventory("abc", HOSTS), 1)
+        heal(lab, set(), may={name(1)}, allow_restart=False)
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 def test_the_manager_host_rebooted(lab: Lab, hard: bool) -> None:
+    """The README's row: its anchor is made again; the manager's dockerd restarts only where
+    the users' container came back before its gossip (the race of its restart, as when its
+    dockerd alone restarts: seen both ways after a power cut), and no other host's restarts
+    but for stale peers the test itself read (heal()). After a power cut the manager's
+    dockerd drops its stale records itself: its store, Consul, is a container it has not
+    started yet, so its overlay restore does not fail as a worker's does."""
     lifecycle.reboot(NAME, name(1), hard=hard)
-    heal(lab, None)
+    doc = heal(lab, set(), may={name(1)})
+    assert doc["hosts"][name(1)]["anchor"]["status"] == "changed", doc["hosts"][name(1)]
 
 
 def move_address(lab: Lab, i: int, new: str) -> str:
@@ -231,7 +250,7 @@ def test_a_moved_manager_address_is_refused(lab: Lab) -> None:
     refusal = doc["hosts"][name(1)]["preflight"]["detail"]
     assert f"the manager's cluster address changed from {old} to 10.217.1.111 (eth1)" in refusal
     assert dockerd_pids(lab) == before
-    doc = heal(lab, {name(1)})
+    doc = heal(lab, set(), may={name(1)})  # "at most the manager's dockerd restarts"
     print(f"after the manager's address came back: restarts {doc['restarts']}")
 
 
@@ -276,4 +295,31 @@ def test_a_worker_dies_during_a_bootstrap(lab: Lab) -> None:
     assert pings(lab, hosts=[1, 2]) == []
 
     lifecycle.up(NAME, engine_opt=ENGINES, addr_range=RANGE)
-    heal(lab, {name(3)}, inventory)
+    heal(lab, {name(3)}, inventory=inventory)
+
+
+def test_the_smoke_suite_fails_where_the_cluster_is_broken_and_names_the_host(lab: Lab) -> None:
+    """Last in the module (a broken node of the legacy overlay may not heal by itself, so no
+    test may come after it on this lab): on the cluster the faults above left healed, the
+    packaged smoke suite must fail where it is broken, for real, and name the host:
+    bm-docker-02 with our drop-in removed and docker restarted, bm-docker-03 with docker
+    stopped; bm-docker-01's own checks pass."""
+    inventory = lab.inventory("ttl25", HOSTS, dockerd={"discovery_ttl": 25})  # what the last run left
+    on(lab, 2, f"rm -f {DROPIN} && systemctl daemon-reload && systemctl restart docker")
+    on(lab, 3, "systemctl stop docker.socket docker.service")
+    passed, failures, _ = run_smoke(inventory, lab.dir / "smoke-broken.xml")
+    assert passed > 0
+    expected = {
+        "test_dockerd_runs[bm-docker-03]": "bm-docker-03: docker.service is inactive",
+        "test_dockerd_runs_with_our_cluster_flags[bm-docker-02]": "bm-docker-02: dockerd runs",
+        "test_drop_in_on_disk_is_what_the_templates_render[bm-docker-02]": f"bm-docker-02: {DROPIN} is missing",
+        "test_containers_ping_by_ip[bm-docker-01->bm-docker-03]": "bm-docker-03: no probe container",
+        "test_engine_version_has_the_cluster_store[bm-docker-03]": "bm-docker-03: dockerd does not answer",
+    }
+    for test, message in expected.items():
+        assert test in failures, f"{test} did not fail; failures: {sorted(failures)}"
+        assert message in failures[test], f"{test}: {failures[test]!r}"
+    # every failure is about one of the two broken hosts, and the healthy host's own checks pass
+    for test, message in failures.items():
+        assert "bm-docker-02" in test + message or "bm-docker-03" in test + message, (test, message)
+    assert not any(t.endswith("[bm-docker-01]") for t in failures)

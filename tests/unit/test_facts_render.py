@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +301,45 @@ def test_a_store_watch_waiting_to_be_started_again_counts_as_stopped(tmp_path: P
     assert out.stdout.strip() == str(count)
     parsed = facts.parse(f"{facts.MARK}dead_watches\n{out.stdout}{facts.MARK}end\n", "eth1")
     assert parsed.dead_watches == count
+
+
+@pytest.mark.parametrize(
+    ("section", "count"),
+    [("0\n", 0), ("2\n", 2), ("unknown\n", None), ("\n", None), ("goroutine 1\n", None), (None, 0)],
+    ids=["none stopped", "two stopped", "no dump in time", "empty", "garbled", "not asked"],
+)
+def test_a_stack_dump_that_did_not_come_is_unknown_not_none_stopped(section: str | None, count: int | None) -> None:
+    """The facts' dead_watches section: a count, or unknown (None) when dockerd gave no stack
+    dump in time or the answer is empty or not a number; 0 only when the section was not
+    asked (a task that reads a few sections)."""
+    text = "" if section is None else f"{facts.MARK}dead_watches\n{section}"
+    parsed = facts.parse(f"{facts.MARK}hostname\nh\n{text}{facts.MARK}end\n", "eth1")
+    assert parsed.dead_watches == count
+
+
+def dead_watches_of(tmp_path: Path, body: str, *args: str) -> str:
+    """dead_watches_script run for real (bash) against a process of the test's own in the
+    role of dockerd: ``body`` is its bash, ``args`` its command line."""
+    proc = subprocess.Popen(["bash", "-c", body, *args], cwd=tmp_path)
+    try:
+        time.sleep(0.2)  # its trap is set
+        script = facts.dead_watches_script(pid=str(proc.pid), stacks=str(tmp_path), wait=0.5)
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=10).stdout.strip()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_stack_dump_script_counts_a_dump_says_unknown_without_one_and_0_without_a_store(tmp_path: Path) -> None:
+    """Real processes and signals: one that writes a stack dump on SIGUSR1 (recorded stacks,
+    one watch stopped), one that ignores SIGUSR1 (no dump: "unknown", not 0), and one
+    without --cluster-store= on its command line (0, nothing to read); the dump is removed."""
+    (tmp_path / "stacks.txt").write_text(STACKS.replace("{state}", "chan receive"))
+    dumps = "trap 'cp stacks.txt goroutine-stacks-2026.log' USR1; while :; do sleep 0.1; done"
+    assert dead_watches_of(tmp_path, dumps, "dockerd", "--cluster-store=consul://x") == "1"
+    assert not list(tmp_path.glob("goroutine-stacks-*"))
+    assert (
+        dead_watches_of(tmp_path, "trap '' USR1; while :; do sleep 0.1; done", "dockerd", "--cluster-store=consul://x")
+        == "unknown"
+    )
+    assert dead_watches_of(tmp_path, dumps, "dockerd") == "0"

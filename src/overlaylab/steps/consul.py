@@ -181,7 +181,7 @@ def moved(manager: Node) -> str | None:
         return None
     return (
         f"the manager's cluster address changed from {was} to {now} ({manager.host.advertise}): Consul and "
-        f"every worker's cluster store use {was}. Put {was} back, or run teardown-cluster and "
+        f"every worker's cluster store use {was}. Put {was} back, or run teardown and "
         "bootstrap-cluster again"
     )
 
@@ -387,7 +387,7 @@ class Consul(Step):
             if node.facts.containers.get(ctx.inv.consul_name) == "consul":
                 why = (
                     "a Consul agent of HA mode runs here, and consul.servers is 1: going back to one server "
-                    "is not done by a re-run; run teardown-cluster, then bootstrap-cluster (README: HA Consul)"
+                    "is not done by a re-run; run teardown, then bootstrap-cluster (README: HA Consul)"
                 )
                 return Action(node.name, False, why, refusal=why)
             return None
@@ -421,6 +421,8 @@ class Consul(Step):
             facts.containers[ctx.inv.consul_name] = "consul"
             if key_missing:
                 facts.gossip_key = "(written)"
+            if how != "ok":  # the store goes away for a while (steps/watches.py)
+                ctx.consul_made.add(node.name)
             if ctx.topo.ha and how != "ok" and facts.cluster_store:  # its dockerd ran without its store
                 ctx.stores_made.add(node.name)
             if fresh and role == "server" and node.host.is_manager:  # an empty store: it answers, no network

@@ -16,6 +16,11 @@ its own too, and is left alone: a listener of ours there would take that port fr
 (seen: dockerd's gossip bound udp/7946 between the facts and the probe, and our datagrams
 went to it), or, bound first, make its bind fail.
 
+Each listener reports its own bind: a port whose listener did not bind (BIND_WAIT) is not
+probed, and said so with why, never counted as passed. The listeners are read only after
+every sender finished, with a grace (GRACE) for each expected datagram to be written by
+the process that socket activation starts for it: a late datagram is not a blocked path.
+
 Three remote commands per host; every listener also ends by itself after LIFETIME s,
 and each is in a process group of its own, removed whole, so none outlives the check.
 """
@@ -25,7 +30,7 @@ from __future__ import annotations
 import secrets
 import shlex
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from overlaylab.cluster import Node, parallel
 from overlaylab.facts import CONSUL_GOSSIP
@@ -87,8 +92,14 @@ def claimed(inv: Inventory, node: Node, port: Port) -> bool:
     return (port.proto, port.number) in consul and f.consul is not None
 
 
+BIND_WAIT = 5.0  # seconds the listeners may take to bind (~0.1 s on the lab; more on a loaded host)
+GRACE = 3.0  # seconds after the last send for a datagram to be read and written by its listener
+
+
 def listen_command(node: Node, ports: list[Port]) -> str:
-    """Starts a listener per free port and prints `L proto port` for each one bound."""
+    """Starts a listener per free port; each reports its own bind. Prints `L proto port` for
+    each one bound on the host's cluster address by our listener, and `N proto port why` for
+    one that is not, once all are bound or BIND_WAIT has passed."""
     ip = node.advertise_ip
     lines = [f"mkdir -p {DIR}"]
     for p in ports:
@@ -96,19 +107,25 @@ def listen_command(node: Node, ports: list[Port]) -> str:
         keep = shlex.quote(f"exec timeout --foreground {LIFETIME} cat >> {p.file}")
         lines.append(
             f"setsid timeout {LIFETIME} systemd-socket-activate {mode} -l {ip}:{p.number} --inetd sh -c {keep} "
-            f"</dev/null >/dev/null 2>&1 & echo $! >> {DIR}/pids"
+            f"</dev/null >/dev/null 2>{p.file}.err & echo $! >> {DIR}/pids"
         )
-    checks = " ".join(f"{p.proto}:{p.number}" for p in ports)
-    lines.append(
-        f"for i in 1 2 3 4 5 6 7 8 9 10; do n=0; for pp in {checks}; do "
-        'ss -Hln$(echo ${pp%:*} | cut -c1) "sport = :${pp#*:}" | grep -q . && n=$((n+1)); done; '
-        f"[ $n -ge {len(ports)} ] && break; sleep 0.1; done"
-    )
-    lines += [
-        f'ss -Hlnp{p.proto[0]} "sport = :{p.number}" | grep "{ip}:{p.number}" | grep -q systemd-socket '
-        f'&& echo "L {p.proto} {p.number}"'  # ours, not a daemon's that bound it meanwhile
+    bound = {
+        p: f'ss -Hlnp{p.proto[0]} "sport = :{p.number}" | grep -F "{ip}:{p.number}" | grep -q systemd-socket'
         for p in ports
-    ]
+    }  # ours, not a daemon's that bound it meanwhile
+    lines.append(
+        f"end=$(( $(date +%s%N) / 1000000 + {round(BIND_WAIT * 1000)} )); "
+        f"until {{ {' && '.join(bound.values())}; }}; do "
+        "[ $(( $(date +%s%N) / 1000000 )) -ge $end ] && break; sleep 0.05; done"
+    )
+    for p, test in bound.items():
+        holder = f'ss -Hlnp{p.proto[0]} "sport = :{p.number}" | grep -o "users:.*" | head -1'
+        why = (
+            f'w=$(tail -c 300 {p.file}.err | tr "\n" " "); h=$({holder}); '
+            f'echo "N {p.proto} {p.number} our listener did not bind within {BIND_WAIT:.0f} s${{w:+: $w}}'
+            '${h:+ (the port is held by $h)}"'
+        )
+        lines.append(f'if {test}; then echo "L {p.proto} {p.number}"; else {why}; fi')
     return "\n".join([*lines, "true"])
 
 
@@ -129,26 +146,50 @@ def send_command(source: Node, targets: list[tuple[str, str, Port]]) -> str:
     return "bash -c " + shlex.quote("\n".join([*parts, "wait"]))
 
 
-def collect_command() -> str:
-    """Prints each listener's file (`F proto-port` then the senders' names), then removes them all."""
+def collect_command(expected: dict[Port, list[str]]) -> str:
+    """After every sender finished: waits, up to GRACE seconds, until each UDP listener's
+    file holds every sender's name (a datagram is read by a listener process that socket
+    activation starts only when it arrives); then prints each file (`F proto-port`, then the
+    names) and removes the listeners. A path judged blocked had the whole grace to arrive."""
+    waits = " ".join(shlex.quote(f"{p.file}:{name}") for p, names in expected.items() for name in names)
     return (
+        f"end=$(( $(date +%s%N) / 1000000 + {round(GRACE * 1000)} )); "
+        f'for w in {waits}; do until grep -qxF "${{w#*:}}" "${{w%%:*}}" 2>/dev/null; do '
+        "[ $(( $(date +%s%N) / 1000000 )) -ge $end ] && break 2; sleep 0.05; done; done; "
         f'for p in $(cat {DIR}/pids 2>/dev/null); do kill -TERM -"$p" 2>/dev/null; done; '
-        f'for f in {DIR}/*-*; do [ -e "$f" ] && {{ echo "F ${{f##*/}}"; cat "$f"; }}; done; rm -rf {DIR}; true'
+        f"for f in {DIR}/*-*; do case $f in *.err) continue;; esac; "
+        f'[ -e "$f" ] && {{ echo "F ${{f##*/}}"; cat "$f"; }}; done; rm -rf {DIR}; true'
     )
 
 
-def check(inv: Inventory, nodes: list[Node], mode: str) -> dict[str, list[str]]:
-    """Blocked paths by receiving host: "bm-docker-01 -> bm-docker-03: udp/4789 (VXLAN data) blocked"."""
+@dataclass
+class Probed:
+    """What the probe found: blocked paths by receiving host, and the ports it could not
+    probe on a host, with why (never counted as passed: the preflight says them)."""
+
+    blocked: dict[str, list[str]] = field(default_factory=dict)
+    unprobed: dict[str, list[str]] = field(default_factory=dict)
+
+
+def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:
+    """Blocked paths by receiving host ("bm-docker-01 -> bm-docker-03: udp/4789 (VXLAN data)
+    blocked"), and the ports that could not be probed, with why."""
     ports = wanted(inv, mode)
+    started: set[str] = set()  # hosts where listeners were started: each is collected
     listening: dict[str, set[Port]] = defaultdict(set)  # host -> ports probed through our listener
     probed: dict[str, list[Port]] = {}  # host -> every port tried on it (our listener, or TCP held by the cluster)
-    problems: dict[str, list[str]] = defaultdict(list)
+    found = Probed(defaultdict(list), defaultdict(list))
 
     def listen(node: Node) -> None:
         free = [p for p in served(node, ports) if not held(node, p) and not claimed(inv, node, p)]
         if free:
-            out = node.sh(listen_command(node, free), check=False)
-            listening[node.name] = {p for p in free if f"L {p.proto} {p.number}" in out.splitlines()}
+            started.add(node.name)
+            out = node.sh(listen_command(node, free), check=False).splitlines()
+            listening[node.name] = {p for p in free if f"L {p.proto} {p.number}" in out}
+            for p in free:
+                why = next((line.split(" ", 3)[3] for line in out if line.startswith(f"N {p.proto} {p.number} ")), "")
+                if p not in listening[node.name]:
+                    found.unprobed[node.name].append(f"{p.label} on {node.name} not probed: {why or 'no answer'}")
         probed[node.name] = [
             p for p in served(node, ports) if p in listening[node.name] or (p.proto == "tcp" and held(node, p))
         ]
@@ -167,7 +208,9 @@ def check(inv: Inventory, nodes: list[Node], mode: str) -> dict[str, list[str]]:
                 results[(node.name, parts[1], int(parts[2]))] = parts[3] == "ok"
 
     def collect(node: Node) -> None:
-        out = node.sh(collect_command(), check=False)
+        senders = [n.name for n in nodes if n is not node]
+        expected = {p: senders for p in listening[node.name] if p.proto == "udp"}
+        out = node.sh(collect_command(expected), check=False)
         current = None
         for line in out.splitlines():
             if line.startswith("F "):
@@ -179,12 +222,12 @@ def check(inv: Inventory, nodes: list[Node], mode: str) -> dict[str, list[str]]:
 
     try:
         for name, exc in parallel(nodes, listen).items():
-            problems[name].append(f"starting the port probes failed: {exc}")
-        if not problems:
+            found.blocked[name].append(f"starting the port probes failed: {exc}")
+        if not found.blocked:
             for name, exc in parallel(nodes, send).items():
-                problems[name].append(f"sending the port probes failed: {exc}")
+                found.blocked[name].append(f"sending the port probes failed: {exc}")
     finally:
-        parallel([n for n in nodes if listening[n.name]], collect)
+        parallel([n for n in nodes if n.name in started], collect)
     for target in nodes:
         for p in probed.get(target.name, []):
             for source in nodes:
@@ -195,8 +238,8 @@ def check(inv: Inventory, nodes: list[Node], mode: str) -> dict[str, list[str]]:
                 else:
                     ok = source.name in received.get((target.name, p.proto, p.number), set())
                 if not ok:
-                    problems[target.name].append(
+                    found.blocked[target.name].append(
                         f"{source.name} -> {target.name}: {p.label} blocked: allow it in {target.name}'s firewall "
                         "and any between"
                     )
-    return {name: found for name, found in problems.items() if found}
+    return Probed({h: f for h, f in found.blocked.items() if f}, {h: f for h, f in found.unprobed.items() if f})

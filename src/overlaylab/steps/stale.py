@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from overlaylab import cluster, peers
 from overlaylab.cluster import Node, parallel
-from overlaylab.plan import Action, Context, apply_one, fail
+from overlaylab.plan import Action, Context, Maybe, apply_one, fail
 from overlaylab.steps import anchor
 from overlaylab.steps.dockerd import Dockerd, restart_refusal
 
@@ -38,8 +38,7 @@ class MendPeers(Dockerd):
     name = "peers"
 
     def plan(self, ctx: Context, node: Node) -> Action | None:
-        anchored = {o["host"] for o in ctx.report.outcomes if o["step"] == "anchor" and o["status"] == "changed"}
-        moved = sorted(set(ctx.restarts) | anchored)
+        moved = self.moved(ctx)
         if not moved:
             return None
         return Action(
@@ -50,6 +49,25 @@ class MendPeers(Dockerd):
             "started again takes the first free address)",
             check=True,
         )
+
+    def may(self, ctx: Context, node: Node) -> Maybe | None:
+        """Which addresses the run's restarts move is known only once they are done."""
+        moved = self.moved(ctx)
+        if not moved:
+            return None
+        rule = "" if ctx.opts.allow_restart else " (where your containers run, without --allow-restart: fail instead)"
+        return Maybe(
+            f"if, after the restarts and anchors of this run (on {', '.join(moved)}), its overlay sends an address "
+            "to a host where no container has it any more (a container started again takes the first free "
+            f"address){rule}",
+            restart=True,
+        )
+
+    @staticmethod
+    def moved(ctx: Context) -> list[str]:
+        """The hosts whose containers this run starts again: restarted, or an anchor made."""
+        anchored = {o["host"] for o in ctx.report.outcomes if o["step"] == "anchor" and o["status"] == "changed"}
+        return sorted(set(ctx.restarts) | anchored)
 
     def apply_all(self, ctx: Context, actions: list[Action]) -> None:
         if not actions:  # nothing restarted or made: no read at all (a no-op re-run's two commands a host)

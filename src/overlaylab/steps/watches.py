@@ -20,7 +20,11 @@ Which hosts need it is read from dockerd's own goroutine stacks (facts.dead_watc
 before the run and again after its restarts (steps/stale.py reads the facts again), and
 once more at this step: a watch that stopped while the store was away (Consul removed,
 restarted: discovery fails too) is started again by discovery once the store is back,
-so the plan is a check, and only a watch still stopped gets the event."""
+so the plan is a check, and only a watch still stopped gets the event. A dry run says it
+as what it is, a change that may come (plan.Maybe), and so for every host when the run
+takes the store away: a watch may stop during the run itself. A stack dump that does not
+come is unknown, never "none stopped": the step reads again, and fails the host if still
+no dump comes."""
 
 from __future__ import annotations
 
@@ -30,9 +34,9 @@ import consul as consul_api
 import requests
 
 from overlaylab import facts
-from overlaylab.cluster import Node, consul_client
+from overlaylab.cluster import Node, consul_client, parallel
 from overlaylab.errors import OverlaylabError
-from overlaylab.plan import Action, Context, Scope, Step, fail
+from overlaylab.plan import Action, Context, Maybe, Scope, Step, fail
 
 NUDGE_KEY = "docker/nodes/overlaylab-watch-nudge"  # empty: dockerd's discovery skips it
 WAIT = 10.0  # seconds for the restarted watches to show in the stacks
@@ -53,23 +57,34 @@ class StoreWatches(Step):
 
     def plan(self, ctx: Context, node: Node) -> Action | None:
         count = node.facts.dead_watches
-        if not count:
+        if count == 0:
             return None
-        return Action(
-            node.name,
-            False,
-            f"{stopped(count)} (or while the store was away, and discovery then starts it again): read again, "
-            "and where it still is, one discovery event (an empty key written and removed under docker/nodes/) "
-            "starts it again, without a restart",
-            check=True,
-        )
+        return Action(node.name, False, f"{said(count)}: {AGAIN}", check=True)
+
+    def may(self, ctx: Context, node: Node) -> Maybe | None:
+        """A watch found stopped may be started again by discovery before the step reads it
+        again; and one that runs may stop while this run takes the store away (Consul made
+        again, a dockerd restarted: its store's first error ends the watch). Neither can be
+        foretold from facts read before the run."""
+        count = node.facts.dead_watches
+        if count != 0:
+            return Maybe(f"if it is still so when read again ({said(count)}): {EVENT}")
+        if ctx.store_interrupted:
+            return Maybe(
+                "if its store watch stops at a Consul error while this run makes the store unavailable "
+                f"(Consul made again, or a dockerd restarted) and discovery does not start it again: {EVENT}"
+            )
+        return None
 
     def apply_all(self, ctx: Context, actions: list[Action]) -> None:
-        left = {a.host: count for a in actions if (count := read(ctx.nodes[a.host]))}
-        for action in actions:
-            if action.host not in left:
-                ctx.nodes[action.host].facts.dead_watches = 0
-                ctx.report.record(action.host, self.name, "ok", "its store watch runs (started again by discovery)")
+        found = dict(zip((a.host for a in actions), parallel_read(ctx, [a.host for a in actions]), strict=True))
+        for host, count in found.items():
+            if count is None:
+                fail(ctx, self.name, host, UNREADABLE)
+            elif count == 0:
+                ctx.nodes[host].facts.dead_watches = 0
+                ctx.report.record(host, self.name, "ok", "its store watch runs (started again by discovery)")
+        left = {host: count for host, count in found.items() if count}
         if not left:
             return
         try:
@@ -78,28 +93,61 @@ class StoreWatches(Step):
             for host in left:
                 fail(ctx, self.name, host, f"writing the discovery event to Consul failed: {exc}")
             return
-        stuck = dict(left)
+        stuck: dict[str, int | None] = dict(left)
         deadline = time.monotonic() + WAIT
         while stuck and time.monotonic() < deadline:
             time.sleep(1)
-            for host in list(stuck):
-                stuck[host] = read(ctx.nodes[host])
-                if not stuck[host]:
+            for host, count in zip(list(stuck), parallel_read(ctx, list(stuck)), strict=True):
+                stuck[host] = count
+                if count == 0:
                     ctx.nodes[host].facts.dead_watches = 0
                     del stuck[host]
         for host in left:
-            if host in stuck:
-                fail(ctx, self.name, host, f"still, after a discovery event: {stopped(stuck[host])}")
-            else:
+            if host not in stuck:
                 ctx.report.record(host, self.name, "changed", "its store watch started again (no restart)")
+            elif stuck[host] is None:
+                fail(ctx, self.name, host, f"after a discovery event: {UNREADABLE}")
+            else:
+                fail(ctx, self.name, host, f"still, after a discovery event: {stopped(stuck[host] or 0)}")
 
 
-def read(node: Node) -> int:
-    """The host's stopped store watches now (an unreadable answer counts as still stopped)."""
+AGAIN = (
+    "read again (discovery starts a watch that stopped while the store was away by itself once the store "
+    "answers), and where it still is, one discovery event (an empty key written and removed under "
+    "docker/nodes/) starts it again, without a restart"
+)
+EVENT = "one discovery event (an empty key written and removed under docker/nodes/) starts it again, no restart"
+UNREADABLE = (
+    f"dockerd wrote no goroutine stack dump within {facts.STACKS_WAIT_STEP:.0f} s (SIGUSR1): "
+    "whether its store watch runs cannot be told"
+)
+
+
+def said(count: int | None) -> str:
+    """What the facts say of the host's watches, as the plan says it."""
+    if count is None:
+        return f"dockerd wrote no goroutine stack dump within {facts.STACKS_WAIT:.0f} s: its store watches are unknown"
+    return stopped(count)
+
+
+def parallel_read(ctx: Context, hosts: list[str]) -> list[int | None]:
+    """Each host's stopped store watches now, all hosts at once (None: no stack dump came)."""
+    found: dict[str, int | None] = {}
+
+    def one(host: str) -> None:
+        found[host] = read(ctx.nodes[host])
+
+    parallel(hosts, one, key=str)  # a host that does not answer stays unknown
+    return [found.get(h) for h in hosts]
+
+
+def read(node: Node) -> int | None:
+    """The host's stopped store watches now: a number, or None when dockerd gave no stack
+    dump in time, or the answer is not one (unknown, never taken for "none stopped")."""
     try:
-        return int(node.sh(facts.dead_watches_script()).strip() or 0)
-    except (OverlaylabError, ValueError):
-        return node.facts.dead_watches
+        return facts.parse_dead_watches(node.sh(facts.dead_watches_script(wait=facts.STACKS_WAIT_STEP)))
+    except OverlaylabError:
+        return None
 
 
 def nudge(ctx: Context) -> None:
