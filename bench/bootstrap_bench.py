@@ -1,6 +1,5 @@
-"""Prints bootstrap-cluster figures on the lab, for 3, 6 and 12 hosts (OVERLAYLAB_BENCH_HOSTS): from clean; a
-blocked port refused, against a dry run; a
-re-run with nothing to change (in all, steps 1-7 and verify apart, remote commands
+"""Prints bootstrap-cluster figures on the lab, for 3, 6 and 12 hosts (OVERLAYLAB_BENCH_HOSTS): from clean;
+a blocked port refused, against a dry run on the same lab; a re-run with nothing to change (in all, steps 1-7 and verify apart, remote commands
 per host); `fab verify` alone (fresh probes) against the same work by hand; and, as the floor, the tutorial's own commands scripted over plain ssh in
 an order that works, with no checks, as it is and tuned (the floor's commands with
 the two timing settings overlaylab applies). Ratios are against both, from one run. Figures only: nothing passes or

@@ -207,8 +207,8 @@ def apply_one(ctx: Context, step: Step, action: Action) -> bool:
     if not (action.change or action.check):
         ctx.report.record(action.host, step.name, "ok", action.detail)
         return True
-    if action.restart:
-        ctx.restarts[action.host] = action.restart  # even if it then fails: its PID may change
+    if action.restart:  # even if it then fails: its PID may change
+        add_restart(ctx.restarts, action.host, action.restart)
     if action.diff:
         ctx.diffs[action.host] = action.diff
     try:
@@ -237,7 +237,7 @@ def _record_planned(ctx: Context, step: Step, action: Action) -> None:
             if not ctx.report.json_mode:
                 ctx.report.note(action.diff.rstrip())
         if action.restart:
-            ctx.restarts[action.host] = action.restart
+            add_restart(ctx.restarts, action.host, action.restart)
     elif action.refusal:
         ctx.report.record(action.host, step.name, "failed", action.refusal)
     else:
@@ -249,7 +249,14 @@ def _record_planned(ctx: Context, step: Step, action: Action) -> None:
         action.project(ctx.nodes[action.host].facts)
 
 
+def add_restart(restarts: dict[str, str], host: str, why: str) -> None:
+    """A host restarted twice in one run (its own reason, then the peers step's) keeps both
+    reasons, the first first: a dry run's certain reason stays the start of the run's."""
+    restarts[host] = f"{restarts[host]}; then {why}" if host in restarts and restarts[host] != why else why
+
+
 def _record_maybe(ctx: Context, step: Step, host: str, maybe: Maybe) -> None:
+    """A dry run's conditional: said, and its restart kept apart from the certain ones."""
     what = "may restart dockerd" if maybe.restart else "may change"
     ctx.report.record(host, step.name, "may change", f"{what}, {maybe.condition}")
     if maybe.restart:
@@ -277,7 +284,7 @@ def execute(steps: Sequence[Step], ctx: Context) -> bool:
         actions = [a for _, a in planned if a is not None]
         if ctx.dry:
             for name, action in planned:
-                certain = action is not None and (action.change or action.refusal)
+                certain = action is not None and bool(action.change or action.refusal)
                 maybe = None if certain else step.may(ctx, ctx.nodes[name])
                 if maybe is not None:
                     _record_maybe(ctx, step, name, maybe)

@@ -179,8 +179,8 @@ def run_steps(
     if opts.dry_run or planned.refusals:
         replay(planned, report)
         report.extra.update(dry_run=opts.dry_run, restarts={} if planned.refusals else planned.restarts)
-        if opts.dry_run:  # what may restart besides, each on its condition (plan.Maybe)
-            report.extra["may_restart"] = {} if planned.refusals else planned.may_restart
+        # what may restart besides, each on its condition (plan.Maybe); a refused run: nothing
+        report.extra["may_restart"] = {} if planned.refusals else planned.may_restart
         report.extra["diffs"] = planned.diffs
         if planned.refusals and not opts.dry_run:
             report.extra["refused"] = True

@@ -209,7 +209,8 @@ class Peers:
 
 PEERS_READ = (
     "echo \"vtep $(ip -4 -o addr show dev eth1 | awk '{print $4}' | cut -d/ -f1 | head -1)\"; "
-    f"docker ps -q --filter network=ov_net1 | xargs -r docker inspect -f 'ip {IP_FORMAT} {{{{.Name}}}}'; "
+    "ids=$(timeout 60 docker ps -q --filter network=ov_net1) || echo 'unread docker ps failed'; "
+    f"echo \"$ids\" | xargs -r docker inspect -f 'ip {IP_FORMAT} {{{{.Name}}}}'; "
     'for f in /run/docker/netns/*-*; do [ -e "$f" ] || continue; echo sandbox; '
     "nsenter --net=$f bridge fdb show 2>/dev/null | "
     'awk \'$3 ~ /^vxlan/ && $4 == "dst" {print "fdb", $1, $5}\'; done'
@@ -228,6 +229,7 @@ def read_peers(lab: Lab, hosts: list[int]) -> Peers:
         peers.serves[i] = {p[1]: p[2].lstrip("/") for p in lines if p[0] == "ip" and len(p) == 3}
         peers.sandboxes[i] = sum(1 for p in lines if p == ["sandbox"])
         assert peers.vtep[i], f"{name(i)}: no address read on eth1:\n{out}"
+        assert not any(p[:1] == ["unread"] for p in lines), f"{name(i)}: its containers could not be read:\n{out}"
         assert not peers.serves[i] or peers.sandboxes[i], f"{name(i)}: containers on ov_net1, no sandbox read:\n{out}"
     by_vtep = {addr: i for i, addr in peers.vtep.items()}
     for i, out in found.items():
@@ -261,9 +263,10 @@ def heal(
     users' own, and the restarts checked, always:
     - every host in ``must`` restarts, and any other is in ``may`` (a race of dockerd's that
       the caller names), or was restarted for stale peers: for entries the test itself read
-      on that host before the run, each stale then (no container had that address on the
-      host the entry sends it to) or made stale by the run (the container that had it there
-      has another address after the run, or is gone);
+      on that host before the run, each stale as the test reads it: toward a host the run
+      restarted, after the run (the run judges those after that restart: no container of
+      that host has the address any more); toward any other, before the run (none had it
+      then), or made stale by the run (the container that had it has another address now);
     - every dockerd whose PID changed was reported restarted;
     - after it no host sends an address to a host that runs no container there, read by
       the test itself (and the read not empty: each non-restarted host's FDB lists peers).
@@ -303,6 +306,12 @@ def heal(
             assert read_before.sends[i].get(ip) == j, (
                 f"{host} restarted for an entry the test did not read before the run ({ip} to {toward}): {why}\n{err}"
             )
+            if toward in restarts:
+                now = read_after.serves[j].get(ip)
+                assert now is None, (
+                    f"{host} restarted for {ip} to {toward}, where {now} has it after the run: {why}\n{err}"
+                )
+                continue
             had = read_before.serves[j].get(ip)  # None: stale before the run
             assert had is None or read_after.serves[j].get(ip) != had, (
                 f"{host} restarted for {ip} to {toward}, where {had} had it before the run and has it after: "
@@ -323,7 +332,7 @@ def heal(
 
 def verify_after_a_restart(lab: Lab, hosts: list[int], inventory: Path, i: int, whole: bool = True) -> None:
     """`fab verify` right after host i's dockerd restarted, held to the truth either way (the
-    README's rows): either verify names host i, whose users' container came back before
+    rows of docs/operations.md and docs/ha-consul.md): either verify names host i, whose users' container came back before
     dockerd's gossip (its sandbox deaf: exit 1), or it passes, and then the users' own
     containers ping every pair. Which one is dockerd's race, not ours: the container's
     restore waits for its network, that is for the store.

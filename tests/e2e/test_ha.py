@@ -184,7 +184,7 @@ def test_quorum_lost_status_says_so_verify_fails_and_a_re_run_changes_nothing(
 ) -> None:
     """The servers on bm-docker-02 and 03 stopped: 1 of 3 runs, no leader. Existing traffic
     (two containers of the test's own, made while the quorum held) flows before and during,
-    by IP and by name, as the README says. Started again, as the refusal says, one re-run
+    by IP and by name, as docs/ha-consul.md says. Started again, as the refusal says, one re-run
     heals, restarting nothing."""
 
     def traffic() -> str:
@@ -270,7 +270,10 @@ def test_the_managers_host_dies_the_rest_carries_on_and_one_re_run_heals_it_back
         lifecycle.up(NAME, engine_opt=ENGINES, addr_range=RANGE)
     with capsys.disabled():  # a figure for the log, not a threshold
         print(f"\n    manager's host down: new containers on the others ping by name {took:.0f}s after the cut")
-    heal(lab, {name(1)})  # its overlay restore failed with the power: the README's "its dockerd restarts"
+    # its store, its own agent, is a container of its own dockerd: after the power cut its
+    # overlay restore does not fail (as a worker's does), and it restarts only where the
+    # users' container came back before gossip (seen both ways), as after a dockerd restart
+    heal(lab, set(), may={name(1)})
 
 
 def test_switching_to_swarm_mode_removes_every_consul_server_and_agent(lab: Lab) -> None:

@@ -867,11 +867,14 @@ def test_a_stack_dump_that_never_comes_is_unknown_and_fails_the_host_never_count
     assert len(log.commands("goroutine-stacks")) == 1  # read once more, in the step
 
 
-def test_a_run_that_takes_the_store_away_says_every_hosts_watch_may_change() -> None:
+def test_a_run_that_takes_the_store_away_says_every_hosts_watch_may_change_and_reads_them_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Fake hosts: Consul made again on the manager (its container gone), no restart. Every
     host's watch may stop while the store is away: the dry run says so on each, as a
-    condition; the watches of a run that leaves the store alone are not mentioned (above)."""
-    inv, nodes, _ = cluster("bootstrapped")
+    condition; the run reads every host's stacks after it, and mends the one that stopped.
+    The watches of a run that leaves the store alone are not mentioned (above)."""
+    inv, nodes, log = cluster("bootstrapped")
     for node in nodes:
         node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
         node.facts.gossip = True
@@ -884,3 +887,18 @@ def test_a_run_that_takes_the_store_away_says_every_hosts_watch_may_change() -> 
     for host in NAMES:
         status, detail = said[(host, "watches")]
         assert status == "may change" and "while this run makes the store unavailable" in detail, (host, detail)
+    # the run reads every host's stacks once more after it (no later step read them again)
+    # and where w2's watch stopped meanwhile, makes it watch again
+    log.dead_watches["w2"] = 1
+    written: list[tuple[str, ...]] = []
+
+    @contextlib.contextmanager
+    def client(inv: Inventory, node: Any) -> Iterator[FakeConsul]:
+        yield FakeConsul(written, log, restarts=True)
+
+    monkeypatch.setattr(watches, "consul_client", client)
+    code, real = go(inv, nodes, kv.BOOTSTRAP)
+    done = {o["host"]: o["status"] for o in real.outcomes if o["step"] == "watches"}
+    assert code == 0 and done == {"m": "ok", "w1": "ok", "w2": "changed"}, real.outcomes
+    assert written == [("put", watches.NUDGE_KEY, ""), ("delete", watches.NUDGE_KEY)]
+    dry_run_rule.check(dry.document(0), real.document(0), left_out=("verify",))

@@ -61,12 +61,12 @@ def test_a_listener_reports_its_bind_and_a_late_datagram_is_still_heard(probe_di
         # the datagram leaves a second after the collect starts: within the grace (2 s here)
         late = f"sleep 1; echo late-sender > /dev/udp/127.0.0.1/{udp.number}"
         subprocess.Popen(["bash", "-c", late])
-        heard = bash(ports.collect_command({udp: ["late-sender", "never-sent"]}))
+        heard = bash(ports.collect_command({udp: ["late-sender"]}))
     finally:
         bash(ports.collect_command({}))  # the listeners go in any case
     lines = heard.splitlines()
     at = lines.index(f"F udp-{udp.number}")
-    assert "late-sender" in lines[at + 1 :] and "never-sent" not in heard, heard
+    assert "late-sender" in lines[at + 1 :], heard
     assert not probe_dir.exists()  # the collect removes the listeners' directory
 
 

@@ -3,8 +3,10 @@ told users to "run teardown-cluster", a task that never existed (it is `teardown
 
 The messages are the string literals of src/ and fabfile.py (f-strings' parts included);
 a task-like word is a kebab-case word whose first part begins one of the fabfile's task
-names (bootstrap-, join-, lab-, docker-, ...). Each must be a task of the fabfile's
-collection, as `fab` loads it, or one of the few words listed here that are not tasks."""
+names (bootstrap-, join-, lab-, docker-, teardown-, ...). Each must be a task of the
+fabfile's collection, as `fab` loads it, or one of the few words listed here that are not
+tasks. What it cannot see: a wrong name with a first part no task has ("remove-cluster"),
+and a one-word name ("run destroy")."""
 
 from __future__ import annotations
 

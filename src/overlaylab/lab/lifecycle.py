@@ -300,8 +300,8 @@ def power_off(name: str, node: str, steps: Steps | None = None) -> None:
         docker.run("kill", "--signal", "KILL", spec.container(host), check=False)
         docker.run("wait", spec.container(host), check=False, timeout=60)
         state = (docker.inspect("container", spec.container(host)) or {}).get("State") or {}
-        if state.get("Running") is not False:  # a cut that did not happen must not pass for one
-            raise OverlaylabError(f"{node}: still running after its power cut (state: {state or 'unknown'})")
+        if state.get("Running"):  # a cut that did not happen must not pass for one
+            raise OverlaylabError(f"{node}: still running after its power cut ({state.get('Status')})")
 
 
 def lab_names() -> set[str]:

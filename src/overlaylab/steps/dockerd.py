@@ -226,7 +226,15 @@ def stale_peers(ctx: Context, node: Node, own: Callable[[Node], str | None]) -> 
     found = peers.stale(node, live)
     if not found:
         return None
-    restarting = {n.name for n in live if n.name in found.values() and own(n)}
+    targets = set(ctx.targets)  # join-node restarts its worker alone: the others stay as they are
+    restarting = {
+        n.name
+        for n in live
+        if n.name in found.values()
+        and n.name in targets
+        and (why := own(n)) is not None
+        and restart_refusal(n, why, ctx.opts.allow_restart) is None
+    }
     found = {ip: host for ip, host in found.items() if host not in restarting}
     return peers.describe(found) if found else None
 

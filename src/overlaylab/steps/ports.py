@@ -37,7 +37,6 @@ from overlaylab.facts import CONSUL_GOSSIP
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode
 
-LIFETIME = 10  # seconds a listener lives at most
 SEND_TIMEOUT = 2  # seconds a TCP connect may take before its path counts as blocked
 DIR = f"/run/overlaylab-ports-{secrets.token_hex(3)}"
 
@@ -94,6 +93,9 @@ def claimed(inv: Inventory, node: Node, port: Port) -> bool:
 
 BIND_WAIT = 5.0  # seconds the listeners may take to bind (~0.1 s on the lab; more on a loaded host)
 GRACE = 3.0  # seconds after the last send for a datagram to be read and written by its listener
+# seconds a listener lives at most: its bind, every host's sends (TCP connects of SEND_TIMEOUT,
+# a host's ports at once) and the grace, with a margin for a loaded host and the SSH round trips
+LIFETIME = round(BIND_WAIT + 4 * SEND_TIMEOUT + GRACE + 15)
 
 
 def listen_command(node: Node, ports: list[Port]) -> str:
@@ -207,9 +209,11 @@ def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:
             if len(parts) == 4 and parts[0] == "T":
                 results[(node.name, parts[1], int(parts[2]))] = parts[3] == "ok"
 
+    sent = False
+
     def collect(node: Node) -> None:
         senders = [n.name for n in nodes if n is not node]
-        expected = {p: senders for p in listening[node.name] if p.proto == "udp"}
+        expected = {p: senders for p in listening[node.name] if p.proto == "udp"} if sent else {}
         out = node.sh(collect_command(expected), check=False)
         current = None
         for line in out.splitlines():
@@ -224,6 +228,7 @@ def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:
         for name, exc in parallel(nodes, listen).items():
             found.blocked[name].append(f"starting the port probes failed: {exc}")
         if not found.blocked:
+            sent = True
             for name, exc in parallel(nodes, send).items():
                 found.blocked[name].append(f"sending the port probes failed: {exc}")
     finally:

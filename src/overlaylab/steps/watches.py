@@ -37,6 +37,7 @@ from overlaylab import facts
 from overlaylab.cluster import Node, consul_client, parallel
 from overlaylab.errors import OverlaylabError
 from overlaylab.plan import Action, Context, Maybe, Scope, Step, fail
+from overlaylab.steps.stale import MendPeers
 
 NUDGE_KEY = "docker/nodes/overlaylab-watch-nudge"  # empty: dockerd's discovery skips it
 WAIT = 10.0  # seconds for the restarted watches to show in the stacks
@@ -57,9 +58,13 @@ class StoreWatches(Step):
 
     def plan(self, ctx: Context, node: Node) -> Action | None:
         count = node.facts.dead_watches
-        if count == 0:
-            return None
-        return Action(node.name, False, f"{said(count)}: {AGAIN}", check=True)
+        if count != 0:
+            return Action(node.name, False, f"{said(count)}: {AGAIN}", check=True)
+        if not ctx.dry and ctx.store_interrupted and not MendPeers.moved(ctx):
+            # the run took the store away, and no step read this host's stacks since (the peers
+            # step reads every host again after a restart or an anchor): read them now
+            return Action(node.name, False, "the run made the store unavailable for a while: " + AGAIN, check=True)
+        return None
 
     def may(self, ctx: Context, node: Node) -> Maybe | None:
         """A watch found stopped may be started again by discovery before the step reads it
@@ -67,7 +72,12 @@ class StoreWatches(Step):
         again, a dockerd restarted: its store's first error ends the watch). Neither can be
         foretold from facts read before the run."""
         count = node.facts.dead_watches
-        if count != 0:
+        if count is None:
+            return Maybe(
+                f"if a stack dump comes when read again ({said(count)}) and shows a stopped watch: {EVENT} "
+                "(if none comes again, the host fails: whether its watch runs cannot be told)"
+            )
+        if count:
             return Maybe(f"if it is still so when read again ({said(count)}): {EVENT}")
         if ctx.store_interrupted:
             return Maybe(
@@ -77,14 +87,17 @@ class StoreWatches(Step):
         return None
 
     def apply_all(self, ctx: Context, actions: list[Action]) -> None:
-        found = dict(zip((a.host for a in actions), parallel_read(ctx, [a.host for a in actions]), strict=True))
+        found = parallel_read(ctx, [a.host for a in actions])
         for host, count in found.items():
-            if count is None:
+            if isinstance(count, str):
+                fail(ctx, self.name, host, count)
+            elif count is None:
                 fail(ctx, self.name, host, UNREADABLE)
             elif count == 0:
+                was = ctx.nodes[host].facts.dead_watches
                 ctx.nodes[host].facts.dead_watches = 0
-                ctx.report.record(host, self.name, "ok", "its store watch runs (started again by discovery)")
-        left = {host: count for host, count in found.items() if count}
+                ctx.report.record(host, self.name, "ok", RUNS if was == 0 else f"{RUNS} (started again by discovery)")
+        left = {host: count for host, count in found.items() if isinstance(count, int) and count}
         if not left:
             return
         try:
@@ -93,22 +106,23 @@ class StoreWatches(Step):
             for host in left:
                 fail(ctx, self.name, host, f"writing the discovery event to Consul failed: {exc}")
             return
-        stuck: dict[str, int | None] = dict(left)
+        stuck: dict[str, int | str | None] = dict(left)
         deadline = time.monotonic() + WAIT
         while stuck and time.monotonic() < deadline:
             time.sleep(1)
-            for host, count in zip(list(stuck), parallel_read(ctx, list(stuck)), strict=True):
+            for host, count in parallel_read(ctx, list(stuck)).items():
                 stuck[host] = count
                 if count == 0:
                     ctx.nodes[host].facts.dead_watches = 0
                     del stuck[host]
         for host in left:
-            if host not in stuck:
+            now = stuck.get(host, 0)
+            if now == 0:
                 ctx.report.record(host, self.name, "changed", "its store watch started again (no restart)")
-            elif stuck[host] is None:
-                fail(ctx, self.name, host, f"after a discovery event: {UNREADABLE}")
+            elif isinstance(now, int):
+                fail(ctx, self.name, host, f"still, after a discovery event: {stopped(now)}")
             else:
-                fail(ctx, self.name, host, f"still, after a discovery event: {stopped(stuck[host] or 0)}")
+                fail(ctx, self.name, host, f"after a discovery event: {now or UNREADABLE}")
 
 
 AGAIN = (
@@ -130,15 +144,20 @@ def said(count: int | None) -> str:
     return stopped(count)
 
 
-def parallel_read(ctx: Context, hosts: list[str]) -> list[int | None]:
-    """Each host's stopped store watches now, all hosts at once (None: no stack dump came)."""
-    found: dict[str, int | None] = {}
+RUNS = "its store watch runs"
+
+
+def parallel_read(ctx: Context, hosts: list[str]) -> dict[str, int | str | None]:
+    """Each host's stopped store watches now, all hosts at once: a count, None when no stack
+    dump came, or why the host could not be asked (unreachable)."""
+    found: dict[str, int | str | None] = {}
 
     def one(host: str) -> None:
         found[host] = read(ctx.nodes[host])
 
-    parallel(hosts, one, key=str)  # a host that does not answer stays unknown
-    return [found.get(h) for h in hosts]
+    for host, exc in parallel(hosts, one, key=str).items():
+        found[host] = f"unreachable: {type(exc).__name__}: {exc}"
+    return {h: found.get(h) for h in hosts}
 
 
 def read(node: Node) -> int | None:
