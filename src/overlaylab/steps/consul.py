@@ -387,7 +387,7 @@ class Consul(Step):
             if node.facts.containers.get(ctx.inv.consul_name) == "consul":
                 why = (
                     "a Consul agent of HA mode runs here, and consul.servers is 1: going back to one server "
-                    "is not done by a re-run; run teardown, then bootstrap-cluster (README: HA Consul)"
+                    "is not done by a re-run; run teardown, then bootstrap-cluster (docs/ha-consul.md)"
                 )
                 return Action(node.name, False, why, refusal=why)
             return None
