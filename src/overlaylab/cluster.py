@@ -1,27 +1,22 @@
 """A run's view of the cluster: one verified SSH connection per host, reused for every
-step, and the facts read through it. Hosts are handled in parallel, boundedly."""
+step, and hosts worked on in parallel, boundedly. The facts are read through it
+(gather.py), Consul's API too (consulapi.py)."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import secrets
-import select
 import shlex
-import socket
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
-import consul
-import paramiko
-import requests
 from fabric import Connection
 
-from overlaylab import certs, facts, remote, storetls
+from overlaylab import facts, remote
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Host, Inventory
 
@@ -38,13 +33,21 @@ def set_parallel(limit: int) -> None:
     _limit = limit
 
 
+class Forwarding(Protocol):
+    """A local port forwarded through the host's SSH connection (consulapi.Forward)."""
+
+    port: int
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class Node:
     host: Host
     conn: Connection
     facts: facts.HostFacts = field(default_factory=facts.HostFacts)
     commands: int = 0  # remote commands run for this host in this run (for the bench)
-    forwards: dict[tuple[str, int], Forward] = field(default_factory=dict)
+    forwards: dict[tuple[str, int], Forwarding] = field(default_factory=dict)  # consulapi.Forward, by destination
 
     @property
     def name(self) -> str:
@@ -161,135 +164,6 @@ def close_all(nodes: list[Node]) -> None:
             forward.close()
         with contextlib.suppress(Exception):
             node.conn.close()
-
-
-def read_one(inv: Inventory, node: Node, only: tuple[str, ...] | None = None) -> None:
-    """One remote command; read again by a run wherever it changed the host."""
-    manager = node.host.is_manager
-    server = inv.ha and node.name in inv.servers
-    store = (
-        facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port, manager, server) if manager or inv.ha else None
-    )
-    ports = (
-        *facts.PORTS,
-        inv.consul_port,
-        inv.consul_port + 1,  # storetls.py's round 1
-        *((facts.CONSUL_GOSSIP,) if inv.ha else ()),
-        *((certs.API_PORT,) if inv.tls.docker_api else ()),
-    )
-    _, out, err = node.result(facts.script(node.host.advertise, store, inv.network, ports, only))
-    if facts.MARK + "end" not in out:
-        raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
-    node.facts = facts.parse(out, node.host.advertise)
-    if store is not None and (manager or server) and not node.facts.store_leader:
-        node.facts.store_leader = secure_leader(inv, node)
-
-
-def secure_leader(inv: Inventory, node: Node) -> str:
-    """The leader as a Consul serving HTTPS alone says it (the facts script speaks plain HTTP
-    only); "" when it runs no such Consul or does not answer, as the script would say."""
-    data = node.facts.consul or {}
-    served = storetls.served(data, inv.consul_port)
-    if not (data.get("State") or {}).get("Running") or (storetls.HTTPS, inv.consul_port) not in served:
-        return ""  # the script asked consul.port over plain HTTP: its answer stands
-    try:
-        with consul_client(inv, node) as client:
-            return str(client.status.leader() or "")
-    except (OverlaylabError, requests.RequestException, consul.ConsulException, OSError):
-        return ""  # no answer, as the facts script would read it
-
-
-def read_facts(inv: Inventory, nodes: list[Node], only: tuple[str, ...] | None = None) -> None:
-    """Facts for every node, in parallel, one remote command each; sudo failures are input errors."""
-    errors = parallel(nodes, lambda node: read_one(inv, node, only))
-    if errors:
-        raise InputError("\n".join(str(e) for e in errors.values()))
-
-
-class Forward:
-    """A local port forwarded through a host's SSH transport (direct-tcpip), for the whole run.
-
-    Fabric's forward_local waits about a second to close and accepts nothing more once
-    one of its channels failed; this one closes at once, and a channel that cannot open
-    (Consul not listening yet) only drops that connection, so callers simply retry.
-    """
-
-    def __init__(self, transport: paramiko.Transport, ip: str, port: int) -> None:
-        self.transport, self.dest = transport, (ip, port)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = int(self.sock.getsockname()[1])
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, origin = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._pipe, args=(client, origin), daemon=True).start()
-
-    def _pipe(self, client: socket.socket, origin: tuple[str, int]) -> None:
-        try:
-            chan = self.transport.open_channel("direct-tcpip", self.dest, origin, timeout=5)
-        except (paramiko.SSHException, OSError):
-            client.close()
-            return
-        try:
-            watched: list[Any] = [client, chan]
-            while not self.closed:
-                ready, _, _ = select.select(watched, [], [], 0.5)
-                for source, sink in ((client, chan), (chan, client)):
-                    if source in ready:
-                        data = source.recv(65536)
-                        if not data:
-                            return
-                        sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            chan.close()
-            client.close()
-
-    def close(self) -> None:
-        self.closed = True
-        self.sock.close()
-
-
-@contextlib.contextmanager
-def consul_client(inv: Inventory, node: Node) -> Iterator[consul.Consul]:
-    """Consul's API on ``node``'s cluster address, through its SSH connection: the laptop need
-    not reach the cluster network. Where Consul serves HTTPS (storetls.py), the admin's
-    certificate is presented and Consul's is verified against the cluster's CA (it names
-    127.0.0.1, the forward's end)."""
-    listeners = storetls.served(node.facts.consul, inv.consul_port)
-    secure = [port for scheme, port in listeners if scheme == storetls.HTTPS]
-    directory = inv.ca_dir
-    admin = (directory / certs.CLIENT_CERT, directory / certs.CLIENT_KEY)
-    plain = [port for scheme, port in listeners if scheme == storetls.HTTP]
-    use_tls = bool(secure) and (all(p.exists() for p in admin) or not plain)  # round 1 of a move: either
-    port = secure[0] if use_tls else plain[0]
-    key = (node.advertise_ip, port)
-    if key not in node.forwards:
-        transport = node.conn.client.get_transport()
-        if transport is None:
-            raise OverlaylabError(f"{node.name}: no SSH transport for the Consul forward")
-        node.forwards[key] = Forward(transport, *key)
-    local = node.forwards[key].port
-    if not use_tls:
-        yield consul.Consul(host="127.0.0.1", port=local, connections_timeout=5)
-        return
-    if not all(p.exists() for p in admin):
-        raise OverlaylabError(
-            f"Consul on {node.name} serves HTTPS only and {directory} holds no admin certificate "
-            f"({certs.CLIENT_CERT}, {certs.CLIENT_KEY}): restore tls.ca_dir, or re-run with --reissue-certs"
-        )
-    yield consul.Consul(
-        host="127.0.0.1", port=local, scheme="https", verify=str(directory / certs.CA_CERT),
-        cert=tuple(str(p) for p in admin), connections_timeout=5,
-    )  # fmt: skip
 
 
 def journal(node: Node, lines: int = 20) -> str:

@@ -23,7 +23,7 @@ HELD_FILE = "/var/lib/overlaylab/held-restart-policies"
 BACKUP_ABSENT = f"{BACKUP_DIR}/10-machine.conf.absent"
 ROLE_LABEL = "overlaylab.role"
 ANCHOR_PREFIX = "overlaylab-anchor-"  # + the host: steps/anchor.py
-PROBE_PREFIX = "olab-probe-"  # + the host and the run: steps/verify.py
+PROBE_PREFIX = "olab-probe-"  # + the host and the run: checks/verify.py
 MARK = "@@overlaylab:"
 INFO_TIMEOUT = 20  # seconds `docker info` may take; 124: it did not answer (see mode.engine_problem)
 CONSUL_KEY_FILE = "/etc/overlaylab/consul/gossip.json"  # HA mode's gossip key, root-only (steps/consul.py)
@@ -40,10 +40,6 @@ class Store:
     port: int
     manager: bool = True  # the store the run reads: its volume and its leader too (HA: an agent's container only)
     server: bool = False  # HA mode's other servers: their leader is asked too (`fab status`, quorum)
-
-
-CONSUL_GOSSIP = 8301  # Consul's LAN gossip, between HA mode's agents
-PORTS = (7946, 4789, 2377)  # gossip, VXLAN data, swarm control; the Consul port is added
 
 
 # When dockerd started (seconds since the epoch) and, for the TLS files of steps/tls.py,
@@ -63,7 +59,7 @@ def script(
     advertise: str,
     store: Store | None,
     network: str,
-    ports: tuple[int, ...] = PORTS,
+    ports: tuple[int, ...] = (),
     only: tuple[str, ...] | None = None,
 ) -> str:
     """The facts script; runs under sudo. Each section may fail without stopping the rest.
@@ -217,7 +213,7 @@ def parse_attached(text: str) -> dict[str, Attachment]:
 
 def store_leader_script(advertise: str, port: int) -> str:
     """Asks the manager's Consul for its leader over plain HTTP from bash (no curl on the
-    hosts); where it serves HTTPS, cluster.read_one asks through the admin's client. Only
+    hosts); where it serves HTTPS, gather.read_one asks through the admin's client. Only
     an answer tells a network the store lost from one it could not be asked about: dockerd
     says "No such network" in both cases."""
     q = shlex.quote

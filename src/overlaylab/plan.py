@@ -26,7 +26,7 @@ from typing import Any
 
 import paramiko
 
-from overlaylab import cluster
+from overlaylab import gather
 from overlaylab.cluster import Node, parallel
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import HostFacts
@@ -267,7 +267,7 @@ def _refresh(ctx: Context) -> None:
     """Facts read again where this run changed a host: a later step plans from what is, not what was."""
     stale = [ctx.nodes[n] for n in ctx.live(sorted(ctx.stale))]
     ctx.stale.clear()
-    for name, exc in parallel(stale, lambda node: cluster.read_one(ctx.inv, node)).items():
+    for name, exc in parallel(stale, lambda node: gather.read_one(ctx.inv, node)).items():
         fail(ctx, "facts", name, f"reading facts again failed: {type(exc).__name__}: {exc}")
 
 

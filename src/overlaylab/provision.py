@@ -9,6 +9,7 @@ import sys
 from fabric import Connection
 
 from overlaylab import certs, peers, render, storetls
+from overlaylab.checks import probe
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError
 from overlaylab.facts import VERIFY_SECTIONS
@@ -17,7 +18,7 @@ from overlaylab.mode import Mode
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport, columns
 from overlaylab.run import Options, mode_step, preflight_step, run_steps, run_task, verify_step
-from overlaylab.steps import anchor, consul, holdback, ports, tls
+from overlaylab.steps import anchor, consul, holdback, tls
 
 __all__ = ["Options", "bootstrap", "docker_env", "join_node", "status", "teardown", "verify_only"]
 
@@ -45,8 +46,8 @@ def _bootstrap(
     mode = mode_step(inv, nodes, report)
     preflight_step(inv, nodes, report, mode)
     targets = [only] if only else [h.name for h in inv.hosts]
-    probe = lambda: ports.check(inv, nodes, mode)  # noqa: E731
-    return run_steps(inv, opts, nodes, report, BACKENDS[mode].BOOTSTRAP, targets, probe=probe, ca=ca)
+    ports = lambda: probe.check(inv, nodes, mode)  # noqa: E731
+    return run_steps(inv, opts, nodes, report, BACKENDS[mode].BOOTSTRAP, targets, ports=ports, ca=ca)
 
 
 def bootstrap(inv: Inventory, opts: Options) -> int:

@@ -14,15 +14,16 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from overlaylab import certs, cluster
+from overlaylab import certs, cluster, gather
 from overlaylab import mode as modes
+from overlaylab.checks import preflight, probe, verify
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode
 from overlaylab.plan import Context, Step, execute, preview, replay
 from overlaylab.report import RunReport
-from overlaylab.steps import anchor, consul, ports, preflight, verify
+from overlaylab.steps import anchor, consul
 from overlaylab.topology import Topology
 
 Pipeline = Callable[..., int]
@@ -57,7 +58,7 @@ def open_nodes(
     if gone is not None:
         gone.update(missing)
     try:
-        cluster.read_facts(inv, nodes, only)
+        gather.read_facts(inv, nodes, only)
     except BaseException:
         cluster.close_all(nodes)
         raise
@@ -154,7 +155,7 @@ def run_steps(
     steps: Sequence[Step],
     targets: Sequence[str],
     teardown: bool = False,
-    probe: Callable[[], ports.Probed] | None = None,
+    ports: Callable[[], probe.Probed] | None = None,
     ca: certs.Keeper | None = None,
 ) -> int:
     """A backend's steps, dry or for real. The real run is planned whole first (a silent dry
@@ -164,9 +165,9 @@ def run_steps(
     ctx = Context(inv, opts, topo, {n.name: n for n in nodes}, tuple(targets), report, dry=False, halt=not teardown)
     ctx.ca = ca
     planned = preview(steps, ctx)
-    if probe is not None and planned.report.changes and not planned.refusals:
+    if ports is not None and planned.report.changes and not planned.refusals:
         probing = time.monotonic()
-        probed = probe()  # only where something will change: a no-op re-run stays two commands a host
+        probed = ports()  # only where something will change: a no-op re-run stays two commands a host
         report.extra["seconds_port_probe"] = round(time.monotonic() - probing, 2)
         report.extra["ports_not_probed"] = probed.unprobed
         for line in (line for found in probed.unprobed.values() for line in found):

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from overlaylab import facts, render
+from overlaylab.checks import preflight
 from overlaylab.cluster import Node
 from overlaylab.inventory import Host, Inventory
-from overlaylab.steps import preflight, swarm
+from overlaylab.steps import swarm
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = Path(__file__).parent / "golden"

@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from overlaylab import cluster as cluster_mod
-from overlaylab import run
+from overlaylab import gather, run
 from overlaylab.cluster import Node
 from overlaylab.facts import ROLE_LABEL, Attachment, HostFacts
 from overlaylab.inventory import Host, Inventory
@@ -125,7 +124,7 @@ def no_remote_services(monkeypatch: pytest.MonkeyPatch) -> None:
     """Consul's API (an SSH forward), the fact re-reads and the ping matrix need real hosts."""
     monkeypatch.setattr(consul, "wait_leader", lambda inv, node, timeout=60: "10.210.1.11:8300")
     monkeypatch.setattr(consul, "wait_registered", lambda inv, node, wanted, timeout=45: dict.fromkeys(wanted, True))
-    monkeypatch.setattr(cluster_mod, "read_one", lambda inv, node: None)
+    monkeypatch.setattr(gather, "read_one", lambda inv, node: None)
     monkeypatch.setattr(consul, "endpoints", lambda inv, node, network_id: None)  # the store cannot tell
     monkeypatch.setattr(run, "verify_step", lambda inv, nodes, report, sources=None, anchored=False: True)
 
@@ -250,7 +249,7 @@ def mended_cluster(monkeypatch: pytest.MonkeyPatch) -> tuple[Inventory, list[Fak
             node.facts.peers = {nid: {"10.210.9.9": "10.210.1.12"}} if reads["w2"] == 0 else {}
             reads["w2"] += 1
 
-    monkeypatch.setattr(cluster_mod, "read_one", read_one)
+    monkeypatch.setattr(gather, "read_one", read_one)
     return inv, nodes, log
 
 
@@ -308,7 +307,7 @@ def test_entries_toward_a_host_the_run_restarts_are_judged_after_its_restart(
         if {"w1", node.name} & set(log.commands("systemctl restart")):
             node.facts.peers = {}
 
-    monkeypatch.setattr(cluster_mod, "read_one", read_one)
+    monkeypatch.setattr(gather, "read_one", read_one)
     code, report = go(inv, nodes, kv.BOOTSTRAP)
     restarts = report.extra["restarts"]
     assert code == 0 and isinstance(restarts, dict), [o for o in report.outcomes if o["status"] == "failed"]
@@ -697,7 +696,7 @@ def test_ha_bootstrap_writes_one_key_everywhere_then_the_servers_then_the_agents
 def test_ha_mode_refuses_a_consul_older_than_1_0_in_preflight_before_anything_changes() -> None:
     inv, nodes, log = ha_cluster()
     log.consul_version = "Consul v0.5.2"
-    from overlaylab.steps import preflight
+    from overlaylab.checks import preflight
 
     problem = preflight.consul_version_problem(inv, list(nodes))
     assert problem is not None and problem[0] == "m"

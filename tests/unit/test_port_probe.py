@@ -1,5 +1,5 @@
 """Unit, real processes on loopback (no lab): the preflight's port probe's own commands
-(steps/ports.py) run by bash on this machine, with systemd's socket activation as the
+(checks/probe.py) run by bash on this machine, with systemd's socket activation as the
 listener, as on a host. Each listener reports its bind; one that cannot bind is said
 not probed, with why; a datagram that arrives after the senders finished is still
 counted (the grace), and one never sent is not."""
@@ -14,8 +14,9 @@ from typing import cast
 
 import pytest
 
+from overlaylab import ports as table
+from overlaylab.checks import probe as ports
 from overlaylab.cluster import Node
-from overlaylab.steps import ports
 
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate (package systemd) is missing"
@@ -50,8 +51,8 @@ def probe_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_a_listener_reports_its_bind_and_a_late_datagram_is_still_heard(probe_dir: Path) -> None:
     udp, tcp = (
-        ports.Port("udp", free_port(socket.SOCK_DGRAM), "t"),
-        ports.Port("tcp", free_port(socket.SOCK_STREAM), "t"),
+        table.Port("udp", free_port(socket.SOCK_DGRAM), "t", table.KERNEL, "t"),
+        table.Port("tcp", free_port(socket.SOCK_STREAM), "t", table.DOCKERD, "t"),
     )
     out = bash(ports.listen_command(cast(Node, Local("receiver")), [udp, tcp])).splitlines()
     try:
@@ -75,7 +76,7 @@ def test_a_listener_that_cannot_bind_is_not_probed_and_says_why(probe_dir: Path)
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = ports.Port("tcp", taken.getsockname()[1], "t")
+        port = table.Port("tcp", taken.getsockname()[1], "t", table.DOCKERD, "t")
         try:
             out = bash(ports.listen_command(cast(Node, Local("receiver")), [port]))
         finally:

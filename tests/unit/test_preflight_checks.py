@@ -11,11 +11,11 @@ import copy
 import dataclasses
 from pathlib import Path
 
+from overlaylab.checks import preflight, probe
 from overlaylab.cluster import Node
 from overlaylab.facts import HostFacts, Socket
 from overlaylab.inventory import Host, Inventory, Tls
 from overlaylab.mode import Mode
-from overlaylab.steps import ports, preflight
 from tests.unit.test_facts_render import FakeConn, recorded
 
 MANAGER = recorded("facts-manager-preflight.txt")
@@ -125,19 +125,19 @@ def test_the_port_probe_leaves_alone_the_ports_a_starting_daemon_of_the_cluster_
     A host whose dockerd is not the cluster's yet gets every port probed."""
     n = node()
     n.facts.sockets = []  # nothing bound yet
-    wanted = ports.wanted(INV, Mode.KV)
+    wanted = probe.wanted(INV, Mode.KV)
     assert "--cluster-advertise" in (n.facts.exec_start or "") and n.facts.consul is not None
-    assert [p.label for p in wanted if ports.claimed(INV, n, p)] == [
+    assert [p.label for p in wanted if probe.claimed(n, p)] == [
         "udp/4789 (VXLAN data)", "tcp/7946 (gossip)", "udp/7946 (gossip)", "tcp/8500 (Consul)"
     ]  # fmt: skip
     n.facts.exec_start, n.facts.consul = "/usr/sbin/dockerd -H fd://", None  # the distribution's own
-    assert [p for p in wanted if ports.claimed(INV, n, p)] == []
+    assert [p for p in wanted if probe.claimed(n, p)] == []
     n.facts.info["Swarm"] = {"LocalNodeState": "active"}
-    assert [p.label for p in wanted if ports.claimed(INV, n, p)] == [
+    assert [p.label for p in wanted if probe.claimed(n, p)] == [
         "udp/4789 (VXLAN data)", "tcp/7946 (gossip)", "udp/7946 (gossip)"
     ]  # fmt: skip
     n.facts.docker_active = "inactive"
-    assert [p for p in wanted if ports.claimed(INV, n, p)] == []
+    assert [p for p in wanted if probe.claimed(n, p)] == []
 
 
 def test_a_gossip_socket_whose_owner_ss_could_not_name_is_dockerds_only_where_dockerd_claims_the_port() -> None:

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from overlaylab import inventory, mode
+from overlaylab.checks import preflight
 from overlaylab.errors import InputError
-from overlaylab.steps import preflight, swarm
+from overlaylab.steps import swarm
 from tests.unit.test_facts_render import inv, node, recorded, with_info
 
 MGR_ADDR = "10.210.1.11:2377"

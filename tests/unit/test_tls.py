@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from overlaylab import certs, facts, inventory, provision, render
+from overlaylab.checks import preflight
 from overlaylab.errors import InputError
 from overlaylab.facts import HOST_CA, HOST_CERT, HOST_KEY
 from overlaylab.inventory import Tls
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport
 from overlaylab.run import Refused
-from overlaylab.steps import dockerd, preflight, tls
+from overlaylab.steps import dockerd, tls
 from tests.unit.test_pipelines import NAMES, FakeNode, Log, cluster, go, no_remote_services  # noqa: F401
 
 STARTED = 1_700_000_000

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from overlaylab.checks.verify import CONVERGE_SECONDS, SWARM_CONVERGE_SECONDS, ping_script, run
 from overlaylab.cluster import Node
 from overlaylab.inventory import Host
-from overlaylab.steps.verify import CONVERGE_SECONDS, SWARM_CONVERGE_SECONDS, ping_script, run
 
 FAKE_DOCKER = """#!/bin/sh
 # docker exec PROBE COMMAND...: the command runs here
@@ -70,10 +70,10 @@ def test_the_targets_are_pinged_at_once(tmp_path: Path) -> None:
 
 def test_a_failed_pair_whose_gossip_works_names_udp_4789() -> None:
     """diagnose(): facts only (each dockerd's last gossip event per peer), no host."""
+    from overlaylab.checks.verify import LIKELY_VXLAN, Matrix, diagnose
     from overlaylab.cluster import Node
     from overlaylab.facts import HostFacts
     from overlaylab.inventory import Host
-    from overlaylab.steps.verify import LIKELY_VXLAN, Matrix, diagnose
     from tests.unit.test_facts_render import FakeConn
 
     def node(name: str, alive: list[str]) -> Node:

@@ -16,12 +16,12 @@ from overlaylab.steps.consul import Consul, RemoveConsul
 from overlaylab.steps.dockerd import Dockerd, RestoreDropin
 from overlaylab.steps.holdback import Release
 from overlaylab.steps.network import Network, RemoveNetwork
+from overlaylab.steps.probes import RemoveProbes
 from overlaylab.steps.reconnect import Reconnect
 from overlaylab.steps.registered import Registered
 from overlaylab.steps.stale import MendPeers
 from overlaylab.steps.swarm import LeaveSwarm
 from overlaylab.steps.tls import Certs, RemoveCerts
-from overlaylab.steps.verify import RemoveProbes
 from overlaylab.steps.watches import StoreWatches
 
 BOOTSTRAP: tuple[Step, ...] = (

@@ -9,9 +9,9 @@ from overlaylab.steps.anchor import RemoveAnchor
 from overlaylab.steps.consul import RemoveConsul
 from overlaylab.steps.dockerd import RestoreDropin, SwarmDropin
 from overlaylab.steps.network import Network, RemoveNetwork
+from overlaylab.steps.probes import RemoveProbes
 from overlaylab.steps.swarm import LeaveSwarm, SwarmInit, SwarmJoin
 from overlaylab.steps.tls import Certs, RemoveCerts
-from overlaylab.steps.verify import RemoveProbes
 
 BOOTSTRAP: tuple[Step, ...] = (
     RemoveAnchor(Scope.TARGETS, " (a kv-mode leftover)"),

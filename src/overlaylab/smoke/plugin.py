@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from overlaylab import cluster, inventory, remote
+from overlaylab import cluster, gather, inventory, remote
 from overlaylab.cluster import Node
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL
@@ -53,7 +53,7 @@ def cluster_mode(inv: Inventory) -> str:
         return inv.mode
     nodes = cluster.connect_all(inv, list(inv.hosts), sudo_password=remote.environ_sudo_password())
     try:
-        cluster.read_facts(inv, nodes)
+        gather.read_facts(inv, nodes)
         from overlaylab import mode as modes
 
         return modes.resolve("auto", nodes)[0]
@@ -137,7 +137,7 @@ def smoke_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         nodes = cluster.connect_all(
             inv, list(inv.hosts), accept_new=accept, sudo_password=remote.environ_sudo_password()
         )
-        cluster.read_facts(inv, nodes)
+        gather.read_facts(inv, nodes)
     except OverlaylabError as exc:
         pytest.fail(f"cannot reach the cluster: {exc}", pytrace=False)
     try:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from overlaylab import certs, peers, remote, render, storetls
-from overlaylab.cluster import Forward, consul_client, parallel
+from overlaylab.cluster import parallel
+from overlaylab.consulapi import Forward, consul_client
 from overlaylab.facts import DROPIN, ROLE_LABEL
 from overlaylab.smoke.plugin import Cluster
 from overlaylab.steps import dockerd, tls

@@ -19,7 +19,8 @@ import consul
 import requests
 
 from overlaylab import render, storetls
-from overlaylab.cluster import Node, consul_client
+from overlaylab.cluster import Node
+from overlaylab.consulapi import consul_client
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL, HostFacts
 from overlaylab.inventory import FLAVOR_DATA_DIR, FLAVORS, Inventory

@@ -22,7 +22,7 @@ every other: without it, a host with users' containers is named and the run exit
 
 from __future__ import annotations
 
-from overlaylab import cluster, peers
+from overlaylab import gather, peers
 from overlaylab.cluster import Node, parallel
 from overlaylab.plan import Action, Context, Maybe, apply_one, fail
 from overlaylab.steps import anchor
@@ -77,7 +77,7 @@ class MendPeers(Dockerd):
         mended: set[str] = set()
         for done in range(PASSES + 1):
             live = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts)]
-            for name, exc in parallel(live, lambda n: cluster.read_one(ctx.inv, n)).items():
+            for name, exc in parallel(live, lambda n: gather.read_one(ctx.inv, n)).items():
                 fail(ctx, "facts", name, f"reading facts again failed: {type(exc).__name__}: {exc}")
             live = [n for n in live if n.name not in ctx.failed]
             found = {n.name: f for n in live if n.name in order and (f := peers.stale(n, live))}

@@ -34,7 +34,8 @@ import consul as consul_api
 import requests
 
 from overlaylab import facts
-from overlaylab.cluster import Node, consul_client, parallel
+from overlaylab.cluster import Node, parallel
+from overlaylab.consulapi import consul_client
 from overlaylab.errors import OverlaylabError
 from overlaylab.plan import Action, Context, Maybe, Scope, Step, fail
 from overlaylab.steps.stale import MendPeers

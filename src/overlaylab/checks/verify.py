@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from overlaylab.cluster import Node, journal, parallel
 from overlaylab.facts import PROBE_PREFIX, ROLE_LABEL
-from overlaylab.plan import Action, Context, Scope, Step
 from overlaylab.report import columns
 
 CONVERGE_SECONDS = 20
@@ -201,19 +200,3 @@ def diagnose(matrix: Matrix, nodes: list[Node]) -> dict[tuple[str, str], str]:
         ) in b.facts.gossip_alive:
             hints[(src, dst)] = LIKELY_VXLAN
     return hints
-
-
-class RemoveProbes(Step):
-    """Teardown: probes a run left behind (verify removes its own, also on failure)."""
-
-    name = "probes"
-    scope = Scope.ALL
-
-    def plan(self, ctx: Context, node: Node) -> Action | None:
-        f = node.facts
-        ours = sorted(n for n, role in {**f.containers, **f.stopped}.items() if role == "probe")
-        return Action(node.name, True, f"remove {', '.join(ours)}", data=ours) if ours else None
-
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
-        node.sh("docker rm -f " + " ".join(action.data) + " >/dev/null")
-        return f"removed {', '.join(action.data)}"

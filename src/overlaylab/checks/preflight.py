@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections import defaultdict
 
 from overlaylab import certs, render, storetls
+from overlaylab.checks import probe
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError
-from overlaylab.facts import CONSUL_GOSSIP, HostFacts, parse_version
+from overlaylab.facts import HostFacts, parse_version
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode, engine_problem
-from overlaylab.steps import consul, ports
+from overlaylab.ports import CONSUL, cluster_ports, on_host
+from overlaylab.steps import consul
 from overlaylab.topology import Topology
 
 PROBE_IMAGE = "busybox:latest"  # the anchors' and verify's probes
@@ -69,36 +71,23 @@ def port_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
     7946 listed with no process, and the heal refused as if the kernel held them."""
     f = node.facts
     consul_running = consul.running(node)
-    needs: list[tuple[str, int, str, tuple[str, ...]]] = [  # proto, port, for what, holders that are ours
-        ("tcp", 7946, "dockerd's gossip", ("dockerd",)),
-        ("udp", 7946, "dockerd's gossip", ("dockerd",)),
-        ("udp", 4789, "VXLAN data", ("",)),  # "": the kernel's own socket, a VXLAN device's
-    ]
-    if (node.host.is_manager or inv.ha) and mode == Mode.KV:
-        needs.append(("tcp", inv.consul_port, "Consul (consul.port)", ("consul",) if consul_running else ()))
-    moving = storetls.wanted(inv, [f.dropin]) == storetls.interim(inv)
-    if (node.host.is_manager or inv.ha) and mode == Mode.KV and moving:  # round 1 of storetls.py's move
-        second = "Consul's second port while the store moves between HTTP and HTTPS"
-        needs.append(("tcp", inv.consul_port + 1, second, ("consul",) if consul_running else ()))
-    if inv.ha and mode == Mode.KV:
-        mine = ("consul",) if consul_running else ()
-        needs += [("tcp", CONSUL_GOSSIP, "Consul's gossip", mine), ("udp", CONSUL_GOSSIP, "Consul's gossip", mine)]
-    if node.host.is_manager and mode == Mode.SWARM:
-        needs.append(("tcp", 2377, "swarm control", ("dockerd",)))
+    moving = storetls.wanted(inv, [f.dropin]) == storetls.interim(inv)  # round 1 of storetls.py's move
+    needs = on_host(cluster_ports(inv, mode, moving), node.host.is_manager)
     problems = []
-    for proto, port, what, ours in needs:
+    for port in needs:
+        ours = () if port.owner == CONSUL and not consul_running else (port.owner,)
         held = [
             sock
             for sock in f.sockets
-            if (sock.proto, sock.port) == (proto, port)
+            if (sock.proto, sock.port) == (port.proto, port.number)
             and sock.address in (*WILDCARD, node.advertise_ip)
             and sock.process not in ours
-            and not (not sock.process and ports.claimed(inv, node, ports.Port(proto, port, what)))
+            and not (not sock.process and probe.claimed(node, port))
         ]
         if held:
             problems.append(
-                f"{proto}/{port} on {held[0].address} is held by {held[0].holder()}; {what} needs it: stop that "
-                "program, or move it to another port"
+                f"{port.proto}/{port.number} on {held[0].address} is held by {held[0].holder()}; {port.wording} "
+                "needs it: stop that program, or move it to another port"
             )
     return problems
 

@@ -33,62 +33,42 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from overlaylab.cluster import Node, parallel
-from overlaylab.facts import CONSUL_GOSSIP
 from overlaylab.inventory import Inventory
-from overlaylab.mode import Mode
+from overlaylab.ports import CONSUL, DOCKERD, KERNEL, Port, cluster_ports, on_host
 
 SEND_TIMEOUT = 2  # seconds a TCP connect may take before its path counts as blocked
 DIR = f"/run/overlaylab-ports-{secrets.token_hex(3)}"
 
 
-@dataclass(frozen=True)
-class Port:
-    proto: str  # tcp | udp
-    number: int
-    what: str
-    manager_only: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"{self.proto}/{self.number} ({self.what})"
-
-    @property
-    def file(self) -> str:
-        return f"{DIR}/{self.proto}-{self.number}"
+def file_of(port: Port) -> str:
+    """Where a listener of ours writes what it received."""
+    return f"{DIR}/{port.proto}-{port.number}"
 
 
 def wanted(inv: Inventory, mode: str) -> list[Port]:
-    """The ports Docker's documentation lists between overlay hosts, and the manager's own."""
-    ports = [Port("udp", 4789, "VXLAN data"), Port("tcp", 7946, "gossip"), Port("udp", 7946, "gossip")]
-    if mode == Mode.SWARM:
-        return [*ports, Port("tcp", 2377, "swarm control", manager_only=True)]
-    if inv.ha:  # every host's agent: its HTTP port for its dockerd, and Consul's own gossip between all
-        return [*ports, Port("tcp", inv.consul_port, "Consul"), Port("tcp", CONSUL_GOSSIP, "Consul gossip"),
-                Port("udp", CONSUL_GOSSIP, "Consul gossip")]  # fmt: skip
-    return [*ports, Port("tcp", inv.consul_port, "Consul", manager_only=True)]
+    """The ports Docker's documentation lists between overlay hosts, and the manager's own:
+    those of the cluster's table (ports.py) that are tried between the hosts."""
+    return [p for p in cluster_ports(inv, mode) if p.probed]
 
 
 def served(node: Node, ports: list[Port]) -> list[Port]:
-    return [p for p in ports if node.host.is_manager or not p.manager_only]
+    return on_host(ports, node.host.is_manager)
 
 
 def held(node: Node, port: Port) -> bool:
     return any((s.proto, s.port) == (port.proto, port.number) for s in node.facts.sockets)
 
 
-DOCKERD_PORTS = {("udp", 4789), ("tcp", 7946), ("udp", 7946)}
-
-
-def claimed(inv: Inventory, node: Node, port: Port) -> bool:
+def claimed(node: Node, port: Port) -> bool:
     """The port belongs to a daemon of the cluster's that runs, or is starting, here, whether
-    or not it has bound it yet: a kv-mode dockerd (its --cluster-advertise), a swarm node,
-    our Consul container (restart policy always)."""
+    or not it has bound it yet: a kv-mode dockerd (its --cluster-advertise) or a swarm node
+    (its gossip, the kernel's VXLAN socket it makes, a manager's swarm port), our Consul
+    container (restart policy always)."""
     f = node.facts
-    if (port.proto, port.number) in DOCKERD_PORTS and f.docker_active in ("active", "activating", "reloading"):
+    if port.owner in (DOCKERD, KERNEL) and f.docker_active in ("active", "activating", "reloading"):
         swarm = (f.info.get("Swarm") or {}).get("LocalNodeState") == "active"
         return swarm or "--cluster-advertise" in (f.exec_start or "") or "cluster-advertise" in (f.daemon_json or {})
-    consul = {("tcp", inv.consul_port), ("tcp", CONSUL_GOSSIP), ("udp", CONSUL_GOSSIP)}
-    return (port.proto, port.number) in consul and f.consul is not None
+    return port.owner == CONSUL and f.consul is not None
 
 
 BIND_WAIT = 5.0  # seconds the listeners may take to bind (~0.1 s on the lab; more on a loaded host)
@@ -106,10 +86,10 @@ def listen_command(node: Node, ports: list[Port]) -> str:
     lines = [f"mkdir -p {DIR}"]
     for p in ports:
         mode = "-d" if p.proto == "udp" else "-a"
-        keep = shlex.quote(f"exec timeout --foreground {LIFETIME} cat >> {p.file}")
+        keep = shlex.quote(f"exec timeout --foreground {LIFETIME} cat >> {file_of(p)}")
         lines.append(
             f"setsid timeout {LIFETIME} systemd-socket-activate {mode} -l {ip}:{p.number} --inetd sh -c {keep} "
-            f"</dev/null >/dev/null 2>{p.file}.err & echo $! >> {DIR}/pids"
+            f"</dev/null >/dev/null 2>{file_of(p)}.err & echo $! >> {DIR}/pids"
         )
     bound = {
         p: f'ss -Hlnp{p.proto[0]} "sport = :{p.number}" | grep -F "{ip}:{p.number}" | grep -q systemd-socket'
@@ -123,7 +103,7 @@ def listen_command(node: Node, ports: list[Port]) -> str:
     for p, test in bound.items():
         holder = f'ss -Hlnp{p.proto[0]} "sport = :{p.number}" | grep -o "users:.*" | head -1'
         why = (
-            f'w=$(tail -c 300 {p.file}.err | tr "\n" " "); h=$({holder}); '
+            f'w=$(tail -c 300 {file_of(p)}.err | tr "\n" " "); h=$({holder}); '
             f'echo "N {p.proto} {p.number} our listener did not bind within {BIND_WAIT:.0f} s${{w:+: $w}}'
             '${h:+ (the port is held by $h)}"'
         )
@@ -153,7 +133,7 @@ def collect_command(expected: dict[Port, list[str]]) -> str:
     file holds every sender's name (a datagram is read by a listener process that socket
     activation starts only when it arrives); then prints each file (`F proto-port`, then the
     names) and removes the listeners. A path judged blocked had the whole grace to arrive."""
-    waits = " ".join(shlex.quote(f"{p.file}:{name}") for p, names in expected.items() for name in names)
+    waits = " ".join(shlex.quote(f"{file_of(p)}:{name}") for p, names in expected.items() for name in names)
     return (
         f"end=$(( $(date +%s%N) / 1000000 + {round(GRACE * 1000)} )); "
         f'for w in {waits}; do until grep -qxF "${{w#*:}}" "${{w%%:*}}" 2>/dev/null; do '
@@ -183,7 +163,7 @@ def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:
     found = Probed(defaultdict(list), defaultdict(list))
 
     def listen(node: Node) -> None:
-        free = [p for p in served(node, ports) if not held(node, p) and not claimed(inv, node, p)]
+        free = [p for p in served(node, ports) if not held(node, p) and not claimed(node, p)]
         if free:
             started.add(node.name)
             out = node.sh(listen_command(node, free), check=False).splitlines()
