@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,101 +54,6 @@ TLS_SCRIPT = (
 
 # all `fab verify` reads before its probes
 VERIFY_SECTIONS = ("hostname", "active", "addrs", "network", "gossip_events", "deaf_sandboxes", "peers", "dropin")
-
-
-def script(
-    advertise: str,
-    store: Store | None,
-    network: str,
-    ports: tuple[int, ...] = (),
-    only: tuple[str, ...] | None = None,
-) -> str:
-    """The facts script; runs under sudo. Each section may fail without stopping the rest.
-
-    The sections run at once, each into a file of its own, and are printed in order: a
-    no-op re-run waits for the slowest docker call, not the sum of ~15 (1.1 s -> see bench/).
-    ``only`` names the sections a task needs: each docker call costs ~0.07 s of the host's
-    CPU, which at 12 hosts on a small machine is seconds (`fab verify` reads three)."""
-    q = shlex.quote
-    consul = f"timeout 20 docker inspect {q(store.container)} 2>/dev/null" if store else "true"
-    manager = store is not None and store.manager
-    volume = f"docker volume inspect -f '{{{{.Name}}}}' {q(store.volume)} 2>/dev/null" if store and manager else "true"
-    # only our own Consul is asked: whatever else holds the port is none of the facts' business
-    leader = "true"
-    if store and (manager or store.server):
-        running = f"docker inspect -f '{{{{.State.Running}}}}' {q(store.container)} 2>/dev/null | grep -qx true"
-        leader = f"{running} && {{ {store_leader_script(advertise, store.port)}; }}; echo"
-    sections = [
-        ("hostname", "hostname"),
-        ("active", "systemctl is-active docker.service 2>&1"),
-        ("mainpid", "systemctl show -p MainPID --value docker.service 2>&1"),
-        ("unit", "systemctl cat docker.service 2>&1"),
-        (
-            "info",
-            f"timeout {INFO_TIMEOUT} docker info --format '{{{{json .}}}}' 2>&1 || echo \"docker info exited $?\"",
-        ),
-        ("dropin", f"test -e {DROPIN} && {{ echo present; base64 -w0 {DROPIN}; echo; }}"),
-        ("backup", f"ls {BACKUP_DIR} 2>/dev/null"),
-        ("backup_content", f"test -e {BACKUP} && base64 -w0 {BACKUP}; echo"),
-        # the costliest calls (~0.1 s of CPU each) only where their answer is not known otherwise:
-        # a running dockerd tells its version in `docker info`
-        ("binary_version", "systemctl is-active -q docker.service || dockerd --version 2>/dev/null"),
-        ("daemon_json", "cat /etc/docker/daemon.json 2>/dev/null"),
-        ("addrs", f"ip -j -4 addr show dev {q(advertise)} 2>/dev/null || ip -j -4 addr 2>/dev/null"),
-        (
-            "containers",
-            "timeout 20 docker ps -a --format '{{.Names}}\t{{.Label \"" + ROLE_LABEL + "\"}}\t{{.State}}' 2>/dev/null",
-        ),
-        ("consul", consul),
-        ("consul_volume", volume),
-        # HA mode's gossip key: a digest, to compare between hosts; the key itself is never read here
-        ("gossip_key", f"test -s {CONSUL_KEY_FILE} && sha256sum {CONSUL_KEY_FILE} | cut -c1-16"),
-        ("store_leader", leader),
-        ("network", f"timeout 20 docker network inspect {q(network)} 2>/dev/null"),
-        # the filter matches the name a container was attached by, also once the store lost it
-        (
-            "attached",
-            f"timeout 20 docker ps -aq --filter network={q(network)} | xargs -r timeout 20 docker inspect "
-            f"-f {q(attached_format(network))} 2>/dev/null",
-        ),
-        ("gossip", "ss -Hltn 'sport = :7946' 2>/dev/null"),
-        (
-            "consul_backend",
-            # a dockerd running with a cluster store in our drop-in has the backend
-            f"grep -qs -- --cluster-store= {DROPIN} && systemctl is-active -q docker.service && echo yes || "
-            '{ d=$(command -v dockerd || echo /usr/sbin/dockerd); grep -q -a libkv/store/consul "$d" && echo yes; }',
-        ),
-        # no swarm state at the default data root: no services (elsewhere, or in a swarm: ask)
-        (
-            "services",
-            'if [ -d /var/lib/docker/swarm ] && [ -z "$(ls -A /var/lib/docker/swarm)" ]; then echo 0; '
-            "else timeout 20 docker service ls -q 2>/dev/null | wc -l; fi",
-        ),
-        ("stray_threads", stray_threads_script()),
-        ("dead_watches", dead_watches_script()),
-        ("deaf_sandboxes", deaf_sandboxes_script()),
-        ("peers", PEERS_SCRIPT),
-        ("held", f"cat {HELD_FILE} 2>/dev/null"),
-        ("tls", TLS_SCRIPT),
-        ("restore_failed", RESTORE_FAILED_SCRIPT),
-        ("gossip_events", GOSSIP_EVENTS_SCRIPT),
-        ("overlays", "timeout 20 docker network ls --filter driver=overlay --format '{{.Name}}' 2>/dev/null"),
-        # preflight: who holds the cluster's ports, the kernel's VXLAN, free space, the images there
-        ("listening", f"ss -Hlntup {q('( ' + ' or '.join(f'sport = :{p}' for p in ports) + ' )')} 2>/dev/null"),
-        (
-            "kernel",
-            "uname -r; if [ -d /sys/module/vxlan ]; then echo loaded; "
-            "elif modprobe -n vxlan >/dev/null 2>&1; then echo loadable; else echo missing; fi",
-        ),
-        ("disk", "df -Pk 2>/dev/null"),
-        ("images", "timeout 20 docker images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null"),
-        ("route", "ip -4 route show default 2>/dev/null; ip -6 route show default 2>/dev/null"),
-    ]
-    if only is not None:
-        sections = [(name, command) for name, command in sections if name in only]
-    run = [f'( {command} ) > "$_o/{n}" &' for n, (_, command) in enumerate(sections)]
-    show = [f"echo '{MARK}{name}'; cat \"$_o/{n}\"" for n, (name, _) in enumerate(sections)]
-    return "\n".join(["export LC_ALL=C", "_o=$(mktemp -d)", *run, "wait", *show, f"echo '{MARK}end'", 'rm -rf "$_o"'])
 
 
 def attached_format(network: str) -> str:
@@ -624,75 +530,280 @@ class HostFacts:
         return sorted(name for name, role in self.containers.items() if not role)
 
 
-def parse(output: str, advertise: str) -> HostFacts:
-    sec = sections(output)
-    facts = HostFacts()
-    facts.hostname = sec.get("hostname", "").strip()
-    facts.docker_active = sec.get("active", "").strip()
-    pid = sec.get("mainpid", "").strip()
-    facts.docker_pid = int(pid) if pid.isdigit() else 0
-    facts.exec_start = exec_start(sec.get("unit", ""))
-    info = _json(sec.get("info", ""))
+# ---- the table: each fact's section of the script, its command and its parser ----------
+
+
+@dataclass(frozen=True)
+class Where:
+    """What a host's script is written for: its advertise setting (an interface or an IP),
+    the Consul container it looks for, the overlay network, the ports it asks about."""
+
+    advertise: str
+    store: Store | None = None
+    network: str = ""
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One section of the facts script: its name, its shell command for a host (run under
+    sudo, in parallel with the others, its failure its own), and how its output is read
+    into the host's facts. A section not asked for is not parsed: its fields keep their
+    defaults."""
+
+    name: str
+    command: Callable[[Where], str]
+    parse: Callable[[HostFacts, str, Where], None]
+
+
+def into(attr: str, read: Callable[[str], Any]) -> Callable[[HostFacts, str, Where], None]:
+    """A parser that sets one field from the section's text."""
+    return lambda facts, text, _: setattr(facts, attr, read(text))
+
+
+def number(text: str) -> int:
+    text = text.strip()
+    return int(text) if text.isdigit() else 0
+
+
+def first(text: str) -> Any:
+    """The first element of `docker inspect`'s JSON list, or None."""
+    found = _json(text)
+    return found[0] if isinstance(found, list) and found else None
+
+
+def _info(facts: HostFacts, text: str, _: Where) -> None:
+    info = _json(text)
     if isinstance(info, dict):
         facts.info = info
     else:
-        facts.info_error = sec.get("info", "").strip()[-300:]
-    dropin = sec.get("dropin", "").split("\n")
-    if dropin[0].strip() == "present":
-        facts.dropin = base64.b64decode(dropin[1].strip() if len(dropin) > 1 else "").decode(errors="replace")
-    facts.backup = sec.get("backup", "").split()
-    kept = sec.get("backup_content", "").strip()
-    facts.backup_content = base64.b64decode(kept).decode(errors="replace") if kept else None
-    facts.binary_version = sec.get("binary_version", "").strip()
-    raw_json = sec.get("daemon_json", "")
-    if raw_json.strip():
-        parsed = _json(raw_json)
+        facts.info_error = text.strip()[-300:]
+
+
+def _dropin(facts: HostFacts, text: str, _: Where) -> None:
+    lines = text.split("\n")
+    if lines[0].strip() == "present":
+        facts.dropin = base64.b64decode(lines[1].strip() if len(lines) > 1 else "").decode(errors="replace")
+
+
+def _backup_content(text: str) -> str | None:
+    kept = text.strip()
+    return base64.b64decode(kept).decode(errors="replace") if kept else None
+
+
+def _daemon_json(facts: HostFacts, text: str, _: Where) -> None:
+    if text.strip():
+        parsed = _json(text)
         if isinstance(parsed, dict):
             facts.daemon_json = parsed
         else:
             facts.daemon_json_error = "not valid JSON"
-    facts.advertise_ips = addresses(sec.get("addrs", ""), advertise)
-    for line in sec.get("containers", "").splitlines():
+
+
+def _containers(facts: HostFacts, text: str, _: Where) -> None:
+    for line in text.splitlines():
         if line.strip():
             name, role, state = ([*line.split("\t"), "", ""])[:3]
             running = state.strip() in ("", "running", "restarting")  # recorded output has no state
             (facts.containers if running else facts.stopped)[name.strip()] = role.strip()
-    consul = _json(sec.get("consul", ""))
-    facts.consul = consul[0] if isinstance(consul, list) and consul else None
-    network = _json(sec.get("network", ""))
-    facts.network = network[0] if isinstance(network, list) and network else None
-    facts.gossip = bool(sec.get("gossip", "").strip())
-    facts.consul_backend = sec.get("consul_backend", "").strip() == "yes"
-    services = sec.get("services", "0").strip()
-    facts.services = int(services) if services.isdigit() else 0
-    facts.overlays = sec.get("overlays", "").split()
-    stray = sec.get("stray_threads", "0").strip()
-    facts.stray_threads = int(stray) if stray.isdigit() else 0
-    if "dead_watches" in sec:  # not asked (a task that reads a few sections): 0, as the default
-        facts.dead_watches = parse_dead_watches(sec["dead_watches"])
-    facts.attached = parse_attached(sec.get("attached", ""))
-    facts.held = dict(line.split(None, 1) for line in sec.get("held", "").splitlines() if len(line.split()) == 2)
-    facts.deaf_sandboxes = sorted({n.partition("-")[2] for n in sec.get("deaf_sandboxes", "").split() if "-" in n})
-    facts.peers = parse_peers(sec.get("peers", ""))
-    facts.sockets = parse_sockets(sec.get("listening", ""))
-    kernel = sec.get("kernel", "").split()
-    facts.kernel_release, facts.vxlan = [*kernel, "", ""][:2]
-    facts.disk = parse_disk(sec.get("disk", ""))
-    if "images" in sec:
-        facts.images = set(sec["images"].split())
-    if "route" in sec:
-        facts.default_route = bool(sec["route"].strip())
-    facts.consul_volume = bool(sec.get("consul_volume", "").strip())
-    facts.gossip_key = sec.get("gossip_key", "").strip()
-    facts.store_leader = sec.get("store_leader", "").strip().strip('"')
-    facts.gossip_gone = gossip_gone(sec.get("gossip_events", ""))
-    facts.gossip_alive = gossip_alive(sec.get("gossip_events", ""))
-    for line in sec.get("tls", "").splitlines():
+
+
+def _kernel(facts: HostFacts, text: str, _: Where) -> None:
+    facts.kernel_release, facts.vxlan = [*text.split(), "", ""][:2]
+
+
+def _gossip_events(facts: HostFacts, text: str, _: Where) -> None:
+    facts.gossip_gone, facts.gossip_alive = gossip_gone(text), gossip_alive(text)
+
+
+def _tls(facts: HostFacts, text: str, _: Where) -> None:
+    for line in text.splitlines():
         parts = line.split()
         if parts[:1] == ["started"] and len(parts) == 2 and parts[1].isdigit():
             facts.docker_started = int(parts[1])
         elif len(parts) == 3 and parts[0].startswith(HOST_TLS + "/") and parts[1].isdigit():
             facts.tls_files[parts[0]] = (int(parts[1]), parts[2])
-    failed = sec.get("restore_failed", "0").strip()
-    facts.restore_failed = failed.isdigit() and int(failed) > 0
+
+
+def _consul_command(w: Where) -> str:
+    return f"timeout 20 docker inspect {shlex.quote(w.store.container)} 2>/dev/null" if w.store else "true"
+
+
+def _volume_command(w: Where) -> str:
+    if w.store is None or not w.store.manager:
+        return "true"
+    return f"docker volume inspect -f '{{{{.Name}}}}' {shlex.quote(w.store.volume)} 2>/dev/null"
+
+
+def _leader_command(w: Where) -> str:
+    """Only our own Consul is asked: whatever else holds the port is none of the facts' business."""
+    store = w.store
+    if store is None or not (store.manager or store.server):
+        return "true"
+    running = f"docker inspect -f '{{{{.State.Running}}}}' {shlex.quote(store.container)} 2>/dev/null | grep -qx true"
+    return f"{running} && {{ {store_leader_script(w.advertise, store.port)}; }}; echo"
+
+
+def _listening_command(w: Where) -> str:
+    wanted = shlex.quote("( " + " or ".join(f"sport = :{p}" for p in w.ports) + " )")
+    return f"ss -Hlntup {wanted} 2>/dev/null"
+
+
+def fixed(command: str) -> Callable[[Where], str]:
+    return lambda _: command
+
+
+FACTS: tuple[Fact, ...] = (
+    Fact("hostname", fixed("hostname"), into("hostname", str.strip)),
+    Fact("active", fixed("systemctl is-active docker.service 2>&1"), into("docker_active", str.strip)),
+    Fact("mainpid", fixed("systemctl show -p MainPID --value docker.service 2>&1"), into("docker_pid", number)),
+    Fact("unit", fixed("systemctl cat docker.service 2>&1"), into("exec_start", exec_start)),
+    Fact(
+        "info",
+        fixed(f"timeout {INFO_TIMEOUT} docker info --format '{{{{json .}}}}' 2>&1 || echo \"docker info exited $?\""),
+        _info,
+    ),
+    Fact("dropin", fixed(f"test -e {DROPIN} && {{ echo present; base64 -w0 {DROPIN}; echo; }}"), _dropin),
+    Fact("backup", fixed(f"ls {BACKUP_DIR} 2>/dev/null"), into("backup", str.split)),
+    Fact(
+        "backup_content",
+        fixed(f"test -e {BACKUP} && base64 -w0 {BACKUP}; echo"),
+        into("backup_content", _backup_content),
+    ),
+    # the costliest calls (~0.1 s of CPU each) only where their answer is not known otherwise:
+    # a running dockerd tells its version in `docker info`
+    Fact(
+        "binary_version",
+        fixed("systemctl is-active -q docker.service || dockerd --version 2>/dev/null"),
+        into("binary_version", str.strip),
+    ),
+    Fact("daemon_json", fixed("cat /etc/docker/daemon.json 2>/dev/null"), _daemon_json),
+    Fact(
+        "addrs",
+        lambda w: f"ip -j -4 addr show dev {shlex.quote(w.advertise)} 2>/dev/null || ip -j -4 addr 2>/dev/null",
+        lambda facts, text, w: setattr(facts, "advertise_ips", addresses(text, w.advertise)),
+    ),
+    Fact(
+        "containers",
+        fixed(
+            "timeout 20 docker ps -a --format '{{.Names}}\t{{.Label \"" + ROLE_LABEL + "\"}}\t{{.State}}' 2>/dev/null"
+        ),
+        _containers,
+    ),
+    Fact("consul", _consul_command, into("consul", first)),
+    Fact("consul_volume", _volume_command, into("consul_volume", lambda t: bool(t.strip()))),
+    # HA mode's gossip key: a digest, to compare between hosts; the key itself is never read here
+    Fact(
+        "gossip_key",
+        fixed(f"test -s {CONSUL_KEY_FILE} && sha256sum {CONSUL_KEY_FILE} | cut -c1-16"),
+        into("gossip_key", str.strip),
+    ),
+    Fact("store_leader", _leader_command, into("store_leader", lambda t: t.strip().strip('"'))),
+    Fact(
+        "network",
+        lambda w: f"timeout 20 docker network inspect {shlex.quote(w.network)} 2>/dev/null",
+        into("network", first),
+    ),
+    # the filter matches the name a container was attached by, also once the store lost it
+    Fact(
+        "attached",
+        lambda w: (
+            f"timeout 20 docker ps -aq --filter network={shlex.quote(w.network)} | xargs -r timeout 20 "
+            f"docker inspect -f {shlex.quote(attached_format(w.network))} 2>/dev/null"
+        ),
+        into("attached", parse_attached),
+    ),
+    Fact("gossip", fixed("ss -Hltn 'sport = :7946' 2>/dev/null"), into("gossip", lambda t: bool(t.strip()))),
+    Fact(
+        "consul_backend",
+        # a dockerd running with a cluster store in our drop-in has the backend
+        fixed(
+            f"grep -qs -- --cluster-store= {DROPIN} && systemctl is-active -q docker.service && echo yes || "
+            '{ d=$(command -v dockerd || echo /usr/sbin/dockerd); grep -q -a libkv/store/consul "$d" && echo yes; }'
+        ),
+        into("consul_backend", lambda t: t.strip() == "yes"),
+    ),
+    # no swarm state at the default data root: no services (elsewhere, or in a swarm: ask)
+    Fact(
+        "services",
+        fixed(
+            'if [ -d /var/lib/docker/swarm ] && [ -z "$(ls -A /var/lib/docker/swarm)" ]; then echo 0; '
+            "else timeout 20 docker service ls -q 2>/dev/null | wc -l; fi"
+        ),
+        into("services", number),
+    ),
+    Fact("stray_threads", fixed(stray_threads_script()), into("stray_threads", number)),
+    Fact("dead_watches", fixed(dead_watches_script()), into("dead_watches", parse_dead_watches)),
+    Fact(
+        "deaf_sandboxes",
+        fixed(deaf_sandboxes_script()),
+        into("deaf_sandboxes", lambda t: sorted({n.partition("-")[2] for n in t.split() if "-" in n})),
+    ),
+    Fact("peers", fixed(PEERS_SCRIPT), into("peers", parse_peers)),
+    Fact(
+        "held",
+        fixed(f"cat {HELD_FILE} 2>/dev/null"),
+        into("held", lambda t: dict(line.split(None, 1) for line in t.splitlines() if len(line.split()) == 2)),
+    ),
+    Fact("tls", fixed(TLS_SCRIPT), _tls),
+    Fact("restore_failed", fixed(RESTORE_FAILED_SCRIPT), into("restore_failed", lambda t: number(t) > 0)),
+    Fact("gossip_events", fixed(GOSSIP_EVENTS_SCRIPT), _gossip_events),
+    Fact(
+        "overlays",
+        fixed("timeout 20 docker network ls --filter driver=overlay --format '{{.Name}}' 2>/dev/null"),
+        into("overlays", str.split),
+    ),
+    # preflight: who holds the cluster's ports, the kernel's VXLAN, free space, the images there
+    Fact("listening", _listening_command, into("sockets", parse_sockets)),
+    Fact(
+        "kernel",
+        fixed(
+            "uname -r; if [ -d /sys/module/vxlan ]; then echo loaded; "
+            "elif modprobe -n vxlan >/dev/null 2>&1; then echo loadable; else echo missing; fi"
+        ),
+        _kernel,
+    ),
+    Fact("disk", fixed("df -Pk 2>/dev/null"), into("disk", parse_disk)),
+    Fact(
+        "images",
+        fixed("timeout 20 docker images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null"),
+        into("images", lambda t: set(t.split())),
+    ),
+    Fact(
+        "route",
+        fixed("ip -4 route show default 2>/dev/null; ip -6 route show default 2>/dev/null"),
+        into("default_route", lambda t: bool(t.strip())),
+    ),
+)
+
+
+def script(
+    advertise: str,
+    store: Store | None,
+    network: str,
+    ports: tuple[int, ...] = (),
+    only: tuple[str, ...] | None = None,
+) -> str:
+    """The facts script; runs under sudo. Each section may fail without stopping the rest.
+
+    The sections run at once, each into a file of its own, and are printed in order: a
+    no-op re-run waits for the slowest docker call, not the sum of ~15 (1.1 s -> see bench/).
+    ``only`` names the sections a task needs: each docker call costs ~0.07 s of the host's
+    CPU, which at 12 hosts on a small machine is seconds (`fab verify` reads three)."""
+    where = Where(advertise, store, network, ports)
+    chosen = [f for f in FACTS if only is None or f.name in only]
+    run = [f'( {f.command(where)} ) > "$_o/{n}" &' for n, f in enumerate(chosen)]
+    show = [f"echo '{MARK}{f.name}'; cat \"$_o/{n}\"" for n, f in enumerate(chosen)]
+    return "\n".join(["export LC_ALL=C", "_o=$(mktemp -d)", *run, "wait", *show, f"echo '{MARK}end'", 'rm -rf "$_o"'])
+
+
+def parse(output: str, advertise: str) -> HostFacts:
+    """The script's output read back, section by section; a section that is not there keeps
+    its fields' defaults (parsing never fails)."""
+    sec = sections(output)
+    facts = HostFacts()
+    where = Where(advertise)
+    for fact in FACTS:
+        if fact.name in sec:
+            fact.parse(facts, sec[fact.name], where)
     return facts

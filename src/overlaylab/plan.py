@@ -22,17 +22,20 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import paramiko
 
-from overlaylab import gather
+from overlaylab import certs, gather
 from overlaylab.cluster import Node, parallel
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import HostFacts
 from overlaylab.inventory import Inventory
+from overlaylab.options import Options
 from overlaylab.report import RunReport
 from overlaylab.topology import Topology
+
+P = TypeVar("P")  # a step's payload, from its plan to its apply
 
 
 class Order(Enum):
@@ -48,8 +51,9 @@ class Scope(Enum):
 
 
 @dataclass
-class Action:
-    """What one step does, or would do, on one host."""
+class Action(Generic[P]):
+    """What one step does, or would do, on one host; ``data`` is the step's own payload,
+    of the type the step declares (`Step[DropIn]`)."""
 
     host: str
     change: bool
@@ -60,8 +64,13 @@ class Action:
     check: bool = False  # no change, but the run verifies something (a leader, a registration)
     diff: str = ""
     project: Callable[[HostFacts], None] | None = None  # the change's effect on the facts, for the dry pass
-    data: Any = None  # the step's own payload (a rendered drop-in)
+    data: P | None = None  # the step's own payload (a rendered drop-in)
     reads_back: bool = False  # apply reads back what it changed into the facts: no re-read of the host after it
+
+    def payload(self) -> P:
+        """The payload the step's plan gave a changing action (a bug if there is none)."""
+        assert self.data is not None, f"{self.host}: an action without its payload"
+        return self.data
 
 
 @dataclass(frozen=True)
@@ -77,28 +86,62 @@ class Maybe:
     restart: bool = False  # the change restarts dockerd
 
 
-@dataclass
-class Context:
-    """One pass over a backend: what the steps read, and what the pass has done so far."""
+@dataclass(frozen=True)
+class RunInput:
+    """What a pass is given, and never changes: the inventory, the options, who runs what,
+    the hosts the task changes, and whether a failed host leaves the steps that follow."""
 
     inv: Inventory
-    opts: Any  # run.Options (not imported: run imports this module's users)
+    opts: Options
     topo: Topology
-    nodes: dict[str, Node]
     targets: tuple[str, ...]
-    report: RunReport
-    dry: bool
+    halt: bool = True  # teardown: False, every step tried on every host
+
+
+@dataclass
+class Ledger:
+    """What a pass has done so far (a dry pass: would do). Steps read each other's work
+    here, never from the report's words: a fresh ledger for each pass."""
+
     restarts: dict[str, str] = field(default_factory=dict)  # host -> why its dockerd restarts
-    may_restart: dict[str, str] = field(default_factory=dict)  # a dry run's host -> on what condition it may restart
-    diffs: dict[str, str] = field(default_factory=dict)
+    may_restart: dict[str, str] = field(default_factory=dict)  # a dry run's host -> on what condition it may
+    diffs: dict[str, str] = field(default_factory=dict)  # host -> its drop-in's diff
     failed: set[str] = field(default_factory=set)
     stale: set[str] = field(default_factory=set)  # hosts changed since their facts were read
     refusals: dict[str, str] = field(default_factory=dict)
     stores_made: set[str] = field(default_factory=set)  # HA: hosts whose running dockerd got its own agent made again
     consul_made: set[str] = field(default_factory=set)  # hosts whose Consul this pass (re)makes: the store goes away
-    anchor_ips: dict[str, str] = field(default_factory=dict)  # host -> its anchor's address before a restart of ours
-    halt: bool = True
-    ca: Any = None  # certs.Keeper when the inventory turns TLS on: the CA, made only when a real run needs it
+    anchors_made: set[str] = field(default_factory=set)  # hosts whose anchor this pass made (again)
+    held_addresses: dict[str, str] = field(default_factory=dict)  # host -> its anchor's address before our restart
+
+
+@dataclass
+class Context:
+    """One pass over a backend: its frozen input, the hosts (their facts change as the pass
+    goes), the report, and the ledger of what the pass has done."""
+
+    input: RunInput
+    nodes: dict[str, Node]
+    report: RunReport
+    dry: bool
+    ledger: Ledger = field(default_factory=Ledger)
+    ca: certs.Keeper | None = None  # when the inventory turns TLS on: the CA, made only when a real run needs it
+
+    @property
+    def inv(self) -> Inventory:
+        return self.input.inv
+
+    @property
+    def opts(self) -> Options:
+        return self.input.opts
+
+    @property
+    def topo(self) -> Topology:
+        return self.input.topo
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.input.targets
 
     @property
     def manager(self) -> Node:
@@ -113,26 +156,27 @@ class Context:
     def store_interrupted(self) -> bool:
         """This pass takes the store away for a while (a Consul made again, a dockerd restarted,
         which in the tutorial's layout stops the manager's Consul too), or may (a dry run)."""
-        return bool(self.restarts or self.consul_made or self.may_restart)
+        return bool(self.ledger.restarts or self.ledger.consul_made or self.ledger.may_restart)
 
     def live(self, names: Sequence[str]) -> list[str]:
         """Hosts still in the run: with ``halt``, a host that failed takes no further step."""
-        return [n for n in names if not self.halt or n not in self.failed]
+        return [n for n in names if not self.input.halt or n not in self.ledger.failed]
 
 
-class Step:
+class Step(Generic[P]):
     """One provisioning step. Subclasses set ``name``, ``scope`` and ``order``, and write
-    ``plan`` (pure) and ``apply`` (the only place that changes a host)."""
+    ``plan`` (pure) and ``apply`` (the only place that changes a host); ``P`` is the type of
+    the payload its plan hands its apply."""
 
     name: str
     scope: Scope = Scope.TARGETS
     order: Order = Order.PARALLEL
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[P] | None:
         """The action for this host, from facts only; None when the step has no business there."""
         raise NotImplementedError
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[P]) -> str:
         """Carry out one changing (or checking) action; returns what was done. Raises on failure."""
         raise NotImplementedError
 
@@ -141,7 +185,7 @@ class Step:
         (None: nothing beyond it). The run's changes are the plan's, plus some of these."""
         return None
 
-    def settle(self, ctx: Context, node: Node, action: Action) -> None:
+    def settle(self, ctx: Context, node: Node, action: Action[P]) -> None:
         """After the manager's action under MANAGER_FIRST, before any worker's (Consul's leader again)."""
 
     def hosts(self, ctx: Context) -> list[str]:
@@ -153,7 +197,7 @@ class Step:
             names = list(ctx.targets)
         return ctx.live(names)
 
-    def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+    def apply_all(self, ctx: Context, actions: list[Action[P]]) -> None:
         """Apply in this step's order; a step that acts on the group at once overrides this."""
         manager = ctx.topo.manager
         first = [a for a in actions if a.host == manager]
@@ -171,19 +215,19 @@ class Step:
                         self.settle(ctx, ctx.nodes[manager], action)
                     except OverlaylabError as exc:
                         fail(ctx, self.name, manager, f"after the manager's change: {exc}")
-            if manager in ctx.failed and first:
+            if manager in ctx.ledger.failed and first:
                 return  # the manager failed: no worker is touched
             for action in rest:
                 apply_one(ctx, self, action)
 
 
-def apply_at_once(ctx: Context, step: Step, actions: list[Action]) -> None:
+def apply_at_once(ctx: Context, step: Step[P], actions: list[Action[P]]) -> None:
     """Every action in parallel; a host's failure is recorded by apply_one, anything else is a bug."""
     for exc in parallel(actions, lambda a: apply_one(ctx, step, a), key=lambda a: a.host).values():
         raise exc
 
 
-def foundation(ctx: Context, node: Node, state: str, why: str, missing: str) -> Action | None:
+def foundation(ctx: Context, node: Node, state: str, why: str, missing: str) -> Action[Any] | None:
     """The early answers of a step on what the cluster stands on (Consul, the swarm): a
     refusal, or join-node's need for it to be there already; None when the step goes on."""
     if state == "refuse":
@@ -195,27 +239,27 @@ def foundation(ctx: Context, node: Node, state: str, why: str, missing: str) -> 
 
 def fail(ctx: Context, step: str, host: str, why: str) -> None:
     ctx.report.record(host, step, "failed", why)
-    ctx.failed.add(host)
+    ctx.ledger.failed.add(host)
 
 
 UNREACHABLE = (OSError, EOFError, paramiko.SSHException)
 
 
-def apply_one(ctx: Context, step: Step, action: Action) -> bool:
+def apply_one(ctx: Context, step: Step[Any], action: Action[Any]) -> bool:
     """Apply one action and record its outcome; True when it went well."""
     node = ctx.nodes[action.host]
     if not (action.change or action.check):
         ctx.report.record(action.host, step.name, "ok", action.detail)
         return True
     if action.restart:  # even if it then fails: its PID may change
-        add_restart(ctx.restarts, action.host, action.restart)
+        add_restart(ctx.ledger.restarts, action.host, action.restart)
     if action.diff:
-        ctx.diffs[action.host] = action.diff
+        ctx.ledger.diffs[action.host] = action.diff
     try:
         done = step.apply(ctx, node, action)
     except OverlaylabError as exc:
         fail(ctx, step.name, action.host, str(exc))
-        ctx.stale.add(action.host)
+        ctx.ledger.stale.add(action.host)
         return False
     except UNREACHABLE as exc:
         fail(ctx, step.name, action.host, f"unreachable: {type(exc).__name__}: {exc}".rstrip(": "))
@@ -224,27 +268,27 @@ def apply_one(ctx: Context, step: Step, action: Action) -> bool:
     if action.change and not action.reads_back:
         if action.project is not None:
             action.project(node.facts)  # what the host should look like now, until it is read again
-        ctx.stale.add(action.host)
+        ctx.ledger.stale.add(action.host)
     return True
 
 
-def _record_planned(ctx: Context, step: Step, action: Action) -> None:
+def _record_planned(ctx: Context, step: Step[Any], action: Action[Any]) -> None:
     if action.change:
         stops = f"; the restart stops: {', '.join(action.stops)}" if action.stops else ""
         ctx.report.record(action.host, step.name, "changed", f"would {action.detail}{stops}")
         if action.diff:
-            ctx.diffs[action.host] = action.diff
+            ctx.ledger.diffs[action.host] = action.diff
             if not ctx.report.json_mode:
                 ctx.report.note(action.diff.rstrip())
         if action.restart:
-            add_restart(ctx.restarts, action.host, action.restart)
+            add_restart(ctx.ledger.restarts, action.host, action.restart)
     elif action.refusal:
         ctx.report.record(action.host, step.name, "failed", action.refusal)
     else:
         ctx.report.record(action.host, step.name, "ok", action.detail)
     if action.refusal:
         ctx.report.record(action.host, "plan", "failed", action.refusal)
-        ctx.refusals[action.host] = action.refusal
+        ctx.ledger.refusals[action.host] = action.refusal
     if action.change and action.project is not None:
         action.project(ctx.nodes[action.host].facts)
 
@@ -255,26 +299,26 @@ def add_restart(restarts: dict[str, str], host: str, why: str) -> None:
     restarts[host] = f"{restarts[host]}; then {why}" if host in restarts and restarts[host] != why else why
 
 
-def _record_maybe(ctx: Context, step: Step, host: str, maybe: Maybe) -> None:
+def _record_maybe(ctx: Context, step: Step[Any], host: str, maybe: Maybe) -> None:
     """A dry run's conditional: said, and its restart kept apart from the certain ones."""
     what = "may restart dockerd" if maybe.restart else "may change"
     ctx.report.record(host, step.name, "may change", f"{what}, {maybe.condition}")
     if maybe.restart:
-        ctx.may_restart[host] = maybe.condition
+        ctx.ledger.may_restart[host] = maybe.condition
 
 
 def _refresh(ctx: Context) -> None:
     """Facts read again where this run changed a host: a later step plans from what is, not what was."""
-    stale = [ctx.nodes[n] for n in ctx.live(sorted(ctx.stale))]
-    ctx.stale.clear()
+    stale = [ctx.nodes[n] for n in ctx.live(sorted(ctx.ledger.stale))]
+    ctx.ledger.stale.clear()
     for name, exc in parallel(stale, lambda node: gather.read_one(ctx.inv, node)).items():
         fail(ctx, "facts", name, f"reading facts again failed: {type(exc).__name__}: {exc}")
 
 
-def execute(steps: Sequence[Step], ctx: Context) -> bool:
+def execute(steps: Sequence[Step[Any]], ctx: Context) -> bool:
     """Run the steps in order (dry or real); False when a failure stopped the run.
 
-    With ``ctx.halt``, a failed manager stops the run and a failed worker is left out
+    With ``ctx.input.halt``, a failed manager stops the run and a failed worker is left out
     of the steps that follow; without it (teardown) every step is tried on every host.
     """
     for i, step in enumerate(steps):
@@ -294,7 +338,7 @@ def execute(steps: Sequence[Step], ctx: Context) -> bool:
         for action in [a for a in actions if a.refusal]:  # facts changed since the dry pass
             fail(ctx, step.name, action.host, action.refusal or "")
         step.apply_all(ctx, [a for a in actions if not a.refusal])
-        if ctx.halt and ctx.topo.manager in ctx.failed:
+        if ctx.input.halt and ctx.topo.manager in ctx.ledger.failed:
             return False
     return True
 
@@ -304,13 +348,10 @@ def shadow(nodes: dict[str, Node]) -> dict[str, Node]:
     return {name: dataclasses.replace(node, facts=copy.deepcopy(node.facts)) for name, node in nodes.items()}
 
 
-def preview(steps: Sequence[Step], ctx: Context) -> Context:
+def preview(steps: Sequence[Step[Any]], ctx: Context) -> Context:
     """The dry pass of a real run: recorded into a report of its own, printed only if it refuses."""
     quiet = RunReport(ctx.report.task, ctx.report.hosts, ctx.report.json_mode, stream=io.StringIO())
-    # every record of what a pass did starts empty: nothing the dry pass notes reaches the run's
-    fields = dataclasses.fields(ctx)
-    fresh = {f.name: f.default_factory() for f in fields if f.default_factory is not dataclasses.MISSING}
-    dry = dataclasses.replace(ctx, nodes=shadow(ctx.nodes), report=quiet, dry=True, **fresh)
+    dry = dataclasses.replace(ctx, nodes=shadow(ctx.nodes), report=quiet, dry=True, ledger=Ledger())
     execute(steps, dry)
     return dry
 

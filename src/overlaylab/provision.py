@@ -15,9 +15,10 @@ from overlaylab.errors import InputError
 from overlaylab.facts import VERIFY_SECTIONS
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode
+from overlaylab.options import Options
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport, columns
-from overlaylab.run import Options, mode_step, preflight_step, run_steps, run_task, verify_step
+from overlaylab.run import mode_step, preflight_step, run_steps, run_task, verify_step
 from overlaylab.steps import anchor, consul, holdback, tls
 
 __all__ = ["Options", "bootstrap", "docker_env", "join_node", "status", "teardown", "verify_only"]
@@ -47,7 +48,8 @@ def _bootstrap(
     preflight_step(inv, nodes, report, mode)
     targets = [only] if only else [h.name for h in inv.hosts]
     ports = lambda: probe.check(inv, nodes, mode)  # noqa: E731
-    return run_steps(inv, opts, nodes, report, BACKENDS[mode].BOOTSTRAP, targets, ports=ports, ca=ca)
+    backend = BACKENDS[mode]
+    return run_steps(inv, opts, nodes, report, backend.BOOTSTRAP, targets, ports=ports, ca=ca, anchors=backend.ANCHORS)
 
 
 def bootstrap(inv: Inventory, opts: Options) -> int:

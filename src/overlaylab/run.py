@@ -12,7 +12,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 from overlaylab import certs, cluster, gather
 from overlaylab import mode as modes
@@ -21,26 +21,13 @@ from overlaylab.cluster import Node
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode
-from overlaylab.plan import Context, Step, execute, preview, replay
+from overlaylab.options import Options
+from overlaylab.plan import Context, RunInput, Step, execute, preview, replay
 from overlaylab.report import RunReport
 from overlaylab.steps import anchor, consul
 from overlaylab.topology import Topology
 
 Pipeline = Callable[..., int]
-
-
-@dataclass(frozen=True)
-class Options:
-    dry_run: bool = False
-    json: bool = False
-    accept_new_host_keys: bool = False
-    force_leave_swarm: bool = False
-    leave_other_swarm: bool = False
-    allow_restart: bool = False
-    reissue_certs: bool = False  # a new CA, and a new certificate for every host (tls)
-    remove_ca: bool = False  # teardown: the CA on this machine goes too
-    sudo_password: str | None = None
-    parallel: int = cluster.MAX_PARALLEL  # hosts worked on at once
 
 
 class Refused(InputError):
@@ -152,20 +139,21 @@ def run_steps(
     opts: Options,
     nodes: list[Node],
     report: RunReport,
-    steps: Sequence[Step],
+    steps: Sequence[Step[Any]],
     targets: Sequence[str],
     teardown: bool = False,
     ports: Callable[[], probe.Probed] | None = None,
     ca: certs.Keeper | None = None,
+    anchors: bool = False,
 ) -> int:
     """A backend's steps, dry or for real. The real run is planned whole first (a silent dry
     pass), so that a refusal anywhere leaves every host as it was, and its report is then
-    the dry run's: the same plan, refused."""
-    topo = Topology.of(inv)
-    ctx = Context(inv, opts, topo, {n.name: n for n in nodes}, tuple(targets), report, dry=False, halt=not teardown)
-    ctx.ca = ca
+    the dry run's: the same plan, refused. ``anchors``: the backend keeps an anchor on every
+    host (kv), which verify may ping with."""
+    given = RunInput(inv, opts, Topology.of(inv), tuple(targets), halt=not teardown)
+    ctx = Context(given, {n.name: n for n in nodes}, report, dry=False, ca=ca)
     planned = preview(steps, ctx)
-    if ports is not None and planned.report.changes and not planned.refusals:
+    if ports is not None and planned.report.changes and not planned.ledger.refusals:
         probing = time.monotonic()
         probed = ports()  # only where something will change: a no-op re-run stays two commands a host
         report.extra["seconds_port_probe"] = round(time.monotonic() - probing, 2)
@@ -177,22 +165,22 @@ def run_steps(
             report.record(host, "preflight", "failed", "; ".join(found))
         if blocked:
             raise Refused("preflight refused: " + "; ".join(f for found in blocked.values() for f in found))
-    if opts.dry_run or planned.refusals:
+    if opts.dry_run or planned.ledger.refusals:
         replay(planned, report)
-        report.extra.update(dry_run=opts.dry_run, restarts={} if planned.refusals else planned.restarts)
+        report.extra.update(dry_run=opts.dry_run, restarts={} if planned.ledger.refusals else planned.ledger.restarts)
         # what may restart besides, each on its condition (plan.Maybe); a refused run: nothing
-        report.extra["may_restart"] = {} if planned.refusals else planned.may_restart
-        report.extra["diffs"] = planned.diffs
-        if planned.refusals and not opts.dry_run:
+        report.extra["may_restart"] = {} if planned.ledger.refusals else planned.ledger.may_restart
+        report.extra["diffs"] = planned.ledger.diffs
+        if planned.ledger.refusals and not opts.dry_run:
             report.extra["refused"] = True
-            raise Refused("; ".join(f"{h}: {w}" for h, w in planned.refusals.items()))
-        if not teardown and not planned.refusals:
+            raise Refused("; ".join(f"{h}: {w}" for h, w in planned.ledger.refusals.items()))
+        if not teardown and not planned.ledger.refusals:
             for name in targets:  # join-node: the pairs of the joining worker
                 report.record(name, "verify", "skipped", "dry run: no probes started")
         if ca is not None and ca.current is None and not teardown:
             report.note(f"would make a new CA in {ca.directory}")
         report.note("dry run: nothing was changed")
-        return 2 if planned.refusals else 0
+        return 2 if planned.ledger.refusals else 0
     whole = execute(steps, ctx)
     if ca is not None and not teardown and whole:
         made = ca.admin()
@@ -200,19 +188,19 @@ def run_steps(
         for event in changes:
             report.note(event)
         report.extra["ca"] = {"directory": str(ca.directory), "changes": changes}
-    report.extra.update(restarts=ctx.restarts, diffs=ctx.diffs)
+    report.extra.update(restarts=ctx.ledger.restarts, diffs=ctx.ledger.diffs)
     if whole and not teardown:
-        live = [n for n in nodes if n.name not in ctx.failed]
-        anchored = any(isinstance(s, anchor.Anchor) for s in steps) and not ctx.joining and not report.failed
-        verify_step(inv, live, report, [n for n in live if n.name in targets] if ctx.joining else None, anchored)
+        live = [n for n in nodes if n.name not in ctx.ledger.failed]
+        anchored = anchors and not ctx.joining and not report.failed
+        sources = [n for n in live if n.name in targets] if ctx.joining else None
+        verify_step(inv, live, report, sources, anchored, made=ctx.ledger.anchors_made)
     return 1 if report.failed or not whole else 0
 
 
-def standing_anchors(inv: Inventory, nodes: list[Node], report: RunReport) -> dict[str, tuple[str, str]] | None:
+def standing_anchors(inv: Inventory, nodes: list[Node], made: set[str]) -> dict[str, tuple[str, str]] | None:
     """The anchors as verify's probes: each one running (as the facts saw it, or created by
     this run after its host's last change, the way a probe would be) and shown by the store
     with its address, on its own host's registration. Any doubt, and None: fresh probes."""
-    created = {o["host"] for o in report.outcomes if o["step"] == "anchor" and o["status"] == "changed"}
     manager = next((n for n in nodes if n.host.is_manager), None)
     held = consul.network_endpoints(inv, manager) if manager else None
     if held is None:
@@ -221,7 +209,7 @@ def standing_anchors(inv: Inventory, nodes: list[Node], report: RunReport) -> di
     for node in nodes:
         name = anchor.name(node)
         ip, on = held.get(name, ("", ""))
-        if not ip or on != node.advertise_ip or not (anchor.present(node) or node.name in created):
+        if not ip or on != node.advertise_ip or not (anchor.present(node) or node.name in made):
             return None
         found[node.name] = (name, ip)
     return found
@@ -234,16 +222,18 @@ def verify_step(
     sources: list[Node] | None = None,
     anchored: bool = False,
     problems: dict[str, str] | None = None,
+    made: set[str] | frozenset[str] = frozenset(),
 ) -> bool:
     """The ping matrix; its time and the time before it are figures of the report (bench/).
 
     ``anchored`` (a kv run that failed nowhere): the anchors ping each other, if the store
-    shows them all; only if they fail are fresh probes started, whose result stands.
+    shows them all (``made``: the hosts whose anchor this run made, after its host's last
+    change); only if they fail are fresh probes started, whose result stands.
     `fab verify` alone always starts fresh probes. ``problems`` (host -> why) fail those
     hosts whatever their probes do: what fresh probes cannot see (steps/holdback.py)."""
     before = time.monotonic()
     report.extra["seconds_to_verify"] = round(before - report.started, 2)
-    standing = standing_anchors(inv, nodes, report) if anchored else None
+    standing = standing_anchors(inv, nodes, set(made)) if anchored else None
     matrix = verify.run(inv.network, nodes, sources, standing) if standing else None
     report.extra["verified_with"] = "anchors" if matrix is not None and matrix.ok else "probes"
     if matrix is None or not matrix.ok:

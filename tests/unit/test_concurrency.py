@@ -12,6 +12,7 @@ import pytest
 from overlaylab import cluster, run
 from overlaylab.errors import InputError
 from overlaylab.inventory import Host, Inventory
+from overlaylab.options import Options
 
 
 @pytest.fixture(autouse=True)
@@ -46,4 +47,4 @@ def test_a_cap_under_1_is_refused_with_exit_2_before_any_connection(monkeypatch:
         cluster.set_parallel(0)
     monkeypatch.setattr(cluster, "connect_all", lambda *a, **k: pytest.fail("connected"))
     inv = Inventory(path=Path("inv.yaml"), cluster="lab", hosts=(Host("m", "m.example", "manager", "eth1"),))
-    assert run.run_task("verify", inv, run.Options(parallel=0, json=True), lambda *a: 0) == 2
+    assert run.run_task("verify", inv, Options(parallel=0, json=True), lambda *a: 0) == 2

@@ -24,9 +24,10 @@ from overlaylab.cluster import Node
 from overlaylab.facts import ROLE_LABEL, Attachment, HostFacts
 from overlaylab.inventory import Host, Inventory
 from overlaylab.mode import Mode
+from overlaylab.options import Options
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport
-from overlaylab.run import Options, Refused, run_steps
+from overlaylab.run import Refused, run_steps
 from overlaylab.steps import consul, dockerd, watches
 from tests import dry_run_rule
 from tests.unit.test_facts_render import FakeConn, recorded, with_info
@@ -126,7 +127,7 @@ def no_remote_services(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(consul, "wait_registered", lambda inv, node, wanted, timeout=45: dict.fromkeys(wanted, True))
     monkeypatch.setattr(gather, "read_one", lambda inv, node: None)
     monkeypatch.setattr(consul, "endpoints", lambda inv, node, network_id: None)  # the store cannot tell
-    monkeypatch.setattr(run, "verify_step", lambda inv, nodes, report, sources=None, anchored=False: True)
+    monkeypatch.setattr(run, "verify_step", lambda inv, nodes, report, sources=None, anchored=False, made=(): True)
 
 
 def go(
@@ -605,13 +606,6 @@ def test_a_restarted_hosts_anchor_asks_for_its_old_address_again() -> None:
     assert len(runs) == 1 and "--ip 10.210.9.3 " in runs[0]
 
 
-def anchors_report(created: tuple[str, ...]) -> RunReport:
-    report = RunReport("t", list(NAMES), json_mode=True, stream=io.StringIO())
-    for name in created:
-        report.record(name, "anchor", "changed", "created")
-    return report
-
-
 def test_verify_uses_the_anchors_only_when_the_store_shows_each_on_its_own_host(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -619,17 +613,17 @@ def test_verify_uses_the_anchors_only_when_the_store_shows_each_on_its_own_host(
     ips = {n.name: n.advertise_ip for n in nodes}
     held = {f"overlaylab-anchor-{n}": (f"10.0.9.{i + 2}", ips[n]) for i, n in enumerate(NAMES)}
     monkeypatch.setattr(consul, "endpoints", lambda inv, node, network_id: held)
-    assert run.standing_anchors(inv, list(nodes), anchors_report(NAMES)) == {
+    assert run.standing_anchors(inv, list(nodes), set(NAMES)) == {
         n: (f"overlaylab-anchor-{n}", f"10.0.9.{i + 2}") for i, n in enumerate(NAMES)
     }
-    assert run.standing_anchors(inv, list(nodes), anchors_report(("m", "w1"))) is None  # w2's: neither seen nor made
+    assert run.standing_anchors(inv, list(nodes), {"m", "w1"}) is None  # w2's: neither seen nor made
     for node in nodes:
         node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
-    assert run.standing_anchors(inv, list(nodes), anchors_report(())) is not None  # running, as the facts saw
+    assert run.standing_anchors(inv, list(nodes), set()) is not None  # running, as the facts saw
     held["overlaylab-anchor-w2"] = ("10.0.9.4", ips["w1"])  # the record is another host's
-    assert run.standing_anchors(inv, list(nodes), anchors_report(())) is None
+    assert run.standing_anchors(inv, list(nodes), set()) is None
     del held["overlaylab-anchor-w2"]
-    assert run.standing_anchors(inv, list(nodes), anchors_report(())) is None
+    assert run.standing_anchors(inv, list(nodes), set()) is None
 
 
 def test_swarm_mode_creates_its_network_whatever_consul_says() -> None:

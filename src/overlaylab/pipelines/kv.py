@@ -10,6 +10,8 @@ looks up its peers): the users' containers are held back over each restart
 
 from __future__ import annotations
 
+from typing import Any
+
 from overlaylab.plan import Order, Scope, Step
 from overlaylab.steps.anchor import Anchor, RemoveAnchor
 from overlaylab.steps.consul import Consul, RemoveConsul
@@ -24,7 +26,9 @@ from overlaylab.steps.swarm import LeaveSwarm
 from overlaylab.steps.tls import Certs, RemoveCerts
 from overlaylab.steps.watches import StoreWatches
 
-BOOTSTRAP: tuple[Step, ...] = (
+ANCHORS = True  # every host keeps an anchor container on the overlay (steps/anchor.py)
+
+BOOTSTRAP: tuple[Step[Any], ...] = (
     LeaveSwarm(),
     Certs(store=True),
     Consul(),
@@ -41,7 +45,7 @@ BOOTSTRAP: tuple[Step, ...] = (
     RemoveCerts(store=True),
 )
 
-TEARDOWN: tuple[Step, ...] = (
+TEARDOWN: tuple[Step[Any], ...] = (
     RemoveProbes(),
     RemoveAnchor(Scope.ALL),
     RemoveNetwork(),

@@ -4,6 +4,8 @@ network is an attachable swarm overlay."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from overlaylab.plan import Order, Scope, Step
 from overlaylab.steps.anchor import RemoveAnchor
 from overlaylab.steps.consul import RemoveConsul
@@ -13,7 +15,9 @@ from overlaylab.steps.probes import RemoveProbes
 from overlaylab.steps.swarm import LeaveSwarm, SwarmInit, SwarmJoin
 from overlaylab.steps.tls import Certs, RemoveCerts
 
-BOOTSTRAP: tuple[Step, ...] = (
+ANCHORS = False  # every host keeps an anchor container on the overlay (steps/anchor.py)
+
+BOOTSTRAP: tuple[Step[Any], ...] = (
     RemoveAnchor(Scope.TARGETS, " (a kv-mode leftover)"),
     Certs(),
     SwarmDropin(),
@@ -24,7 +28,7 @@ BOOTSTRAP: tuple[Step, ...] = (
     RemoveCerts(),
 )
 
-TEARDOWN: tuple[Step, ...] = (
+TEARDOWN: tuple[Step[Any], ...] = (
     RemoveProbes(),
     RemoveAnchor(Scope.ALL),
     RemoveNetwork(),

@@ -94,35 +94,40 @@ def stop_command(node: Node) -> str:
     return f"docker rm -f {name(node)} >/dev/null 2>&1; true"
 
 
-class Anchor(Step):
+class Anchor(Step[None]):
     """kv: one anchor per host, recreated where this run restarted the daemon (it was
     removed before the restart, and must join only once gossip has)."""
 
     name = "anchor"
     scope = Scope.ALL
 
-    def plan(self, ctx: Context, node: Node) -> Action:
-        if node.name in ctx.restarts:
-            return Action(node.name, True, "create (dockerd restarted)")
+    def plan(self, ctx: Context, node: Node) -> Action[None]:
+        def made(_: HostFacts) -> None:  # for the steps after it: the peers step, verify
+            ctx.ledger.anchors_made.add(node.name)
+
+        if node.name in ctx.ledger.restarts:
+            return Action(node.name, True, "create (dockerd restarted)", project=made)
         if present(node):
             on = node.facts.attached.get(name(node))
             if on and on.network_id in network.lost(ctx):  # the store lost the network it joined
-                return Action(node.name, True, f"recreate (it is on the lost network {on.network_id[:12]})")
+                why = f"recreate (it is on the lost network {on.network_id[:12]})"
+                return Action(node.name, True, why, project=made)
             return Action(node.name, False, "running")
-        return Action(node.name, True, "create")
+        return Action(node.name, True, "create", project=made)
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[None]) -> str:
         others = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts) if n != node.name]
         held = consul.network_endpoints(ctx.inv, ctx.manager)
         recorded = held is None or name(node) in held  # the store cannot tell: the careful way
         pinned = node.facts.attached.get(name(node))  # a stopped one keeps the address it was made with
-        ip = ctx.anchor_ips.get(node.name) or address(node) or (pinned.ip if pinned else "")
+        ip = ctx.ledger.held_addresses.get(node.name) or address(node) or (pinned.ip if pinned else "")
         witness = others[0] if others and recorded else None
         create(node, ctx.inv.network, witness=witness, recorded=recorded, ip=ip)
+        ctx.ledger.anchors_made.add(node.name)
         return "created"
 
 
-class RemoveAnchor(Step):
+class RemoveAnchor(Step[None]):
     """Teardown, and swarm mode (which needs no anchor): the anchor goes, running or not."""
 
     name = "anchor"
@@ -130,7 +135,7 @@ class RemoveAnchor(Step):
     def __init__(self, scope: Scope, why: str = "") -> None:
         self.scope, self.why = scope, why
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[None] | None:
         f = node.facts
         if f.containers.get(name(node)) != "anchor" and f.stopped.get(name(node)) != "anchor":
             return None
@@ -141,6 +146,6 @@ class RemoveAnchor(Step):
 
         return Action(node.name, True, "remove" + self.why, project=project)
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[None]) -> str:
         node.sh(f"docker rm -f {name(node)} >/dev/null")
         return "removed" + self.why

@@ -13,6 +13,7 @@ import secrets
 import shlex
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import consul
@@ -361,7 +362,20 @@ def quorum_problem(inv: Inventory, nodes: Mapping[str, Node]) -> str | None:
     )
 
 
-class Consul(Step):
+@dataclass
+class ConsulPlan:
+    """What the Consul step's plan hands its apply for one host."""
+
+    how: str  # ok | create | recreate
+    why: str
+    role: str  # server | agent
+    join: tuple[str, ...]  # the servers it retry-joins (HA)
+    key: bool  # HA's gossip key to write first
+    listeners: Listeners
+    secret: str = ""  # the gossip key, read or made once for all hosts by apply_all
+
+
+class Consul(Step[ConsulPlan]):
     """Consul with a leader; nothing else proceeds without it. One server on the manager,
     or (HA) 3 or 5 servers and a client agent on every other host, gossip encrypted.
 
@@ -382,7 +396,7 @@ class Consul(Step):
     def hosts(self, ctx: Context) -> list[str]:
         return ctx.live(list(ctx.topo.hosts)) if ctx.topo.ha or not ctx.joining else super().hosts(ctx)
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[ConsulPlan] | None:
         role = ctx.topo.consul_role(node.name)
         if role is None:
             if node.facts.containers.get(ctx.inv.consul_name) == "consul":
@@ -423,22 +437,21 @@ class Consul(Step):
             if key_missing:
                 facts.gossip_key = "(written)"
             if how != "ok":  # the store goes away for a while (steps/watches.py)
-                ctx.consul_made.add(node.name)
+                ctx.ledger.consul_made.add(node.name)
             if ctx.topo.ha and how != "ok" and facts.cluster_store:  # its dockerd ran without its store
-                ctx.stores_made.add(node.name)
+                ctx.ledger.stores_made.add(node.name)
             if fresh and role == "server" and node.host.is_manager:  # an empty store: it answers, no network
                 facts.consul_volume, facts.store_leader, facts.network = True, "(new)", None
 
-        return Action(node.name, True, detail, data={"how": how, "why": why, "role": role, "join": join,
-                                                     "key": key_missing, "listeners": listeners},
-                      project=project)  # fmt: skip
+        plan = ConsulPlan(how, why, role, join, key_missing, listeners)
+        return Action(node.name, True, detail, data=plan, project=project)
 
-    def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+    def apply_all(self, ctx: Context, actions: list[Action[ConsulPlan]]) -> None:
         """HA: the gossip key first (read from a host that has it, else made once), then the
         servers at once and their leader, then the agents at once."""
         if not ctx.topo.ha:
             return super().apply_all(ctx, actions)
-        if any(a.change and a.data["key"] for a in actions):
+        if any(a.change and a.payload().key for a in actions):
             holder = next((ctx.nodes[n] for n in ctx.topo.hosts if ctx.nodes[n].facts.gossip_key), None)
             try:
                 key = read_key(holder) if holder is not None else new_key()
@@ -448,11 +461,11 @@ class Consul(Step):
                 return None
             for a in actions:
                 if a.change:
-                    a.data["secret"] = key
+                    a.payload().secret = key
         servers = [a for a in actions if ctx.topo.consul_role(a.host) == "server"]
         apply_at_once(ctx, self, servers)
         manager = ctx.manager
-        if manager.name not in ctx.failed:
+        if manager.name not in ctx.ledger.failed:
             try:
                 wait_leader(ctx.inv, manager)
             except OverlaylabError as exc:
@@ -461,36 +474,36 @@ class Consul(Step):
         apply_at_once(ctx, self, [a for a in actions if a not in servers])
         return None
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[ConsulPlan]) -> str:
         done = action.detail
         if action.change:
-            data = action.data
-            if data["key"]:
-                node.put_secret(KEY_FILE, key_document(data["secret"]))
-            if data["how"] != "ok":
-                listeners = data["listeners"]
+            data = action.payload()
+            if data.key:
+                node.put_secret(KEY_FILE, key_document(data.secret))
+            if data.how != "ok":
+                listeners = data.listeners
                 secure = storetls.config(listeners) is not None
                 if secure and ctx.ca is not None:  # our client's certificate, before Consul asks for one
                     made = ctx.ca.admin()
                     if made:
                         ctx.ca.events.append(made)
-                timing = create(ctx.inv, node, data["how"] == "recreate", data["role"], data["join"], listeners)
+                timing = create(ctx.inv, node, data.how == "recreate", data.role, data.join, listeners)
                 if listeners:  # the leader is asked where Consul now serves (the facts are read later)
                     node.facts.consul = node.facts.consul or {}
                     storetls.set_served(node.facts.consul, listeners)
                 empty = "" if node.facts.consul_volume or not node.host.is_manager else ", with an empty store"
-                done = f"{data['how']}d ({data['why']}{empty}; {timing})"
-                if data["key"]:
+                done = f"{data.how}d ({data.why}{empty}; {timing})"
+                if data.key:
                     done += "; gossip key written"
         if ctx.topo.ha and ctx.topo.consul_role(node.name) == "server":
             return done  # the leader is awaited once all servers run (apply_all)
         leader = wait_leader(ctx.inv, node)
         if node.host.is_manager and not node.facts.store_leader:  # the facts were read while the store did not answer
-            ctx.stale.add(node.name)
+            ctx.ledger.stale.add(node.name)
         return f"{done}; leader {leader}"
 
 
-class RemoveConsul(Step):
+class RemoveConsul(Step[None]):
     """Teardown, and swarm mode (which needs no Consul): every Consul container of ours
     (the server, or HA mode's servers and agents), its volume and the gossip key go."""
 
@@ -500,7 +513,7 @@ class RemoveConsul(Step):
     def __init__(self, why: str = "", report_absent: bool = True) -> None:
         self.why, self.report_absent = why, report_absent
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[None] | None:
         if ctx.joining:
             return None  # join-node leaves the cluster's Consul alone
         f = node.facts
@@ -513,7 +526,7 @@ class RemoveConsul(Step):
 
         return Action(node.name, True, "remove Consul and its volume" + self.why, project=project)
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[None]) -> str:
         name, data = shlex.quote(ctx.inv.consul_name), shlex.quote(ctx.inv.consul_volume)
         node.sh(f"docker rm -f {name} >/dev/null && docker volume rm -f {data} >/dev/null && rm -rf {KEY_DIR}")
         return "removed" + self.why

@@ -330,7 +330,7 @@ def store_made(ctx: Context, node: Node) -> str | None:
     """HA mode: this pass made the host's own Consul agent again while its dockerd ran on it.
     Seen on the lab (the manager's agent removed and made again): its pairs with another
     host failed for over 45 s after the run, then healed by themselves."""
-    if node.name not in ctx.stores_made:
+    if node.name not in ctx.ledger.stores_made:
         return None
     return (
         "its store, this host's own Consul agent, was gone and is made again: dockerd lost its registration "
@@ -357,7 +357,7 @@ def restart_held_late(ctx: Context, node: Node) -> str:
     return f"; restarted once more to start {', '.join(held)} after its gossip (they came back before it)"
 
 
-class Dockerd(Step):
+class Dockerd(Step[DropIn]):
     """kv: the drop-in with the cluster flags, and a restart only where it changed or the
     daemon does not run as it says. The manager first, Consul's leader again, then one
     worker at a time: dockerd joins gossip through one registered neighbour and never
@@ -387,7 +387,7 @@ class Dockerd(Step):
             or network.holds_lost(ctx, node)
         )
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[DropIn] | None:
         d, _ = self.wanted(ctx, node)
         if self.round_two and not d.changed:
             return None
@@ -407,14 +407,14 @@ class Dockerd(Step):
             data=d,
         )
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[DropIn]) -> str:
         if not action.change:  # running as wanted, but its gossip port was not up yet
             wait_ready(node)
             return action.detail
-        d: DropIn = action.data
+        d = action.payload()
         held = holdback.to_hold(node)
         if ip := anchor.address(node):
-            ctx.anchor_ips.setdefault(node.name, ip)
+            ctx.ledger.held_addresses.setdefault(node.name, ip)
         before = f"{holdback.hold_command(held)} && {holdback.leave_command(node)} && {anchor.stop_command(node)}"
         between = None
         if node.facts.restore_failed:
@@ -446,7 +446,7 @@ class Dockerd(Step):
             done += restart_held_late(ctx, node)
         return done if d.changed else action.restart or done
 
-    def settle(self, ctx: Context, node: Node, action: Action) -> None:
+    def settle(self, ctx: Context, node: Node, action: Action[DropIn]) -> None:
         """Consul is a container of the manager's dockerd: a restart stopped it, and it elects again."""
         if not action.change:
             return
@@ -456,7 +456,7 @@ class Dockerd(Step):
             fail(ctx, "consul", node.name, f"after the manager's restart: {exc}")
 
 
-class RestoreDropin(Step):
+class RestoreDropin(Step[DropIn]):
     """The original drop-in back (or none, if there was none), and dockerd restarted.
 
     Teardown does it on every host that overlaylab touched; swarm mode does it first on
@@ -469,7 +469,7 @@ class RestoreDropin(Step):
     def __init__(self, cause: str, order: Order, scope: Scope, ours_only: bool) -> None:
         self.cause, self.order, self.scope, self.ours_only = cause, order, scope, ours_only
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[DropIn] | None:
         f = node.facts
         if not has_backup(node):
             if render.is_ours(f.dropin):
@@ -497,11 +497,11 @@ class RestoreDropin(Step):
             project=project,
         )
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[DropIn]) -> str:
         return restore_original(node)
 
 
-class SwarmDropin(Step):
+class SwarmDropin(Step[DropIn]):
     """Swarm mode: a drop-in of ours only to serve the API over TLS (no cluster flags: a
     swarm cannot form with them); without TLS, a drop-in of ours (a kv cluster's, or the
     TLS one) gives way to the original. The manager first, then one worker at a time."""
@@ -512,7 +512,7 @@ class SwarmDropin(Step):
     def __init__(self) -> None:
         self.restore = RestoreDropin("removing the cluster flags", Order.MANAGER_FIRST, Scope.TARGETS, ours_only=True)
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[DropIn] | None:
         if not ctx.inv.tls.docker_api:
             return self.restore.plan(ctx, node)
         f = node.facts
@@ -544,9 +544,9 @@ class SwarmDropin(Step):
             data=d,
         )
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
-        if not isinstance(action.data, DropIn):
+    def apply(self, ctx: Context, node: Node, action: Action[DropIn]) -> str:
+        d = action.data
+        if d is None:  # a kv drop-in of ours to put back first
             return self.restore.apply(ctx, node, action)
-        d: DropIn = action.data
         done = write_and_restart(d, store=False)
         return done if d.changed else action.restart or done

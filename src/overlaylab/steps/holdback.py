@@ -106,14 +106,14 @@ def parse_came_back(text: str) -> dict[str, str]:
     return held
 
 
-class Release(Step):
+class Release(Step[dict[str, str]]):
     """kv: a record of held-back containers that a stopped run left: they are started and
     their restart policies put back."""
 
     name = "held"
     scope = Scope.ALL
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[dict[str, str]] | None:
         held = node.facts.held
         if not held:
             return None
@@ -125,6 +125,6 @@ class Release(Step):
             data=held,
         )
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
-        node.sh(release_command(action.data))
-        return f"started {', '.join(action.data)}, restart policies put back"
+    def apply(self, ctx: Context, node: Node, action: Action[dict[str, str]]) -> str:
+        node.sh(release_command(action.payload()))
+        return f"started {', '.join(action.payload())}, restart policies put back"

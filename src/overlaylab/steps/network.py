@@ -32,7 +32,7 @@ def exists(inv: Inventory, data: dict[str, Any]) -> str:
     return f"{inv.network} exists ({data.get('Id', '')[:12]}, {data.get('Scope')} scope)"
 
 
-class Network(Step):
+class Network(Step[list[str]]):
     """The overlay network, created once on the manager (swarm mode: attachable). One that
     exists with other settings is a refusal: reported, never deleted."""
 
@@ -42,7 +42,7 @@ class Network(Step):
     def __init__(self, scope: str = "global") -> None:
         self.net_scope = scope
 
-    def plan(self, ctx: Context, node: Node) -> Action:
+    def plan(self, ctx: Context, node: Node) -> Action[list[str]]:
         inv, data = ctx.inv, node.facts.network
         if data is None:
             gone = lost(ctx)
@@ -63,7 +63,7 @@ class Network(Step):
             return Action(node.name, False, why, refusal=why)
         return Action(node.name, False, exists(inv, data))
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[list[str]]) -> str:
         inv = ctx.inv
         extra = " --attachable" if self.net_scope == "swarm" else ""
         subnet = f" --subnet {shlex.quote(inv.subnet)}" if inv.subnet else ""
@@ -148,13 +148,13 @@ def users(ctx: Context) -> list[str]:
     return sorted(set(found))
 
 
-class RemoveNetwork(Step):
+class RemoveNetwork(Step[None]):
     """Teardown: the network goes only when overlaylab made it and no container of the user is on it."""
 
     name = "network"
     scope = Scope.MANAGER
 
-    def plan(self, ctx: Context, node: Node) -> Action:
+    def plan(self, ctx: Context, node: Node) -> Action[None]:
         inv, data = ctx.inv, node.facts.network
         if data is None:
             return Action(node.name, False, "absent")
@@ -165,6 +165,6 @@ class RemoveNetwork(Step):
             return Action(node.name, False, f"{inv.network} kept: containers of yours are on it ({', '.join(kept)})")
         return Action(node.name, True, f"remove {inv.network}")
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[None]) -> str:
         node.sh(f"docker network rm {shlex.quote(ctx.inv.network)} >/dev/null")
         return f"removed {ctx.inv.network}"

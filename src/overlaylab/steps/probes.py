@@ -7,17 +7,17 @@ from overlaylab.cluster import Node
 from overlaylab.plan import Action, Context, Scope, Step
 
 
-class RemoveProbes(Step):
+class RemoveProbes(Step[list[str]]):
     """Teardown: probes a run left behind (verify removes its own, also on failure)."""
 
     name = "probes"
     scope = Scope.ALL
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[list[str]] | None:
         f = node.facts
         ours = sorted(n for n, role in {**f.containers, **f.stopped}.items() if role == "probe")
         return Action(node.name, True, f"remove {', '.join(ours)}", data=ours) if ours else None
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
-        node.sh("docker rm -f " + " ".join(action.data) + " >/dev/null")
-        return f"removed {', '.join(action.data)}"
+    def apply(self, ctx: Context, node: Node, action: Action[list[str]]) -> str:
+        node.sh("docker rm -f " + " ".join(action.payload()) + " >/dev/null")
+        return f"removed {', '.join(action.payload())}"

@@ -6,11 +6,12 @@ from __future__ import annotations
 import shlex
 
 from overlaylab.cluster import Node
+from overlaylab.facts import Attachment
 from overlaylab.plan import Action, Context, Scope, Step
 from overlaylab.steps import network
 
 
-class Reconnect(Step):
+class Reconnect(Step[tuple[dict[str, Attachment], list[str]]]):
     """The user's containers on a network the store lost, connected to the one made again
     by the same name: their aliases and fixed addresses kept, those that ran (or failed to
     start for want of it) started. Without this they never start again: dockerd looks up
@@ -19,7 +20,7 @@ class Reconnect(Step):
     name = "reconnect"
     scope = Scope.ALL
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[tuple[dict[str, Attachment], list[str]]] | None:
         gone = set(network.lost(ctx))
         attached = sorted(node.facts.attached.items())
         mine = {c: a for c, a in attached if a.network_id in gone and not network.ours(node, c)}
@@ -31,8 +32,8 @@ class Reconnect(Step):
         why = f"reconnect {', '.join(mine)} to {ctx.inv.network} (on the lost {ids}){then}"
         return Action(node.name, True, why, data=(mine, start))
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
-        mine, start = action.data
+    def apply(self, ctx: Context, node: Node, action: Action[tuple[dict[str, Attachment], list[str]]]) -> str:
+        mine, start = action.payload()
         net = shlex.quote(ctx.inv.network)
         commands = []
         for name, a in mine.items():

@@ -9,16 +9,16 @@ from overlaylab.plan import Action, Context, Scope, Step, fail
 from overlaylab.steps import consul
 
 
-class Registered(Step):
+class Registered(Step[None]):
     """The registrations, read through the Consul forward, all at once."""
 
     name = "registered"
     scope = Scope.ALL
 
-    def plan(self, ctx: Context, node: Node) -> Action:
+    def plan(self, ctx: Context, node: Node) -> Action[None]:
         return Action(node.name, False, f"docker/nodes/{node.advertise_ip}:2376", check=True)
 
-    def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+    def apply_all(self, ctx: Context, actions: list[Action[None]]) -> None:
         wanted = {a.host: ctx.nodes[a.host].advertise_ip for a in actions}
         try:
             registered = consul.wait_registered(ctx.inv, ctx.manager, wanted)

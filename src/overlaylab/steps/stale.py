@@ -26,7 +26,7 @@ from overlaylab import gather, peers
 from overlaylab.cluster import Node, parallel
 from overlaylab.plan import Action, Context, Maybe, apply_one, fail
 from overlaylab.steps import anchor
-from overlaylab.steps.dockerd import Dockerd, restart_refusal
+from overlaylab.steps.dockerd import Dockerd, DropIn, restart_refusal
 
 PASSES = 3
 
@@ -37,7 +37,7 @@ class MendPeers(Dockerd):
 
     name = "peers"
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[DropIn] | None:
         moved = self.moved(ctx)
         if not moved:
             return None
@@ -66,10 +66,9 @@ class MendPeers(Dockerd):
     @staticmethod
     def moved(ctx: Context) -> list[str]:
         """The hosts whose containers this run starts again: restarted, or an anchor made."""
-        anchored = {o["host"] for o in ctx.report.outcomes if o["step"] == "anchor" and o["status"] == "changed"}
-        return sorted(set(ctx.restarts) | anchored)
+        return sorted(set(ctx.ledger.restarts) | ctx.ledger.anchors_made)
 
-    def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+    def apply_all(self, ctx: Context, actions: list[Action[DropIn]]) -> None:
         if not actions:  # nothing restarted or made: no read at all (a no-op re-run's two commands a host)
             return
         checked = [a.host for a in actions]
@@ -79,14 +78,14 @@ class MendPeers(Dockerd):
             live = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts)]
             for name, exc in parallel(live, lambda n: gather.read_one(ctx.inv, n)).items():
                 fail(ctx, "facts", name, f"reading facts again failed: {type(exc).__name__}: {exc}")
-            live = [n for n in live if n.name not in ctx.failed]
+            live = [n for n in live if n.name not in ctx.ledger.failed]
             found = {n.name: f for n in live if n.name in order and (f := peers.stale(n, live))}
             if not found or done == PASSES:
                 break
             for host in order:
-                if ctx.topo.manager in ctx.failed:
+                if ctx.topo.manager in ctx.ledger.failed:
                     return  # as in the Dockerd step: a manager that failed to come up stops the run
-                if host in found and host not in ctx.failed:
+                if host in found and host not in ctx.ledger.failed:
                     self.restart(ctx, ctx.nodes[host], peers.describe(found[host]))
                     mended.add(host)
         for host in ctx.live(order):
@@ -106,7 +105,9 @@ class MendPeers(Dockerd):
         if apply_one(ctx, self, action) and node.name == ctx.topo.manager:
             self.settle(ctx, node, action)
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[DropIn]) -> str:
         done = super().apply(ctx, node, action)
-        anchor.Anchor().apply(ctx, node, action)  # removed before the restart, as in the Dockerd step
+        anchor.Anchor().apply(
+            ctx, node, Action(node.name, True, "create (dockerd restarted)")
+        )  # as in the Dockerd step
         return f"{done}; anchor made again"

@@ -32,7 +32,7 @@ def _left(facts: HostFacts) -> None:
     facts.info = {**facts.info, "Swarm": {"LocalNodeState": "inactive"}}
 
 
-class LeaveSwarm(Step):
+class LeaveSwarm(Step[None]):
     """kv: leave any swarm (the cluster store cannot coexist with swarm mode); a manager with
     services only with --force-leave-swarm. Teardown of swarm mode: the workers, then the manager."""
 
@@ -43,7 +43,7 @@ class LeaveSwarm(Step):
         self.order = Order.WORKERS_FIRST if teardown else Order.PARALLEL
         self.scope = Scope.ALL if teardown else Scope.TARGETS
 
-    def plan(self, ctx: Context, node: Node) -> Action:
+    def plan(self, ctx: Context, node: Node) -> Action[None]:
         if not needed(node):
             return Action(node.name, False, "not in a swarm")
         f = node.facts
@@ -51,7 +51,7 @@ class LeaveSwarm(Step):
         role = ", manager" if f.swarm_manager else ""
         return Action(node.name, True, f"leave the swarm (was {f.swarm_state}{role})", refusal=refused, project=_left)
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[None]) -> str:
         node.sh(
             "docker swarm leave --force >/dev/null"
             if node.facts.swarm_manager or self.teardown
@@ -121,13 +121,13 @@ def join(node: Node, manager: Node, token: str, rejoin: bool) -> str:
     return f"joined {manager.name}'s swarm"
 
 
-class SwarmInit(Step):
+class SwarmInit(Step[str]):
     """Swarm mode: the manager manages a swarm (an existing one it manages is `ok`)."""
 
     name = "swarm"
     scope = Scope.MANAGER
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[str] | None:
         state, why = manager_state(node, ctx.opts.leave_other_swarm)
         early = foundation(ctx, node, state, why, f"no swarm managed by {node.name}")
         if early is not None:
@@ -142,11 +142,11 @@ class SwarmInit(Step):
 
         return Action(node.name, True, f"initialise a swarm ({why})", data=state, project=project)
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
-        return init(node, ctx.inv.swarm_addr_pool, action.data == "reinit")
+    def apply(self, ctx: Context, node: Node, action: Action[str]) -> str:
+        return init(node, ctx.inv.swarm_addr_pool, action.payload() == "reinit")
 
 
-class SwarmJoin(Step):
+class SwarmJoin(Step[tuple[str, str]]):
     """Swarm mode: the workers join with the worker token (never printed), at once."""
 
     name = "swarm"
@@ -154,19 +154,19 @@ class SwarmJoin(Step):
     def hosts(self, ctx: Context) -> list[str]:
         return [n for n in super().hosts(ctx) if n != ctx.topo.manager]
 
-    def plan(self, ctx: Context, node: Node) -> Action:
+    def plan(self, ctx: Context, node: Node) -> Action[tuple[str, str]]:
         state, why = worker_state(node, ctx.manager, ctx.opts.leave_other_swarm)
         if state == "refuse":
             return Action(node.name, False, why, refusal=why)
         if state == "ok":
             return Action(node.name, False, why)
-        return Action(node.name, True, f"join {ctx.topo.manager}'s swarm ({why})", data=state, project=_left)
+        return Action(node.name, True, f"join {ctx.topo.manager}'s swarm ({why})", data=(state, ""), project=_left)
 
-    def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+    def apply_all(self, ctx: Context, actions: list[Action[tuple[str, str]]]) -> None:
         """The token is read once for all joins, and travels only inside this run."""
         token = worker_token(ctx.manager) if any(a.change for a in actions) else ""
-        super().apply_all(ctx, [dataclasses.replace(a, data=(a.data, token)) for a in actions])
+        super().apply_all(ctx, [dataclasses.replace(a, data=(a.payload()[0], token)) for a in actions])
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
-        state, token = action.data
+    def apply(self, ctx: Context, node: Node, action: Action[tuple[str, str]]) -> str:
+        state, token = action.payload()
         return join(node, ctx.manager, token, state == "rejoin")

@@ -96,6 +96,7 @@ def state(ctx: Context, node: Node) -> tuple[str, str]:
     """('ok'|'install'|'renew'|'refuse', why) for a host's server certificate."""
     have = HostCert.of(node.facts)
     keeper = ctx.ca
+    assert keeper is not None, "the Certs step runs only where TLS is on, with the cluster's CA read"
     ca = keeper.current
     if have.cert is None or not have.key or have.ca is None:
         missing = [n for n, there in (("ca.pem", have.ca), ("server.pem", have.cert), ("key", have.key)) if not there]
@@ -172,7 +173,7 @@ def probe(
     return status.split()[1:2] == ["200"], status
 
 
-class Certs(Step):
+class Certs(Step[str]):
     """The certificate each host serves the API (and Consul, the store) with, and presents to
     the store; a new one where it is missing, expires within 30 days, lacks one of the
     host's names, or (--reissue-certs) always. ``store``: kv mode, where `tls.store` counts."""
@@ -182,7 +183,7 @@ class Certs(Step):
     def __init__(self, store: bool = False) -> None:
         self.store = store
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[str] | None:
         if not wanted(ctx.inv, self.store):
             return None
         what, why = state(ctx, node)
@@ -199,7 +200,8 @@ class Certs(Step):
         verb = "install a server certificate" if what == "install" else "renew the server certificate"
         return Action(node.name, True, f"{verb} ({why})", project=project, data=what)
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[str]) -> str:
+        assert ctx.ca is not None, "the Certs step runs only where TLS is on, with the cluster's CA read"
         ca = ctx.ca.authority()
         ips, names = wanted_names(node)
         cert, key = certs.issue(ca, node.facts.hostname or node.name, ips=ips, names=names)
@@ -210,7 +212,7 @@ class Certs(Step):
         return f"{done}, valid until {until} for {', '.join([*ips, *names])}"
 
 
-class RemoveCerts(Step):
+class RemoveCerts(Step[None]):
     """The TLS files go once no drop-in serves them: TLS turned off (after the drop-in
     lost its flags and dockerd restarted without them), or teardown."""
 
@@ -220,7 +222,7 @@ class RemoveCerts(Step):
     def __init__(self, teardown: bool = False, store: bool = False) -> None:
         self.teardown, self.store = teardown, store
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[None] | None:
         if not node.facts.tls_files or (wanted(ctx.inv, self.store) and not self.teardown):
             return None
         if not self.teardown and node.name not in ctx.targets:
@@ -232,7 +234,7 @@ class RemoveCerts(Step):
         why = "teardown" if self.teardown else "TLS is off"
         return Action(node.name, True, f"remove the TLS files in {HOST_TLS} ({why})", project=_gone)
 
-    def apply(self, ctx: Context, node: Node, action: Action) -> str:
+    def apply(self, ctx: Context, node: Node, action: Action[None]) -> str:
         node.sh(f"rm -rf {HOST_TLS}")
         return f"removed {HOST_TLS}"
 

@@ -51,13 +51,13 @@ def stopped(count: int) -> str:
     )
 
 
-class StoreWatches(Step):
+class StoreWatches(Step[None]):
     """kv: every host whose dockerd's store watch stopped; one discovery event for all."""
 
     name = "watches"
     scope = Scope.ALL
 
-    def plan(self, ctx: Context, node: Node) -> Action | None:
+    def plan(self, ctx: Context, node: Node) -> Action[None] | None:
         count = node.facts.dead_watches
         if count != 0:
             return Action(node.name, False, f"{said(count)}: {AGAIN}", check=True)
@@ -87,7 +87,7 @@ class StoreWatches(Step):
             )
         return None
 
-    def apply_all(self, ctx: Context, actions: list[Action]) -> None:
+    def apply_all(self, ctx: Context, actions: list[Action[None]]) -> None:
         found = parallel_read(ctx, [a.host for a in actions])
         for host, count in found.items():
             if isinstance(count, str):
