@@ -8,7 +8,8 @@ import sys
 
 from fabric import Connection
 
-from overlaylab import certs, peers, render, storetls
+from overlaylab import certs, peers, render, repairs, storetls
+from overlaylab import mode as modes
 from overlaylab.checks import probe
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError
@@ -17,9 +18,11 @@ from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode
 from overlaylab.options import Options
 from overlaylab.pipelines import kv, swarm
+from overlaylab.plan import Context, RunInput
 from overlaylab.report import RunReport, columns
 from overlaylab.run import mode_step, preflight_step, run_steps, run_task, verify_step
-from overlaylab.steps import anchor, consul, holdback, tls
+from overlaylab.steps import consul, holdback, tls
+from overlaylab.topology import Topology
 
 __all__ = ["Options", "bootstrap", "docker_env", "join_node", "status", "teardown", "verify_only"]
 
@@ -110,11 +113,10 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
         except Exception as exc:
             report.note(f"Consul not readable: {exc}")
     rows = []
-    needs: dict[str, list[str]] = {}
+    needs = mends(inv, opts, nodes, report, registered)
     for node in nodes:
         f = node.facts
         is_registered = None if registered is None else f"{node.advertise_ip}:2376" in registered
-        needs[node.name] = repairs(node, manager, is_registered, nodes)
         rows.append(
             {
                 "host": node.name,
@@ -174,35 +176,18 @@ def admin_line(inv: Inventory) -> str:
     return f"admin certificate in {directory}: valid until {tls.day(certs.expires(cert))}{renew}"
 
 
-def repairs(node: Node, manager: Node, registered: bool | None, nodes: list[Node]) -> list[str]:
-    """What a bootstrap-cluster re-run would mend on a host of a kv cluster (our drop-in on it)."""
-    f = node.facts
-    if not render.is_ours(f.dropin):
-        return []
-    found = []
-    if f.docker_active != "active":
-        found.append(f"docker.service is {f.docker_active or 'not installed'}")
-    else:
-        if f.restore_failed:
-            found.append("dockerd's overlay restore failed at its start (a power cut)")
-        if f.stray_threads:
-            found.append(f"{f.stray_threads} dockerd thread(s) in a deleted network namespace")
-        if f.dead_watches is None:
-            found.append("its store watches are unknown: dockerd wrote no goroutine stack dump in time")
-        elif f.dead_watches:
-            found.append(f"{f.dead_watches} store watch(es) of dockerd stopped (new names elsewhere unresolvable)")
-        if manager.facts.network is not None and not anchor.present(node):
-            found.append("its anchor is not running")
-        if registered is False:
-            found.append("dockerd not registered in Consul")
-        if not f.gossip:
-            found.append("gossip port 7946 not listening")
-        if holdback.deaf(node):
-            found.append("its overlay sandbox never looks up peers (made before gossip, by a restart)")
-        stale = peers.stale(node, nodes)
-        if stale:
-            found.append(f"its overlay still sends {', '.join(stale)} to hosts that run no container there")
-    return found
+def mends(
+    inv: Inventory, opts: Options, nodes: list[Node], report: RunReport, registered: set[str] | None
+) -> dict[str, list[str]]:
+    """What a bootstrap-cluster re-run would mend, per host of a kv cluster (our drop-in on it),
+    as the run's own plan reads it: the list of repairs (repairs/), evaluated on these facts.
+    A host that did not answer is left out, as a run leaves a failed host out."""
+    kv = modes.resolve(inv.mode, nodes)[0] == Mode.KV
+    given = RunInput(inv, opts, Topology.of(inv), tuple(n.name for n in nodes))
+    view = Context(given, {n.name: n for n in nodes}, report, dry=True)
+    view.ledger.failed.update(h.name for h in inv.hosts if h.name not in view.nodes)
+    seen = repairs.Seen(frozenset(registered) if registered is not None else None)
+    return {n.name: repairs.found(view, n, seen) if kv and render.is_ours(n.facts.dropin) else [] for n in nodes}
 
 
 def status(inv: Inventory, opts: Options) -> int:

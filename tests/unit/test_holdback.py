@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from overlaylab import facts
-from overlaylab.steps import dockerd, holdback
+from overlaylab.plan import Context
+from overlaylab.repairs.base import Seen
+from overlaylab.repairs.deaf_sandbox import DeafSandbox
+from overlaylab.steps import holdback
 from tests.unit.test_facts_render import node, recorded
 
 NID = "276f2f1f15cafe0000000000000000000000000000000000000000000000beef"
+
+VIEW = cast(Context, None)  # the deaf-sandbox repair reads the host's own facts alone
 
 
 def _fake(root: Path, threads: dict[str, str], between: str = "true") -> str:
@@ -90,8 +96,7 @@ def test_a_deaf_sandbox_is_a_restart_reason_and_the_restart_holds_the_users_cont
     n = node(
         "bm-docker-02", _worker(True, {"users_app2": "always", "batch": "no", "overlaylab-anchor-bm-docker-02": "no"})
     )
-    d = dockerd.DropIn(n, n.facts.dropin, n.facts.dropin)
-    reason = dockerd.restart_reason(n, d, n.facts.cluster_store)
+    reason = DeafSandbox().why(VIEW, n, Seen())
     assert reason is not None and "never looks up peers" in reason
     held = holdback.to_hold(n)
     assert held == {"users_app2": "always"}  # a container without a policy does not come back; the anchor is ours
@@ -113,7 +118,7 @@ def test_the_users_running_containers_are_stopped_before_a_restart_of_ours_so_th
 
 def test_a_healthy_sandbox_is_no_restart_reason_and_swarm_mode_is_never_deaf() -> None:
     n = node("bm-docker-02", _worker(False, {"users_app2": "always"}))
-    assert dockerd.restart_reason(n, dockerd.DropIn(n, n.facts.dropin, n.facts.dropin), n.facts.cluster_store) is None
+    assert DeafSandbox().why(VIEW, n, Seen()) is None
     swarm = node("bm-docker-02", _worker(True, {}))
     swarm.facts.dropin = None  # no drop-in of ours: a swarm's sandboxes have no watcher, by design
     assert not holdback.deaf(swarm)

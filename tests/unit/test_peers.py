@@ -5,7 +5,13 @@ e2e heal tests read the same from the lab's kernels (tests/e2e/healing.stale_pee
 from __future__ import annotations
 
 from overlaylab import facts, peers, provision, render
-from tests.unit.test_facts_render import node
+from overlaylab.options import Options
+from overlaylab.plan import Context, RunInput
+from overlaylab.repairs.base import Seen
+from overlaylab.repairs.stale_peers import StalePeers
+from overlaylab.report import RunReport
+from overlaylab.topology import Topology
+from tests.unit.test_facts_render import inv, node
 
 NID = "bdfa374594bb0000000000000000000000000000000000000000000000000000"
 DROPIN = (
@@ -50,9 +56,13 @@ def test_an_address_sent_to_a_host_that_runs_no_container_there_is_stale() -> No
     assert peers.stale(one, nodes) == {} and peers.stale(three, nodes) == {}
     problems = provision.unseen_problems(nodes)
     assert list(problems) == ["bm-docker-02"] and "10.218.9.6 to bm-docker-03" in problems["bm-docker-02"]
-    assert "its overlay still sends 10.218.9.6 to hosts that run no container there" in provision.repairs(
-        two, one, True, nodes
-    )
+    # the repair the dockerd step and `fab status` read (repairs/stale_peers.py)
+    inventory = inv(*(n.host for n in nodes))
+    given = RunInput(inventory, Options(), Topology.of(inventory), tuple(n.name for n in nodes))
+    view = Context(given, {n.name: n for n in nodes}, RunReport("status", [n.name for n in nodes]), dry=True)
+    why = StalePeers(()).why(view, two, Seen())
+    assert why is not None and why.startswith("its overlay still sends 10.218.9.6 to bm-docker-03"), why
+    assert StalePeers(()).why(view, one, Seen()) is None
 
 
 def test_entries_toward_a_host_whose_truth_is_not_known_are_left_alone() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from overlaylab import gather, run
+from overlaylab import dropins, gather, run
 from overlaylab.cluster import Node
 from overlaylab.facts import ROLE_LABEL, Attachment, HostFacts
 from overlaylab.inventory import Host, Inventory
@@ -114,7 +114,7 @@ def cluster(state: str = "fresh") -> tuple[Inventory, list[FakeNode], Log]:
     inv = Inventory(path=Path("inv.yaml"), cluster="lab", hosts=hosts)
     if state != "fresh":  # recorded before the discovery and raft options: today's drop-ins and Consul
         for node in nodes:
-            node.facts.dropin = dockerd.dropin(inv, node, "10.210.1.11").wanted
+            node.facts.dropin = dropins.dropin(inv, node, "10.210.1.11").wanted
         labels = nodes[0].facts.consul["Config"]["Labels"]  # type: ignore[index]
         labels[consul.SPEC_LABEL] = consul.spec_hash(inv, "10.210.1.11")
     return inv, nodes, log
@@ -525,26 +525,30 @@ def test_swarm_teardown_leaves_with_the_workers_first_and_its_dry_run_matches() 
 
 
 def test_status_names_what_a_re_run_would_mend_on_a_kv_host() -> None:
-    from overlaylab.provision import repairs
+    """`fab status` evaluates the plan's own repairs (repairs/): the first restart reason
+    (one restart mends them all, and the plan names that one), then each other mend's."""
+    from overlaylab.provision import mends
 
-    _, nodes, _ = cluster("bootstrapped")
+    inv, nodes, _ = cluster("bootstrapped")
     manager, worker = nodes[0], nodes[1]
+    report = RunReport("status", list(NAMES), json_mode=True, stream=io.StringIO())
     worker.facts.gossip = True
     worker.facts.containers[f"overlaylab-anchor-{worker.name}"] = "anchor"
-    assert repairs(worker, manager, True, [manager, worker]) == []
+    registered = {f"{n.advertise_ip}:2376" for n in (manager, worker)}
+    assert mends(inv, Options(), [manager, worker], report, registered)[worker.name] == []
     worker.facts.containers.clear()  # its dockerd restarted: the anchor (no restart policy) stopped
     worker.facts.stray_threads = 2
     worker.facts.restore_failed = True
-    assert repairs(worker, manager, False, [manager, worker]) == [
-        "dockerd's overlay restore failed at its start (a power cut)",
-        "2 dockerd thread(s) in a deleted network namespace",
+    assert mends(inv, Options(), [manager, worker], report, {f"{manager.advertise_ip}:2376"})[worker.name] == [
+        "dockerd's overlay restore failed at its start (state left by a power cut): "
+        "no container of this host can join the overlay until it restarts",
         "its anchor is not running",
         "dockerd not registered in Consul",
     ]
     worker.facts.docker_active = "failed"
-    assert repairs(worker, manager, None, [manager, worker]) == ["docker.service is failed"]
+    assert mends(inv, Options(), [manager, worker], report, None)[worker.name] == ["docker.service is failed"]
     worker.facts.dropin = None  # not a host of a kv cluster of ours
-    assert repairs(worker, manager, False, [manager, worker]) == []
+    assert mends(inv, Options(), [manager, worker], report, registered)[worker.name] == []
 
 
 @pytest.mark.parametrize(

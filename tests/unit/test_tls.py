@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlaylab import certs, facts, inventory, provision, render
+from overlaylab import certs, dropins, facts, inventory, provision, render
 from overlaylab.checks import preflight
 from overlaylab.errors import InputError
 from overlaylab.facts import HOST_CA, HOST_CERT, HOST_KEY
@@ -21,7 +21,7 @@ from overlaylab.inventory import Tls
 from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport
 from overlaylab.run import Refused
-from overlaylab.steps import dockerd, tls
+from overlaylab.steps import tls
 from tests.unit.test_pipelines import NAMES, FakeNode, Log, cluster, go, no_remote_services  # noqa: F401
 
 STARTED = 1_700_000_000
@@ -56,7 +56,7 @@ def settled(inv: inventory.Inventory, nodes: list[FakeNode]) -> None:
     for node in nodes:
         node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
         node.facts.gossip = True
-        node.facts.dropin = dockerd.dropin(inv, node, "10.210.1.11").wanted
+        node.facts.dropin = dropins.dropin(inv, node, "10.210.1.11").wanted
 
 
 def test_the_inventory_turns_the_api_and_the_store_on(tmp_path: Path) -> None:
@@ -80,14 +80,14 @@ def test_the_inventory_turns_the_api_and_the_store_on(tmp_path: Path) -> None:
 def test_the_drop_in_serves_the_api_over_tls_and_keeps_the_distributions_socket(tmp_path: Path) -> None:
     inv, nodes, _ = cluster()
     inv = tls_inv(inv, tmp_path)
-    text = dockerd.dropin(inv, nodes[1], "10.210.1.11").wanted or ""
+    text = dropins.dropin(inv, nodes[1], "10.210.1.11").wanted or ""
     exec_start = render.split(text.split("ExecStart=")[-1])
     assert exec_start.count("-H") == 2 and "fd://" in exec_start and "tcp://0.0.0.0:2376" in exec_start
     assert "--tlsverify" in exec_start and f"--tlskey={HOST_KEY}" in exec_start
     assert render.insecure_tcp(exec_start) is None
     # a command line with no -H listened on the default socket: it stays
     assert tls.with_api(["/usr/bin/dockerd"])[:2] == ["-H", "unix:///var/run/docker.sock"]
-    off = dockerd.dropin(dataclasses.replace(inv, tls=Tls()), nodes[1], "10.210.1.11").wanted or ""
+    off = dropins.dropin(dataclasses.replace(inv, tls=Tls()), nodes[1], "10.210.1.11").wanted or ""
     assert "--tls" not in off and "tcp://" not in off
 
 
@@ -269,7 +269,7 @@ def test_join_node_installs_the_joining_workers_certificate_alone(tmp_path: Path
 def test_in_ha_mode_the_api_flags_sit_beside_the_local_agents_store(tmp_path: Path) -> None:
     inv, nodes, _ = cluster()
     inv = dataclasses.replace(tls_inv(inv, tmp_path), consul_servers=NAMES)
-    argv = render.split((dockerd.dropin(inv, nodes[1], "10.210.1.11").wanted or "").split("ExecStart=")[-1])
+    argv = render.split((dropins.dropin(inv, nodes[1], "10.210.1.11").wanted or "").split("ExecStart=")[-1])
     assert "--cluster-store=consul://127.0.0.1:8500" in argv and "tcp://0.0.0.0:2376" in argv
     assert argv.index("tcp://0.0.0.0:2376") < argv.index("--cluster-store=consul://127.0.0.1:8500")
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from overlaylab import certs, peers, remote, render, storetls
+from overlaylab import certs, dropins, peers, remote, render, storetls
 from overlaylab.cluster import parallel
 from overlaylab.consulapi import Forward, consul_client
 from overlaylab.facts import DROPIN, ROLE_LABEL
 from overlaylab.smoke.plugin import Cluster
-from overlaylab.steps import dockerd, tls
+from overlaylab.steps import tls
 from overlaylab.steps.consul import LOOPBACK
 
 LABEL = f"--label {ROLE_LABEL}=smoke"
@@ -109,7 +109,7 @@ def test_engine_version_has_the_cluster_store(smoke_cluster: Cluster, host: str)
 def test_dockerd_runs_with_our_cluster_flags(smoke_cluster: Cluster, host: str) -> None:
     c = smoke_cluster
     args = c.sh(host, "ps -o args= -C dockerd", check=False)
-    store = f"--cluster-store=consul://{dockerd.store_ip(c.inv, c.manager.advertise_ip)}:{c.inv.consul_port}"
+    store = f"--cluster-store=consul://{dropins.store_ip(c.inv, c.manager.advertise_ip)}:{c.inv.consul_port}"
     advertise = f"--cluster-advertise={c.nodes[host].host.advertise}:2376"
     assert store in args and advertise in args, (
         f"{host}: dockerd runs `{args or 'nothing'}`, wanted {store} {advertise}"
@@ -121,7 +121,7 @@ def test_drop_in_on_disk_is_what_the_templates_render(smoke_cluster: Cluster, ho
     c = smoke_cluster
     node = c.nodes[host]
     assert render.is_ours(node.facts.dropin), f"{host}: {DROPIN} is missing or not overlaylab's"
-    wanted = dockerd.dropin(c.inv, node, c.manager.advertise_ip)
+    wanted = dropins.dropin(c.inv, node, c.manager.advertise_ip)
     assert not wanted.changed, f"{host}: the drop-in drifted from the templates:\n{wanted.diff()}"
 
 

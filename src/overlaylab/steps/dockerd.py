@@ -8,14 +8,13 @@ kept on the host and never overwritten, for teardown.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from overlaylab import peers, render, storetls
+from overlaylab import dropins, render, repairs
 from overlaylab.cluster import Node, journal, write_file_command
+from overlaylab.dropins import DropIn
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import (
     BACKUP,
@@ -28,55 +27,11 @@ from overlaylab.facts import (
 )
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Order, Scope, Step, fail
-from overlaylab.steps import anchor, consul, holdback, network, tls
+from overlaylab.repairs.base import restart_refusal
+from overlaylab.steps import anchor, consul, holdback, tls
 from overlaylab.storetls import Listener
 
 READY_TIMEOUT = 60  # dockerd answering, cluster store in docker info, gossip listening
-
-
-@dataclass(frozen=True)
-class DropIn:
-    """The drop-in a host should have, next to the one it has."""
-
-    node: Node
-    wanted: str | None  # None: no drop-in (teardown when there was none before)
-    current: str | None
-
-    @property
-    def changed(self) -> bool:
-        return self.wanted != self.current
-
-    @property
-    def store_move(self) -> str:
-        """Where its store moves (storetls.py's rounds), as the report says it; "" if it stays."""
-        was, now = storetls.uses(self.current), storetls.uses(self.wanted)
-        return f"{now[0]} on :{now[1]}" if was and now and was != now else ""
-
-    def diff(self) -> str:
-        before = (self.current or "").splitlines(keepends=True)
-        after = (self.wanted or "").splitlines(keepends=True)
-        label = f"{self.node.name}:{DROPIN}"
-        return "".join(difflib.unified_diff(before, after, f"{label} (now)", f"{label} (wanted)"))
-
-
-def store_ip(inv: Inventory, manager_ip: str) -> str:
-    """Where a dockerd finds its cluster store: the manager's Consul, or in HA mode its own
-    host's agent (libkv's Consul backend takes a single address)."""
-    return consul.LOOPBACK if inv.ha else manager_ip
-
-
-def dropin(inv: Inventory, node: Node, manager_ip: str, store: Listener | None = None) -> DropIn:
-    """What the templates render for this host from dockerd's command line before overlaylab.
-    ``store``: the scheme and port its store is reached at (default: where it ends up)."""
-    base = render.base_command(node.facts.exec_start, node.facts.dropin)
-    scheme, port = store or storetls.final(inv)[0]
-    api = tuple(tls.with_api(base)) if inv.tls.docker_api else ()
-    secure = tuple(storetls.kv_opts()) if scheme == storetls.HTTPS else ()
-    argv = render.cluster_argv(
-        base, store_ip(inv, manager_ip), port, node.host.advertise, inv.extra_flags, inv.discovery, api, secure
-    )
-    wanted = render.render(inv.cluster, base, argv, BACKUP_DIR)
-    return DropIn(node, wanted, node.facts.dropin)
 
 
 def _backup_command() -> str:
@@ -194,51 +149,6 @@ def wait_rejoined(ctx: Context, node: Node, timeout: float = 90) -> None:
         time.sleep(1)
 
 
-def partitioned(ctx: Context, node: Node) -> str | None:
-    """A dockerd cut off from most of the cluster's gossip: it last saw more than half of its
-    peers fail or leave, and they run, in the cluster, gossip port up. dockerd joins one
-    neighbour once and does not rejoin by itself; serf's own reconnect comes after 30 s or
-    more, by chance. A restart joins it again; its peers, each of which misses only it,
-    need none (in a 3-host cluster whose manager was cut off: the manager alone)."""
-    if not (node.facts.gossip and node.facts.cluster_store):
-        return None
-    peers = {
-        (ctx.nodes[n].facts.hostname or n): n
-        for n in ctx.live(ctx.topo.hosts)
-        if n != node.name and ctx.nodes[n].facts.gossip and ctx.nodes[n].facts.cluster_store
-    }
-    gone = sorted(peers[h] for h in node.facts.gossip_gone if h in peers)
-    if not peers or len(gone) * 2 <= len(peers):
-        return None
-    return f"its gossip last saw {', '.join(gone)} fail and never joined them again, while they run"
-
-
-def stale_peers(ctx: Context, node: Node, own: Callable[[Node], str | None]) -> str | None:
-    """Its overlay's peer table holds addresses no host serves where it sends them (peers.py).
-
-    An entry toward a host that this run restarts for a reason of its own (``own``) is not
-    judged here: that host's containers are not where they will be (after a power cut, none
-    runs on the overlay until its restart), and the peers step judges every entry again
-    after the restarts (steps/stale.py). Judged now, it restarted every other host of a
-    lab whose worker lost its power, for addresses its containers took again (CI's heal
-    module, once the test read the entries itself)."""
-    live = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts)]
-    found = peers.stale(node, live)
-    if not found:
-        return None
-    targets = set(ctx.targets)  # join-node restarts its worker alone: the others stay as they are
-    restarting = {
-        n.name
-        for n in live
-        if n.name in found.values()
-        and n.name in targets
-        and (why := own(n)) is not None
-        and restart_refusal(n, why, ctx.opts.allow_restart) is None
-    }
-    found = {ip: host for ip, host in found.items() if host not in restarting}
-    return peers.describe(found) if found else None
-
-
 def clearing_restart(inv: Inventory, node: Node, d: DropIn) -> str:
     """One start of dockerd without the cluster flags, then the wanted drop-in back in place.
 
@@ -266,14 +176,6 @@ def has_backup(node: Node) -> bool:
     return Path(BACKUP).name in node.facts.backup or Path(BACKUP_ABSENT).name in node.facts.backup
 
 
-def restart_refusal(node: Node, cause: str, allow_restart: bool) -> str | None:
-    """A restart stops the host's running containers: a user's only with --allow-restart."""
-    running = node.facts.foreign_containers
-    if not running or allow_restart:
-        return None
-    return f"{cause}: restarting dockerd stops {', '.join(running)}; pass --allow-restart to go ahead"
-
-
 def wait_ready(node: Node) -> None:
     code, out, _ = node.result(_ready_command(READY_TIMEOUT))
     if code != 0:
@@ -291,51 +193,6 @@ def restore_original(node: Node) -> str:
     if code != 0:
         raise OverlaylabError(f"restoring the original drop-in failed: {(err or out).strip()[-300:]}\n{journal(node)}")
     return "original drop-in restored" if original else "drop-in removed (there was none before)"
-
-
-def restart_reason(node: Node, d: DropIn, wanted_store: str) -> str | None:
-    """Why dockerd must restart, or None: only a changed drop-in or a daemon not running as wanted."""
-    f = node.facts
-    if d.changed:
-        return "drop-in changed"
-    if f.docker_active != "active":
-        return f"docker.service is {f.docker_active}"
-    if f.cluster_store != wanted_store:
-        return f"dockerd runs with cluster store {f.cluster_store or 'none'}, the drop-in says {wanted_store}"
-    moved = node.address_moved()
-    if moved:
-        return moved
-    if f.restore_failed:
-        return (
-            "dockerd's overlay restore failed at its start (state left by a power cut): "
-            "no container of this host can join the overlay until it restarts"
-        )
-    reload = tls.reload_reason(node)
-    if reload:
-        return reload
-    if holdback.deaf(node):
-        return (
-            "its overlay sandbox was made before its gossip (a restart brought containers back first), "
-            "so it never looks up peers; restarted, those containers started after gossip"
-        )
-    if f.stray_threads:
-        return (
-            f"dockerd has {f.stray_threads} thread(s) left in a deleted network namespace (Docker 20.10 overlay "
-            "defect, see steps/anchor.py): restarted to clear them"
-        )
-    return None
-
-
-def store_made(ctx: Context, node: Node) -> str | None:
-    """HA mode: this pass made the host's own Consul agent again while its dockerd ran on it.
-    Seen on the lab (the manager's agent removed and made again): its pairs with another
-    host failed for over 45 s after the run, then healed by themselves."""
-    if node.name not in ctx.ledger.stores_made:
-        return None
-    return (
-        "its store, this host's own Consul agent, was gone and is made again: dockerd lost its registration "
-        "and its gossip with it, and takes them back only slowly by itself"
-    )
 
 
 def restart_held_late(ctx: Context, node: Node) -> str:
@@ -373,25 +230,15 @@ class Dockerd(Step[DropIn]):
     @staticmethod
     def wanted(ctx: Context, node: Node) -> tuple[DropIn, Listener]:
         """The drop-in for this host, and where its store is served now."""
-        own = node if ctx.topo.ha else ctx.manager  # the Consul its store is: HA mode's own agent
-        store = storetls.target(ctx.inv, storetls.served(own.facts.consul, ctx.inv.consul_port))
-        return dropin(ctx.inv, node, ctx.manager.advertise_ip, store), store
-
-    def own_reason(self, ctx: Context, node: Node) -> str | None:
-        """Why this host's dockerd restarts, but for what another host's restart may mend."""
-        d, store = self.wanted(ctx, node)
-        return (
-            restart_reason(node, d, render.store_url(store_ip(ctx.inv, ctx.manager.advertise_ip), store[1]))
-            or partitioned(ctx, node)
-            or store_made(ctx, node)
-            or network.holds_lost(ctx, node)
-        )
+        found = dropins.wanted(ctx, node)
+        assert found is not None, "a run has its manager"
+        return found
 
     def plan(self, ctx: Context, node: Node) -> Action[DropIn] | None:
         d, _ = self.wanted(ctx, node)
         if self.round_two and not d.changed:
             return None
-        reason = self.own_reason(ctx, node) or stale_peers(ctx, node, lambda n: self.own_reason(ctx, n))
+        reason = repairs.first(repairs.RESTARTS, ctx, node)
         if reason is None:
             return Action(node.name, False, "drop-in up to date, dockerd running with it", check=not node.facts.gossip)
         moves = f" (its store moves to {d.store_move})" if d.store_move else ""

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from overlaylab import gather, peers
 from overlaylab.cluster import Node, parallel
+from overlaylab.dropins import DropIn
 from overlaylab.plan import Action, Context, Maybe, apply_one, fail
+from overlaylab.repairs.base import restart_refusal
 from overlaylab.steps import anchor
-from overlaylab.steps.dockerd import Dockerd, DropIn, restart_refusal
+from overlaylab.steps.dockerd import Dockerd
 
 PASSES = 3
 

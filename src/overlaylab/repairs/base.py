@@ -1,0 +1,53 @@
+"""What a repair is: a reason to mend one host, read from the facts (and the pass's ledger),
+that answers why, or None. The dockerd step restarts for the first restart reason of the
+list that answers; `fab status` says that one and every other mend's (repairs/__init__.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from overlaylab.cluster import Node
+from overlaylab.plan import Context
+
+
+class Mend(Enum):
+    """How a re-run mends what a repair finds."""
+
+    RESTART = "restarts its dockerd"
+    ANCHOR = "makes its anchor again"
+    WATCH = "starts its store watch again"
+    WAIT = "waits for it"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What `fab status` reads beyond the facts: the store's registrations (None: not read)."""
+
+    registered: frozenset[str] | None = None
+
+
+NOTHING_SEEN = Seen()  # a run's plan reads the facts alone
+
+
+class Repair:
+    """One reason; subclasses set ``mend`` and write ``why``."""
+
+    mend: Mend = Mend.RESTART
+
+    def why(self, ctx: Context, node: Node, seen: Seen) -> str | None:
+        raise NotImplementedError
+
+
+def first(repairs: Iterable[Repair], ctx: Context, node: Node, seen: Seen = NOTHING_SEEN) -> str | None:
+    """The first reason of the list that answers for this host."""
+    return next((why for r in repairs if (why := r.why(ctx, node, seen))), None)
+
+
+def restart_refusal(node: Node, cause: str, allow_restart: bool) -> str | None:
+    """A restart stops the host's running containers: a user's only with --allow-restart."""
+    running = node.facts.foreign_containers
+    if not running or allow_restart:
+        return None
+    return f"{cause}: restarting dockerd stops {', '.join(running)}; pass --allow-restart to go ahead"

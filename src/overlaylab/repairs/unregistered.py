@@ -1,0 +1,17 @@
+"""dockerd is not registered in the store (docker/nodes/): the other hosts' discovery does
+not see it, and its gossip joins no one; a re-run waits for its registration."""
+
+from __future__ import annotations
+
+from overlaylab.cluster import Node
+from overlaylab.plan import Context
+from overlaylab.repairs.base import Mend, Repair, Seen
+
+
+class Unregistered(Repair):
+    mend = Mend.WAIT
+
+    def why(self, ctx: Context, node: Node, seen: Seen) -> str | None:
+        if seen.registered is None or node.facts.docker_active != "active" or not node.advertise_ip:
+            return None
+        return None if f"{node.advertise_ip}:2376" in seen.registered else "dockerd not registered in Consul"
