@@ -14,6 +14,7 @@ from overlaylab.inventory import Inventory
 from overlaylab.plan import Context
 from overlaylab.steps import consul, tls
 from overlaylab.storetls import Listener
+from overlaylab.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class DropIn:
 def store_ip(inv: Inventory, manager_ip: str) -> str:
     """Where a dockerd finds its cluster store: the manager's Consul, or in HA mode its own
     host's agent (libkv's Consul backend takes a single address)."""
-    return consul.LOOPBACK if inv.ha else manager_ip
+    return consul.LOOPBACK if Topology.of(inv).ha else manager_ip
 
 
 def dropin(inv: Inventory, node: Node, manager_ip: str, store: Listener | None = None) -> DropIn:

@@ -13,14 +13,18 @@ from overlaylab.cluster import Node, parallel
 from overlaylab.consulapi import consul_client
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Inventory
+from overlaylab.topology import Topology
 
 
 def read_one(inv: Inventory, node: Node, only: tuple[str, ...] | None = None) -> None:
     """One remote command; read again by a run wherever it changed the host."""
-    manager = node.host.is_manager
-    server = inv.ha and node.name in inv.servers
+    topo = Topology.of(inv)
+    manager = node.name == topo.manager
+    server = topo.ha and topo.consul_role(node.name) == "server"
     store = (
-        facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port, manager, server) if manager or inv.ha else None
+        facts.Store(inv.consul_name, inv.consul_volume, inv.consul_port, manager, server)
+        if manager or topo.ha
+        else None
     )
     _, out, err = node.result(facts.script(node.host.advertise, store, inv.network, ports.watched(inv), only))
     if facts.MARK + "end" not in out:

@@ -43,6 +43,9 @@ FLAVORS = {
 FLAVOR_DATA_DIR = {"progrium": "/data", "hashicorp": "/consul/data"}
 
 
+MANAGER = "manager"  # a host's role; the topology (topology.py) answers who is what
+
+
 @dataclass(frozen=True)
 class Host:
     name: str
@@ -51,10 +54,6 @@ class Host:
     advertise: str
     user: str | None = None
     port: int | None = None
-
-    @property
-    def is_manager(self) -> bool:
-        return self.role == "manager"
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ class Inventory:
 
     @property
     def manager(self) -> Host:
-        return next(h for h in self.hosts if h.is_manager)
+        return next(h for h in self.hosts if h.role == MANAGER)
 
     @property
     def servers(self) -> tuple[str, ...]:
@@ -124,7 +123,7 @@ class Inventory:
 
     @property
     def workers(self) -> list[Host]:
-        return [h for h in self.hosts if not h.is_manager]
+        return [h for h in self.hosts if h.role != MANAGER]
 
     def host(self, name: str) -> Host:
         for host in self.hosts:
@@ -382,7 +381,7 @@ def load(path: str | Path) -> Inventory:
                 port=_port(r, _typed(r, spec, "port", where, int), f"{where}.port"),
             )
         )  # fmt: skip
-    managers = [h.name for h in hosts if h.is_manager]
+    managers = [h.name for h in hosts if h.role == MANAGER]
     if not managers:
         raise r.fail("hosts", "no host has role: manager (exactly one is needed)")
     if len(managers) > 1:
@@ -394,7 +393,7 @@ def load(path: str | Path) -> Inventory:
     return Inventory(
         path=path,
         cluster=str(_typed(r, cluster, "name", "cluster", str, "overlaylab")),
-        hosts=tuple(sorted(hosts, key=lambda h: (not h.is_manager, h.name))),
+        hosts=tuple(sorted(hosts, key=lambda h: (h.role != MANAGER, h.name))),
         ssh_user=_typed(r, ssh, "user", "ssh", str),
         ssh_key=Path(key).expanduser() if key else None,
         known_hosts=Path(_typed(r, ssh, "known_hosts", "ssh", str, "~/.ssh/known_hosts")).expanduser(),

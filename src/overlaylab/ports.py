@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from overlaylab import certs
 from overlaylab.inventory import Inventory
 from overlaylab.mode import Mode
+from overlaylab.topology import Topology
 
 CONSUL_GOSSIP = 8301  # Consul's LAN gossip, between HA mode's agents
 DOCKERD = "dockerd"
@@ -42,12 +43,13 @@ def cluster_ports(inv: Inventory, mode: str, moving: bool = False) -> list[Port]
     ]
     if mode == Mode.SWARM:
         return [*found, Port("tcp", 2377, "swarm control", DOCKERD, "swarm control", manager_only=True)]
-    single = not inv.ha  # one Consul, on the manager; HA: an agent on every host
+    ha = Topology.of(inv).ha
+    single = not ha  # one Consul, on the manager; HA: an agent on every host
     found.append(Port("tcp", inv.consul_port, "Consul", CONSUL, "Consul (consul.port)", manager_only=single))
     if moving:
         second = "Consul's second port while the store moves between HTTP and HTTPS"
         found.append(Port("tcp", inv.consul_port + 1, "Consul", CONSUL, second, manager_only=single, probed=False))
-    if inv.ha:
+    if ha:
         found += [
             Port("tcp", CONSUL_GOSSIP, "Consul gossip", CONSUL, "Consul's gossip"),
             Port("udp", CONSUL_GOSSIP, "Consul gossip", CONSUL, "Consul's gossip"),
@@ -64,6 +66,6 @@ def watched(inv: Inventory) -> tuple[int, ...]:
     """Every number whose listener the facts read, whatever the mode (the mode may change in a
     run), the store's second port of a move, and the Docker API's when it is served."""
     numbers = {p.number for mode in (Mode.KV, Mode.SWARM) for p in cluster_ports(inv, mode, moving=True)}
-    numbers |= {CONSUL_GOSSIP} if inv.ha else set()
+    numbers |= {CONSUL_GOSSIP} if Topology.of(inv).ha else set()
     numbers |= {certs.API_PORT} if inv.tls.docker_api else set()
     return tuple(sorted(numbers))

@@ -100,7 +100,7 @@ def unseen_problems(nodes: list[Node]) -> dict[str, str]:
 
 
 def verify_only(inv: Inventory, opts: Options) -> int:
-    sections = VERIFY_SECTIONS + (("consul", "store_leader") if inv.ha else ())  # HA: is there a quorum
+    sections = VERIFY_SECTIONS + (("consul", "store_leader") if Topology.of(inv).ha else ())  # HA: a quorum?
     return run_task("verify", inv, opts, _verify_task, facts=sections, carry_on=True)
 
 
@@ -156,7 +156,7 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
     broken = [f"{name} ({', '.join(why)})" for name, why in needs.items() if why]
     if broken:  # said after the table, on stderr with --json
         report.note("a re-run of bootstrap-cluster repairs: " + "; ".join(broken))
-    if inv.ha and inv.mode != Mode.SWARM:
+    if Topology.of(inv).ha and inv.mode != Mode.SWARM:
         by_name = {n.name: n for n in nodes}
         report.extra["consul"] = line = consul.quorum_line(inv, by_name)
         report.note(line)

@@ -201,7 +201,7 @@ def standing_anchors(inv: Inventory, nodes: list[Node], made: set[str]) -> dict[
     """The anchors as verify's probes: each one running (as the facts saw it, or created by
     this run after its host's last change, the way a probe would be) and shown by the store
     with its address, on its own host's registration. Any doubt, and None: fresh probes."""
-    manager = next((n for n in nodes if n.host.is_manager), None)
+    manager = next((n for n in nodes if n.name == Topology.of(inv).manager), None)
     held = consul.network_endpoints(inv, manager) if manager else None
     if held is None:
         return None

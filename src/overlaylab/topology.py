@@ -27,6 +27,15 @@ class Topology:
     def ha(self) -> bool:
         return len(self.consul_servers) > 1
 
+    def runs_consul(self, name: str) -> bool:
+        """A Consul server or (HA) agent runs on the host."""
+        return self.consul_role(name) is not None
+
+    @property
+    def quorum(self) -> int:
+        """The Consul servers that must run for the store to have a leader."""
+        return len(self.consul_servers) // 2 + 1
+
     def consul_role(self, name: str) -> str | None:
         """'server', 'agent', or None: the host runs no Consul."""
         if name in self.consul_servers:

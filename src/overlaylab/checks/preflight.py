@@ -51,7 +51,7 @@ def disk_problem(inv: Inventory, f: HostFacts) -> str | None:
 def image_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
     """An image the run needs that is not on the host and that the host cannot pull (see
     HostFacts.can_pull); one it can pull, Docker pulls when the step runs it."""
-    runs_consul = node.name in inv.servers or inv.ha  # HA: an agent on every host
+    runs_consul = Topology.of(inv).runs_consul(node.name)  # HA: an agent on every host
     wanted = [PROBE_IMAGE] + ([inv.consul_image] if mode == Mode.KV and runs_consul else [])
     if node.facts.can_pull:
         return []
@@ -72,7 +72,7 @@ def port_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
     f = node.facts
     consul_running = consul.running(node)
     moving = storetls.wanted(inv, [f.dropin]) == storetls.interim(inv)  # round 1 of storetls.py's move
-    needs = on_host(cluster_ports(inv, mode, moving), node.host.is_manager)
+    needs = on_host(cluster_ports(inv, mode, moving), node.name == Topology.of(inv).manager)
     problems = []
     for port in needs:
         ours = () if port.owner == CONSUL and not consul_running else (port.owner,)
@@ -171,7 +171,7 @@ def check(inv: Inventory, nodes: list[Node], mode: str = Mode.KV) -> dict[str, l
     problems: dict[str, list[str]] = defaultdict(list)
     for node in nodes:
         problems[node.name].extend(host_problems(inv, node, mode))
-        gone = consul.moved(node) if node.host.is_manager and mode == Mode.KV else None
+        gone = consul.moved(node) if node.name == Topology.of(inv).manager and mode == Mode.KV else None
         if gone:  # named first: the workers' `docker info` may stall on it and look like the fault
             problems[node.name].insert(0, gone)
     no_quorum = consul.quorum_problem(inv, {n.name: n for n in nodes}) if mode == Mode.KV else None
@@ -203,7 +203,7 @@ def check(inv: Inventory, nodes: list[Node], mode: str = Mode.KV) -> dict[str, l
 def consul_version_problem(inv: Inventory, nodes: list[Node]) -> tuple[str, str] | None:
     """HA mode, where a Consul is still to be made: (host, refusal) when the image's Consul is
     older than HA needs. Asks the image itself (`consul version`, ~0.8 s), so only then."""
-    if not inv.ha:
+    if not Topology.of(inv).ha:
         return None
     by_name = {n.name: n for n in nodes}
     join = consul.join_list(inv, by_name)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from overlaylab.cluster import Node, parallel
 from overlaylab.inventory import Inventory
 from overlaylab.ports import CONSUL, DOCKERD, KERNEL, Port, cluster_ports, on_host
+from overlaylab.topology import Topology
 
 SEND_TIMEOUT = 2  # seconds a TCP connect may take before its path counts as blocked
 DIR = f"/run/overlaylab-ports-{secrets.token_hex(3)}"
@@ -51,8 +52,8 @@ def wanted(inv: Inventory, mode: str) -> list[Port]:
     return [p for p in cluster_ports(inv, mode) if p.probed]
 
 
-def served(node: Node, ports: list[Port]) -> list[Port]:
-    return on_host(ports, node.host.is_manager)
+def served(topo: Topology, node: Node, ports: list[Port]) -> list[Port]:
+    return on_host(ports, node.name == topo.manager)
 
 
 def held(node: Node, port: Port) -> bool:
@@ -157,13 +158,14 @@ def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:
     """Blocked paths by receiving host ("bm-docker-01 -> bm-docker-03: udp/4789 (VXLAN data)
     blocked"), and the ports that could not be probed, with why."""
     ports = wanted(inv, mode)
+    topo = Topology.of(inv)
     started: set[str] = set()  # hosts where listeners were started: each is collected
     listening: dict[str, set[Port]] = defaultdict(set)  # host -> ports probed through our listener
     probed: dict[str, list[Port]] = {}  # host -> every port tried on it (our listener, or TCP held by the cluster)
     found = Probed(defaultdict(list), defaultdict(list))
 
     def listen(node: Node) -> None:
-        free = [p for p in served(node, ports) if not held(node, p) and not claimed(node, p)]
+        free = [p for p in served(topo, node, ports) if not held(node, p) and not claimed(node, p)]
         if free:
             started.add(node.name)
             out = node.sh(listen_command(node, free), check=False).splitlines()
@@ -173,7 +175,7 @@ def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:
                 if p not in listening[node.name]:
                     found.unprobed[node.name].append(f"{p.label} on {node.name} not probed: {why or 'no answer'}")
         probed[node.name] = [
-            p for p in served(node, ports) if p in listening[node.name] or (p.proto == "tcp" and held(node, p))
+            p for p in served(topo, node, ports) if p in listening[node.name] or (p.proto == "tcp" and held(node, p))
         ]
 
     results: dict[tuple[str, str, int], bool] = {}  # (source, target, tcp port) -> connected

@@ -17,6 +17,7 @@ from overlaylab.cluster import Node
 from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL
 from overlaylab.inventory import Inventory
+from overlaylab.topology import Topology
 
 SMOKE_MARK = "overlaylab_smoke"
 
@@ -80,7 +81,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(SMOKE_MARK)
         marker = item.get_closest_marker("mode")
         off = (
-            (item.get_closest_marker("ha") and inv and not inv.ha)
+            (item.get_closest_marker("ha") and inv and not Topology.of(inv).ha)
             or (item.get_closest_marker("tls") and inv and not inv.tls.docker_api)
             or (item.get_closest_marker("tls_store") and inv and not inv.tls.store)
         )

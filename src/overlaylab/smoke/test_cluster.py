@@ -23,6 +23,7 @@ from overlaylab.facts import DROPIN, ROLE_LABEL
 from overlaylab.smoke.plugin import Cluster
 from overlaylab.steps import tls
 from overlaylab.steps.consul import LOOPBACK
+from overlaylab.topology import Topology
 
 LABEL = f"--label {ROLE_LABEL}=smoke"
 MTU_OK, MTU_TOO_BIG = 1422, 1423  # ICMP payload: 1422 + 28 = 1450, the overlay's MTU
@@ -212,7 +213,7 @@ def test_consul_has_as_many_raft_peers_as_servers(smoke_cluster: Cluster) -> Non
     c = smoke_cluster
     with consul_client(c.inv, c.manager) as client:
         peers = sorted(client.status.peers())
-    wanted = sorted(f"{c.nodes[s].advertise_ip}:8300" for s in c.inv.servers)
+    wanted = sorted(f"{c.nodes[s].advertise_ip}:8300" for s in Topology.of(c.inv).consul_servers)
     assert peers == wanted, f"Consul's Raft peers are {peers}, the inventory's servers {wanted}"
 
 
@@ -263,7 +264,7 @@ def _rpc_ping(port: int, ca: Path | None = None, client: Path | None = None) -> 
 @pytest.mark.tls_store
 def test_consul_servers_rpc_answers_the_cas_certificates_over_tls_alone(smoke_cluster: Cluster) -> None:
     c = smoke_cluster
-    for server in c.inv.servers:
+    for server in Topology.of(c.inv).consul_servers:
         node = c.nodes[server]
         transport = node.conn.client.get_transport()
         assert transport is not None, f"{server}: no SSH transport"

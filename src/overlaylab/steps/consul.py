@@ -28,6 +28,7 @@ from overlaylab.inventory import FLAVOR_DATA_DIR, FLAVORS, Inventory
 from overlaylab.plan import Action, Context, Scope, Step, apply_at_once, fail, foundation
 from overlaylab.steps.tls import CLOCK_SLACK, HostCert
 from overlaylab.storetls import Listeners
+from overlaylab.topology import Topology
 
 SPEC_LABEL = "overlaylab.consul-spec"
 
@@ -47,13 +48,13 @@ def args(
     expect their number and every agent retry-joins the servers; HTTP on loopback (this
     host's dockerd) and the cluster address (the admin's reads); the gossip key from a
     mounted file; no DNS (nothing uses it, and port 53 is often taken on a host)."""
-    if not inv.ha:
+    if not Topology.of(inv).ha:
         own = [a.format(ip=ip, port=inv.consul_port) for a in FLAVORS[inv.consul_flavor]]
         if storetls.config(listeners) is None:
             return own
         return [*(a for a in own if not a.startswith("-http-port=")), f"-config-file={storetls.CONFIG_MOUNT}"]
     lead = ["agent"] if inv.consul_flavor == "hashicorp" else []
-    server = ["-server", f"-bootstrap-expect={len(inv.servers)}"] if role == "server" else []
+    server = ["-server", f"-bootstrap-expect={len(Topology.of(inv).consul_servers)}"] if role == "server" else []
     secure = storetls.config(listeners) is not None  # its ports, and RPC's TLS, from that file
     ports = [f"-config-file={storetls.CONFIG_MOUNT}"] if secure else [f"-http-port={inv.consul_port}"]
     return [
@@ -126,7 +127,7 @@ def run_command(
     """Host network: the manager's own dockerd restart then costs ~1 s instead of ~30 s
     (a published port makes dockerd call the store through its own port forward)."""
     q = shlex.quote
-    key = ["-v", f"{KEY_FILE}:{KEY_MOUNT}:ro"] if inv.ha else []
+    key = ["-v", f"{KEY_FILE}:{KEY_MOUNT}:ro"] if Topology.of(inv).ha else []
     key += storetls.mounts(listeners)
     if key and inv.consul_flavor == "hashicorp":
         # the official image's entrypoint drops Consul to its consul user, who cannot read the
@@ -157,7 +158,7 @@ def state(
             "refuse",
             f"a container named {inv.consul_name} exists and is not overlaylab's: rename it or set consul.name",
         )
-    if manager.host.is_manager:
+    if manager.name == Topology.of(inv).manager:
         gone = moved(manager)
         if gone:
             return "refuse", gone
@@ -309,13 +310,14 @@ def read_key(node: Node) -> str:
 
 def join_list(inv: Inventory, nodes: Mapping[str, Node]) -> tuple[str, ...]:
     """HA mode: the servers' cluster addresses, which every agent retry-joins; () otherwise."""
-    return tuple(nodes[n].advertise_ip for n in inv.servers if n in nodes) if inv.ha else ()
+    topo = Topology.of(inv)
+    return tuple(nodes[n].advertise_ip for n in topo.consul_servers if n in nodes) if topo.ha else ()
 
 
 def servers_up(inv: Inventory, nodes: Mapping[str, Node]) -> tuple[list[str], list[str]]:
     """HA mode: (the servers whose Consul of ours runs, those where it exists in any state).
     A server host that did not answer is in neither."""
-    present = [n for n in inv.servers if n in nodes and ours(nodes[n])]
+    present = [n for n in Topology.of(inv).consul_servers if n in nodes and ours(nodes[n])]
     up = [n for n in present if running(nodes[n])]
     return up, present
 
@@ -325,7 +327,7 @@ def leader(inv: Inventory, nodes: Mapping[str, Node]) -> str:
     quorum cannot keep a leader, whatever a server still says (for a few seconds after the
     others stopped it names the last one)."""
     up, _ = servers_up(inv, nodes)
-    if len(up) < len(inv.servers) // 2 + 1:
+    if len(up) < Topology.of(inv).quorum:
         return ""
     return next((nodes[n].facts.store_leader for n in up if nodes[n].facts.store_leader), "")
 
@@ -340,23 +342,25 @@ def quorum_line(inv: Inventory, nodes: Mapping[str, Node]) -> str:
             "unreachable" if n not in nodes else (nodes[n].facts.consul or {}).get("State", {}).get("Status", "missing")
         )
 
-    down = [f"{n} ({why(n)})" for n in inv.servers if n not in up]
+    servers = Topology.of(inv).consul_servers
+    down = [f"{n} ({why(n)})" for n in servers if n not in up]
     head = f"Consul: leader {leader_now}" if leader_now else "Consul: no leader"
-    return f"{head}, {len(up)} of {len(inv.servers)} servers up" + (f"; down: {', '.join(down)}" if down else "")
+    return f"{head}, {len(up)} of {len(servers)} servers up" + (f"; down: {', '.join(down)}" if down else "")
 
 
 def quorum_problem(inv: Inventory, nodes: Mapping[str, Node]) -> str | None:
     """HA mode, once its servers were made: fewer than a majority of them run. The store then
     can be neither read nor written, and a run could only plan from facts that cannot tell
     what the store holds; so it refuses, changing nothing, and says how to bring them back."""
-    if not inv.ha:
+    topo = Topology.of(inv)
+    if not topo.ha:
         return None
     up, present = servers_up(inv, nodes)
-    need = len(inv.servers) // 2 + 1
+    need = topo.quorum
     if len(present) < need or len(up) >= need:
         return None  # not made yet (the switch from one server), or a quorum runs
     return (
-        f"{quorum_line(inv, nodes)}. Without a quorum ({need} of {len(inv.servers)}) the store can be neither "
+        f"{quorum_line(inv, nodes)}. Without a quorum ({need} of {len(topo.consul_servers)}) the store can be neither "
         f"read nor written: start the stopped servers (docker start {inv.consul_name} on each) or bring their "
         "hosts back, then re-run"
     )
@@ -440,7 +444,7 @@ class Consul(Step[ConsulPlan]):
                 ctx.ledger.consul_made.add(node.name)
             if ctx.topo.ha and how != "ok" and facts.cluster_store:  # its dockerd ran without its store
                 ctx.ledger.stores_made.add(node.name)
-            if fresh and role == "server" and node.host.is_manager:  # an empty store: it answers, no network
+            if fresh and role == "server" and node.name == ctx.topo.manager:  # an empty store: it answers, no network
                 facts.consul_volume, facts.store_leader, facts.network = True, "(new)", None
 
         plan = ConsulPlan(how, why, role, join, key_missing, listeners)
@@ -491,14 +495,14 @@ class Consul(Step[ConsulPlan]):
                 if listeners:  # the leader is asked where Consul now serves (the facts are read later)
                     node.facts.consul = node.facts.consul or {}
                     storetls.set_served(node.facts.consul, listeners)
-                empty = "" if node.facts.consul_volume or not node.host.is_manager else ", with an empty store"
+                empty = "" if node.facts.consul_volume or node.name != ctx.topo.manager else ", with an empty store"
                 done = f"{data.how}d ({data.why}{empty}; {timing})"
                 if data.key:
                     done += "; gossip key written"
         if ctx.topo.ha and ctx.topo.consul_role(node.name) == "server":
             return done  # the leader is awaited once all servers run (apply_all)
         leader = wait_leader(ctx.inv, node)
-        if node.host.is_manager and not node.facts.store_leader:  # the facts were read while the store did not answer
+        if node.name == ctx.topo.manager and not node.facts.store_leader:  # read while the store did not answer
             ctx.ledger.stale.add(node.name)
         return f"{done}; leader {leader}"
 
@@ -518,7 +522,7 @@ class RemoveConsul(Step[None]):
             return None  # join-node leaves the cluster's Consul alone
         f = node.facts
         if not ours(node) and f.containers.get(ctx.inv.consul_name) != "consul" and not f.gossip_key:
-            return Action(node.name, False, "absent") if self.report_absent and node.host.is_manager else None
+            return Action(node.name, False, "absent") if self.report_absent and node.name == ctx.topo.manager else None
 
         def project(facts: HostFacts) -> None:
             facts.consul, facts.gossip_key = None, ""
