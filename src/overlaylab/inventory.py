@@ -282,9 +282,8 @@ def _tls(r: _Reader, value: Any, consul_port: int) -> Tls:
     return Tls(docker_api=_flag(r, section, "docker_api", "tls"), store=store, ca_dir=where)
 
 
-def load(path: str | Path) -> Inventory:
-    path = Path(path)
-    r = _Reader(path)
+def _document(r: _Reader, path: Path) -> dict[str, Any]:
+    """The file's top-level mapping, with its line numbers kept for every error."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -298,28 +297,16 @@ def load(path: str | Path) -> Inventory:
         raise InputError(f"{path}{at}: YAML error: {problem}") from None
     if root is None:
         raise InputError(f"{path}: the inventory is empty")
-    doc = _mapping(
+    return _mapping(
         r,
         r.data(root, ""),
         "",
         {"cluster", "mode", "ssh", "consul", "network", "dockerd", "swarm", "hosts", "preflight", "tls"},
     )
-    mode = _typed(r, doc, "mode", "", str, "kv")
-    if mode not in MODES:
-        raise r.fail("mode", f"{mode!r} is not one of: {', '.join(MODES)}")
-    swarm = _mapping(r, doc.get("swarm"), "swarm", {"default_addr_pool"})
-    pool = _cidr(r, swarm, "default_addr_pool", "swarm")
 
-    cluster = _mapping(r, doc.get("cluster"), "cluster", {"name"})
-    ssh = _mapping(r, doc.get("ssh"), "ssh", {"user", "key", "known_hosts", "port"})
-    consul = _mapping(r, doc.get("consul"), "consul", {"image", "flavor", "port", "name", "raft_multiplier", "servers"})
-    network = _mapping(r, doc.get("network"), "network", {"name", "subnet"})
-    dockerd = _mapping(r, doc.get("dockerd"), "dockerd", {"extra_flags", "discovery_heartbeat", "discovery_ttl"})
-    checks = _mapping(r, doc.get("preflight"), "preflight", {"min_free_disk_mb"})
-    min_free = _typed(r, checks, "min_free_disk_mb", "preflight", int, MIN_FREE_DISK_MB)
-    if min_free < 0:
-        raise r.fail("preflight.min_free_disk_mb", f"{min_free} must be 0 (no check) or more")
 
+def _consul(r: _Reader, consul: dict[str, Any]) -> tuple[str, str, int]:
+    """consul.flavor, consul.name, consul.raft_multiplier."""
     flavor = _typed(r, consul, "flavor", "consul", str, "progrium")
     if flavor not in FLAVORS:
         raise r.fail("consul.flavor", f"{flavor!r} is not one of: {', '.join(FLAVORS)}")
@@ -329,10 +316,11 @@ def load(path: str | Path) -> Inventory:
     raft = _typed(r, consul, "raft_multiplier", "consul", int, RAFT_MULTIPLIER)
     if not 1 <= raft <= 10:
         raise r.fail("consul.raft_multiplier", f"{raft} must be 1 (fastest, Consul's advice for servers) to 10")
-    net_name = _typed(r, network, "name", "network", str, "ov_net1")
-    if not NODE_NAME_RE.match(net_name):
-        raise r.fail("network.name", f"{net_name!r} is not a valid network name")
-    subnet = _cidr(r, network, "subnet", "network")
+    return flavor, consul_name, raft
+
+
+def _dockerd(r: _Reader, dockerd: dict[str, Any]) -> tuple[list[str], int, int]:
+    """dockerd.extra_flags, and the discovery heartbeat and TTL (libkv's bounds)."""
     flags = dockerd.get("extra_flags") or []
     if not isinstance(flags, list) or not all(isinstance(f, str) and f.startswith("-") for f in flags):
         raise r.fail("dockerd.extra_flags", "must be a list of dockerd flags, each starting with '-'")
@@ -350,46 +338,78 @@ def load(path: str | Path) -> Inventory:
         raise r.fail(
             "dockerd.discovery_heartbeat", f"{heartbeat} s must be at least 1 s and under discovery_ttl ({ttl} s)"
         )
+    return flags, heartbeat, ttl
 
-    hosts_raw = doc.get("hosts")
+
+def _host(r: _Reader, name: str, spec: Any, seen_addr: dict[str, str]) -> Host:
+    """One entry of hosts: its name, address (unique), role and advertise setting."""
+    where = f"hosts.{name}"
+    if not NODE_NAME_RE.match(name):
+        raise r.fail(where, f"{name!r} is not a valid host name")
+    spec = _mapping(r, spec, where, {"address", "role", "advertise", "user", "port"})
+    for required in ("address", "role", "advertise"):
+        if required not in spec:
+            raise r.fail(where, f"missing {required!r}")
+    address = _address(r, _typed(r, spec, "address", where, str), f"{where}.address")
+    if address in seen_addr:
+        raise r.fail(f"{where}.address", f"{address} is also the address of {seen_addr[address]}")
+    seen_addr[address] = name
+    role = _typed(r, spec, "role", where, str)
+    if role not in ("manager", "worker"):
+        raise r.fail(f"{where}.role", f"{role!r} must be manager or worker")
+    advertise = _typed(r, spec, "advertise", where, str)
+    if not IFACE_RE.match(advertise):
+        raise r.fail(f"{where}.advertise", f"{advertise!r} is not an interface name or IP address")
+    return Host(
+        name=name, address=address, role=role, advertise=advertise,
+        user=_typed(r, spec, "user", where, str),
+        port=_port(r, _typed(r, spec, "port", where, int), f"{where}.port"),
+    )  # fmt: skip
+
+
+def _hosts(r: _Reader, hosts_raw: Any) -> tuple[list[Host], str]:
+    """Every host, and the one manager's name."""
     if not isinstance(hosts_raw, dict) or not hosts_raw:
         raise r.fail("hosts", "must be a mapping of host names to {address, role, advertise}")
-    hosts: list[Host] = []
     seen_addr: dict[str, str] = {}
-    for name, spec in hosts_raw.items():
-        where = f"hosts.{name}"
-        if not NODE_NAME_RE.match(name):
-            raise r.fail(where, f"{name!r} is not a valid host name")
-        spec = _mapping(r, spec, where, {"address", "role", "advertise", "user", "port"})
-        for required in ("address", "role", "advertise"):
-            if required not in spec:
-                raise r.fail(where, f"missing {required!r}")
-        address = _address(r, _typed(r, spec, "address", where, str), f"{where}.address")
-        if address in seen_addr:
-            raise r.fail(f"{where}.address", f"{address} is also the address of {seen_addr[address]}")
-        seen_addr[address] = name
-        role = _typed(r, spec, "role", where, str)
-        if role not in ("manager", "worker"):
-            raise r.fail(f"{where}.role", f"{role!r} must be manager or worker")
-        advertise = _typed(r, spec, "advertise", where, str)
-        if not IFACE_RE.match(advertise):
-            raise r.fail(f"{where}.advertise", f"{advertise!r} is not an interface name or IP address")
-        hosts.append(
-            Host(
-                name=name, address=address, role=role, advertise=advertise,
-                user=_typed(r, spec, "user", where, str),
-                port=_port(r, _typed(r, spec, "port", where, int), f"{where}.port"),
-            )
-        )  # fmt: skip
+    hosts = [_host(r, name, spec, seen_addr) for name, spec in hosts_raw.items()]
     managers = [h.name for h in hosts if h.role == MANAGER]
     if not managers:
         raise r.fail("hosts", "no host has role: manager (exactly one is needed)")
     if len(managers) > 1:
         raise r.fail(f"hosts.{managers[1]}.role", f"a second manager ({', '.join(managers)}): exactly one is allowed")
+    return hosts, managers[0]
 
-    servers = _servers(r, consul.get("servers"), list(hosts_raw), managers[0])
 
+def load(path: str | Path) -> Inventory:
+    """The inventory, validated whole before any host is touched: the first error names the
+    file, the line and the field (InputError, exit 2)."""
+    path = Path(path)
+    r = _Reader(path)
+    doc = _document(r, path)
+    mode = _typed(r, doc, "mode", "", str, "kv")
+    if mode not in MODES:
+        raise r.fail("mode", f"{mode!r} is not one of: {', '.join(MODES)}")
+    pool = _cidr(r, _mapping(r, doc.get("swarm"), "swarm", {"default_addr_pool"}), "default_addr_pool", "swarm")
+    cluster = _mapping(r, doc.get("cluster"), "cluster", {"name"})
+    ssh = _mapping(r, doc.get("ssh"), "ssh", {"user", "key", "known_hosts", "port"})
+    consul = _mapping(r, doc.get("consul"), "consul", {"image", "flavor", "port", "name", "raft_multiplier", "servers"})
+    network = _mapping(r, doc.get("network"), "network", {"name", "subnet"})
+    dockerd = _mapping(r, doc.get("dockerd"), "dockerd", {"extra_flags", "discovery_heartbeat", "discovery_ttl"})
+    checks = _mapping(r, doc.get("preflight"), "preflight", {"min_free_disk_mb"})
+    min_free = _typed(r, checks, "min_free_disk_mb", "preflight", int, MIN_FREE_DISK_MB)
+    if min_free < 0:
+        raise r.fail("preflight.min_free_disk_mb", f"{min_free} must be 0 (no check) or more")
+    flavor, consul_name, raft = _consul(r, consul)
+    net_name = _typed(r, network, "name", "network", str, "ov_net1")
+    if not NODE_NAME_RE.match(net_name):
+        raise r.fail("network.name", f"{net_name!r} is not a valid network name")
+    subnet = _cidr(r, network, "subnet", "network")
+    flags, heartbeat, ttl = _dockerd(r, dockerd)
+    hosts, manager = _hosts(r, doc.get("hosts"))
+    servers = _servers(r, consul.get("servers"), [h.name for h in hosts], manager)
     key = _typed(r, ssh, "key", "ssh", str)
+    consul_port = int(_port(r, _typed(r, consul, "port", "consul", int, 8500), "consul.port") or 8500)
     return Inventory(
         path=path,
         cluster=str(_typed(r, cluster, "name", "cluster", str, "overlaylab")),
@@ -400,7 +420,7 @@ def load(path: str | Path) -> Inventory:
         ssh_port=_port(r, _typed(r, ssh, "port", "ssh", int), "ssh.port"),
         consul_image=_typed(r, consul, "image", "consul", str, "progrium/consul"),
         consul_flavor=flavor,
-        consul_port=int(_port(r, _typed(r, consul, "port", "consul", int, 8500), "consul.port") or 8500),
+        consul_port=consul_port,
         consul_name=consul_name,
         consul_servers=servers,
         raft_multiplier=raft,
@@ -411,6 +431,6 @@ def load(path: str | Path) -> Inventory:
         min_free_disk_mb=min_free,
         mode=mode,
         swarm_addr_pool=pool,
-        tls=_tls(r, doc.get("tls"), int(_typed(r, consul, "port", "consul", int, 8500) or 8500)),
+        tls=_tls(r, doc.get("tls"), consul_port),
         lines=dict(r.lines),
     )

@@ -154,33 +154,9 @@ def run_steps(
     ctx = Context(given, {n.name: n for n in nodes}, report, dry=False, ca=ca)
     planned = preview(steps, ctx)
     if ports is not None and planned.report.changes and not planned.ledger.refusals:
-        probing = time.monotonic()
-        probed = ports()  # only where something will change: a no-op re-run stays two commands a host
-        report.extra["seconds_port_probe"] = round(time.monotonic() - probing, 2)
-        report.extra["ports_not_probed"] = probed.unprobed
-        for line in (line for found in probed.unprobed.values() for line in found):
-            report.note(f"preflight: {line}")
-        blocked = probed.blocked
-        for host, found in blocked.items():
-            report.record(host, "preflight", "failed", "; ".join(found))
-        if blocked:
-            raise Refused("preflight refused: " + "; ".join(f for found in blocked.values() for f in found))
+        probe_ports(report, ports)  # only where something will change: a no-op re-run stays two commands a host
     if opts.dry_run or planned.ledger.refusals:
-        replay(planned, report)
-        report.extra.update(dry_run=opts.dry_run, restarts={} if planned.ledger.refusals else planned.ledger.restarts)
-        # what may restart besides, each on its condition (plan.Maybe); a refused run: nothing
-        report.extra["may_restart"] = {} if planned.ledger.refusals else planned.ledger.may_restart
-        report.extra["diffs"] = planned.ledger.diffs
-        if planned.ledger.refusals and not opts.dry_run:
-            report.extra["refused"] = True
-            raise Refused("; ".join(f"{h}: {w}" for h, w in planned.ledger.refusals.items()))
-        if not teardown and not planned.ledger.refusals:
-            for name in targets:  # join-node: the pairs of the joining worker
-                report.record(name, "verify", "skipped", "dry run: no probes started")
-        if ca is not None and ca.current is None and not teardown:
-            report.note(f"would make a new CA in {ca.directory}")
-        report.note("dry run: nothing was changed")
-        return 2 if planned.ledger.refusals else 0
+        return report_plan(planned, report, teardown)
     whole = execute(steps, ctx)
     if ca is not None and not teardown and whole:
         made = ca.admin()
@@ -195,6 +171,42 @@ def run_steps(
         sources = [n for n in live if n.name in targets] if ctx.joining else None
         verify_step(inv, live, report, sources, anchored, made=ctx.ledger.anchors_made)
     return 1 if report.failed or not whole else 0
+
+
+def probe_ports(report: RunReport, ports: Callable[[], probe.Probed]) -> None:
+    """The preflight's port probe between the hosts: a blocked path refuses the run (exit 2,
+    nothing changed); a port it could not probe is said so, with why."""
+    probing = time.monotonic()
+    probed = ports()
+    report.extra["seconds_port_probe"] = round(time.monotonic() - probing, 2)
+    report.extra["ports_not_probed"] = probed.unprobed
+    for line in (line for found in probed.unprobed.values() for line in found):
+        report.note(f"preflight: {line}")
+    for host, found in probed.blocked.items():
+        report.record(host, "preflight", "failed", "; ".join(found))
+    if probed.blocked:
+        raise Refused("preflight refused: " + "; ".join(f for found in probed.blocked.values() for f in found))
+
+
+def report_plan(planned: Context, report: RunReport, teardown: bool) -> int:
+    """A dry run's report, or a refused run's: the plan, its restarts certain and conditional,
+    its diffs; a refusal raises (exit 2, nothing changed)."""
+    ledger, opts, ca = planned.ledger, planned.opts, planned.ca
+    replay(planned, report)
+    report.extra.update(dry_run=opts.dry_run, restarts={} if ledger.refusals else ledger.restarts)
+    # what may restart besides, each on its condition (plan.Maybe); a refused run: nothing
+    report.extra["may_restart"] = {} if ledger.refusals else ledger.may_restart
+    report.extra["diffs"] = ledger.diffs
+    if ledger.refusals and not opts.dry_run:
+        report.extra["refused"] = True
+        raise Refused("; ".join(f"{h}: {w}" for h, w in ledger.refusals.items()))
+    if not teardown and not ledger.refusals:
+        for name in planned.targets:  # join-node: the pairs of the joining worker
+            report.record(name, "verify", "skipped", "dry run: no probes started")
+    if ca is not None and ca.current is None and not teardown:
+        report.note(f"would make a new CA in {ca.directory}")
+    report.note("dry run: nothing was changed")
+    return 2 if ledger.refusals else 0
 
 
 def standing_anchors(inv: Inventory, nodes: list[Node], made: set[str]) -> dict[str, tuple[str, str]] | None:

@@ -154,79 +154,91 @@ class Probed:
     unprobed: dict[str, list[str]] = field(default_factory=dict)
 
 
-def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:
-    """Blocked paths by receiving host ("bm-docker-01 -> bm-docker-03: udp/4789 (VXLAN data)
-    blocked"), and the ports that could not be probed, with why."""
-    ports = wanted(inv, mode)
-    topo = Topology.of(inv)
-    started: set[str] = set()  # hosts where listeners were started: each is collected
-    listening: dict[str, set[Port]] = defaultdict(set)  # host -> ports probed through our listener
-    probed: dict[str, list[Port]] = {}  # host -> every port tried on it (our listener, or TCP held by the cluster)
-    found = Probed(defaultdict(list), defaultdict(list))
+@dataclass
+class _Round:
+    """One probe of the cluster's ports between its hosts: listen, send, collect, judge."""
 
-    def listen(node: Node) -> None:
-        free = [p for p in served(topo, node, ports) if not held(node, p) and not claimed(node, p)]
+    topo: Topology
+    nodes: list[Node]
+    ports: list[Port]
+    found: Probed
+    started: set[str] = field(default_factory=set)  # hosts where listeners were started: each is collected
+    listening: dict[str, set[Port]] = field(default_factory=lambda: defaultdict(set))  # through our listener
+    probed: dict[str, list[Port]] = field(default_factory=dict)  # every port tried on a host (ours, or TCP held)
+    results: dict[tuple[str, str, int], bool] = field(default_factory=dict)  # (source, target, tcp port) -> connected
+    received: dict[tuple[str, str, int], set[str]] = field(default_factory=dict)  # (target, proto, port) -> senders
+    sent: bool = False
+
+    def listen(self, node: Node) -> None:
+        served_here = served(self.topo, node, self.ports)
+        free = [p for p in served_here if not held(node, p) and not claimed(node, p)]
         if free:
-            started.add(node.name)
+            self.started.add(node.name)
             out = node.sh(listen_command(node, free), check=False).splitlines()
-            listening[node.name] = {p for p in free if f"L {p.proto} {p.number}" in out}
+            self.listening[node.name] = {p for p in free if f"L {p.proto} {p.number}" in out}
             for p in free:
                 why = next((line.split(" ", 3)[3] for line in out if line.startswith(f"N {p.proto} {p.number} ")), "")
-                if p not in listening[node.name]:
-                    found.unprobed[node.name].append(f"{p.label} on {node.name} not probed: {why or 'no answer'}")
-        probed[node.name] = [
-            p for p in served(topo, node, ports) if p in listening[node.name] or (p.proto == "tcp" and held(node, p))
+                if p not in self.listening[node.name]:
+                    self.found.unprobed[node.name].append(f"{p.label} on {node.name} not probed: {why or 'no answer'}")
+        self.probed[node.name] = [
+            p for p in served_here if p in self.listening[node.name] or (p.proto == "tcp" and held(node, p))
         ]
 
-    results: dict[tuple[str, str, int], bool] = {}  # (source, target, tcp port) -> connected
-    received: dict[tuple[str, str, int], set[str]] = {}  # (target, proto, port) -> senders heard
-
-    def send(node: Node) -> None:
+    def send(self, node: Node) -> None:
         targets = [
-            (other.name, other.advertise_ip, p) for other in nodes if other is not node for p in probed[other.name]
+            (other.name, other.advertise_ip, p)
+            for other in self.nodes
+            if other is not node
+            for p in self.probed[other.name]
         ]
         out = node.sh(send_command(node, targets), check=False) if targets else ""
         for line in out.splitlines():
             parts = line.split()
             if len(parts) == 4 and parts[0] == "T":
-                results[(node.name, parts[1], int(parts[2]))] = parts[3] == "ok"
+                self.results[(node.name, parts[1], int(parts[2]))] = parts[3] == "ok"
 
-    sent = False
-
-    def collect(node: Node) -> None:
-        senders = [n.name for n in nodes if n is not node]
-        expected = {p: senders for p in listening[node.name] if p.proto == "udp"} if sent else {}
+    def collect(self, node: Node) -> None:
+        senders = [n.name for n in self.nodes if n is not node]
+        expected = {p: senders for p in self.listening[node.name] if p.proto == "udp"} if self.sent else {}
         out = node.sh(collect_command(expected), check=False)
         current = None
         for line in out.splitlines():
             if line.startswith("F "):
                 proto, _, port = line[2:].partition("-")
                 current = (node.name, proto, int(port))
-                received[current] = set()
+                self.received[current] = set()
             elif current is not None and line.strip():
-                received[current].add(line.strip())
+                self.received[current].add(line.strip())
 
+    def judge(self) -> None:
+        """Each path that did not carry its probe, by receiving host."""
+        for target in self.nodes:
+            for p in self.probed.get(target.name, []):
+                for source in (n for n in self.nodes if n is not target):
+                    if p.proto == "tcp":
+                        ok = self.results.get((source.name, target.name, p.number), False)
+                    else:
+                        ok = source.name in self.received.get((target.name, p.proto, p.number), set())
+                    if not ok:
+                        self.found.blocked[target.name].append(
+                            f"{source.name} -> {target.name}: {p.label} blocked: allow it in {target.name}'s "
+                            "firewall and any between"
+                        )
+
+
+def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:
+    """Blocked paths by receiving host ("bm-docker-01 -> bm-docker-03: udp/4789 (VXLAN data)
+    blocked"), and the ports that could not be probed, with why."""
+    probe = _Round(Topology.of(inv), nodes, wanted(inv, mode), Probed(defaultdict(list), defaultdict(list)))
     try:
-        for name, exc in parallel(nodes, listen).items():
-            found.blocked[name].append(f"starting the port probes failed: {exc}")
-        if not found.blocked:
-            sent = True
-            for name, exc in parallel(nodes, send).items():
-                found.blocked[name].append(f"sending the port probes failed: {exc}")
+        for name, exc in parallel(nodes, probe.listen).items():
+            probe.found.blocked[name].append(f"starting the port probes failed: {exc}")
+        if not probe.found.blocked:
+            probe.sent = True
+            for name, exc in parallel(nodes, probe.send).items():
+                probe.found.blocked[name].append(f"sending the port probes failed: {exc}")
     finally:
-        parallel([n for n in nodes if n.name in started], collect)
-    for target in nodes:
-        for p in probed.get(target.name, []):
-            for source in nodes:
-                if source is target:
-                    continue
-                if p.proto == "tcp":
-                    ok = results.get((source.name, target.name, p.number), False)
-                else:
-                    ok = source.name in received.get((target.name, p.proto, p.number), set())
-                if not ok:
-                    found.blocked[target.name].append(
-                        f"{source.name} -> {target.name}: {p.label} blocked: allow it in {target.name}'s firewall "
-                        "and any between"
-                    )
+        parallel([n for n in nodes if n.name in probe.started], probe.collect)
+    probe.judge()
+    found = probe.found
     return Probed({h: f for h, f in found.blocked.items() if f}, {h: f for h, f in found.unprobed.items() if f})

@@ -105,6 +105,61 @@ def ping_script(probe: str, targets: list[tuple[str, str, str]], window: int = C
     return f"docker exec {shlex.quote(probe)} sh -c {shlex.quote(chr(10).join(lines))}"
 
 
+@dataclass
+class _Round:
+    """One round of verify's pings: the probes (or the standing anchors) and what they say."""
+
+    network: str
+    nodes: list[Node]
+    involved: set[str]  # the hosts whose pairs are proved
+    matrix: Matrix
+    probes: dict[str, tuple[str, str]]  # host -> (container, its address)
+    scopes: set[str] = field(default_factory=set)  # the network's scope, as each probe's host says it
+
+    def start(self, node: Node) -> None:
+        probe = probe_name(node)
+        net = shlex.quote(self.network)
+        fmt = "'{{(index .NetworkSettings.Networks " + f'"{self.network}"' + ").IPAddress}}'"
+        out = node.sh(
+            f"docker run -d --name {probe} --label {ROLE_LABEL}=probe "
+            f"--network {net} busybox sleep 600 >/dev/null && docker inspect -f {fmt} {probe} "
+            f"&& docker network inspect -f '{{{{.Scope}}}}' {net}"
+        )
+        ip, _, scope = out.strip().partition("\n")
+        self.probes[node.name] = (probe, ip.strip())
+        self.scopes.add(scope.strip())
+
+    def ping(self, node: Node) -> None:
+        """Every target of this host at once, in one command; each judged after the window."""
+        targets = [
+            (other.name, by, self.probes[other.name][1] if by == "ip" else self.probes[other.name][0])
+            for other in self.nodes
+            if other is not node
+            and other.name in self.probes
+            and (node.name in self.involved or other.name in self.involved)
+            for by in ("ip", "name")
+        ]
+        if not targets:
+            return
+        window = SWARM_CONVERGE_SECONDS if "swarm" in self.scopes else CONVERGE_SECONDS
+        out = node.sh(ping_script(self.probes[node.name][0], targets, window), check=False)
+        for line in out.splitlines():
+            parts = line.split(" ", 4)
+            if len(parts) >= 4 and parts[0] == "R":
+                detail = parts[4] if len(parts) > 4 else ""
+                self.matrix.results[(node.name, parts[1], parts[2])] = (parts[3] == "ok", detail)
+
+    def read_journals(self) -> None:
+        """dockerd's last lines on every host in a failed pair, read before anything is cleaned up."""
+        failing = {f.split(" ", 1)[0].rstrip(":") for f in self.matrix.failures()}
+        failing |= {d for (_, d, _), (ok, _) in self.matrix.results.items() if not ok}
+
+        def read(node: Node) -> None:
+            self.matrix.journals[node.name] = journal(node, 15)
+
+        parallel([n for n in self.nodes if n.name in failing], read)
+
+
 def run(
     network: str,
     nodes: list[Node],
@@ -115,67 +170,25 @@ def run(
 
     With ``standing`` (host -> a running container on the network and its IP: the anchors),
     those ping each other and nothing is started or removed: one command per host."""
-    probes: dict[str, tuple[str, str]] = dict(standing or {})
     involved = {n.name for n in (sources or nodes)}
     names = [n.name for n in nodes]
     expected = {
         (s, d, by) for s in names for d in names if s != d and (s in involved or d in involved) for by in ("ip", "name")
     }
     matrix = Matrix(names, expected)
-
-    scopes: set[str] = set()
-
-    def start(node: Node) -> None:
-        probe = probe_name(node)
-        net = shlex.quote(network)
-        fmt = "'{{(index .NetworkSettings.Networks " + f'"{network}"' + ").IPAddress}}'"
-        out = node.sh(
-            f"docker run -d --name {probe} --label {ROLE_LABEL}=probe "
-            f"--network {net} busybox sleep 600 >/dev/null && docker inspect -f {fmt} {probe} "
-            f"&& docker network inspect -f '{{{{.Scope}}}}' {net}"
-        )
-        ip, _, scope = out.strip().partition("\n")
-        probes[node.name] = (probe, ip.strip())
-        scopes.add(scope.strip())
-
-    def ping(node: Node) -> None:
-        targets = [
-            (other.name, by, probes[other.name][1] if by == "ip" else probes[other.name][0])
-            for other in nodes
-            if other is not node and other.name in probes and (node.name in involved or other.name in involved)
-            for by in ("ip", "name")
-        ]
-        if not targets:
-            return
-        window = SWARM_CONVERGE_SECONDS if "swarm" in scopes else CONVERGE_SECONDS
-        out = node.sh(ping_script(probes[node.name][0], targets, window), check=False)
-        for line in out.splitlines():
-            parts = line.split(" ", 4)
-            if len(parts) >= 4 and parts[0] == "R":
-                matrix.results[(node.name, parts[1], parts[2])] = (parts[3] == "ok", parts[4] if len(parts) > 4 else "")
-
-    def stop(node: Node) -> None:
-        node.sh(f"docker rm -f {probe_name(node)} >/dev/null 2>&1; true", check=False)
-
+    pings = _Round(network, nodes, involved, matrix, dict(standing or {}))
     try:
         if standing is None:
-            for name, exc in parallel(nodes, start).items():
+            for name, exc in parallel(nodes, pings.start).items():
                 matrix.errors[name] = f"probe did not start: {exc}"
-        ready = [n for n in nodes if n.name in probes]
-        for name, exc in parallel(ready, ping).items():
+        ready = [n for n in nodes if n.name in pings.probes]
+        for name, exc in parallel(ready, pings.ping).items():
             matrix.errors[name] = f"ping failed: {exc}"
-        if not matrix.ok and standing is None:  # the journals, read before anything is cleaned up
-            involved_in_failure = {f.split(" ", 1)[0].rstrip(":") for f in matrix.failures()}
-            involved_in_failure |= {d for (_, d, _), (ok, _) in matrix.results.items() if not ok}
-            bad = [n for n in nodes if n.name in involved_in_failure]
-
-            def read_journal(node: Node) -> None:
-                matrix.journals[node.name] = journal(node, 15)
-
-            parallel(bad, read_journal)
+        if not matrix.ok and standing is None:
+            pings.read_journals()
     finally:
         if standing is None:
-            parallel(nodes, stop)
+            parallel(nodes, lambda node: node.sh(f"docker rm -f {probe_name(node)} >/dev/null 2>&1; true", check=False))
     return matrix
 
 

@@ -90,6 +90,87 @@ def _ensure_network(docker: Docker, spec: LabSpec, name: str, bridge: str, subne
     return True
 
 
+Built = tuple[dict[str, str], Path, dict[str, str]]  # the hosts' image tags, the inner bundle, its tags
+
+
+def _images(docker: Docker, spec: LabSpec, result: UpResult, steps: Steps) -> Built:
+    """Every image the lab runs, built or re-imported only where missing: the hosts' per
+    engine (their tags), and the inner engines' bundle with its tags."""
+    node_recipes = {e: images.node_recipe(ENGINE_SUITE[e]) for e in sorted({h.engine for h in spec.hosts})}
+    inner = [images.busybox_recipe(), images.consul_recipe()]
+    to_build = [r for r in (*node_recipes.values(), *inner) if not r.cache_file.exists()]
+    preflight.require_disk(str(images.CACHE), 1.0 + 1.5 * len(to_build))
+    for recipe in (*node_recipes.values(), *inner):
+        with steps.step(f"Image {recipe.tag}") as note:
+            result.images[recipe.kind] = images.ensure(docker, recipe, steps.line)
+            note.append(result.images[recipe.kind])
+    hashicorp = images.hashicorp_recipe(inner[1])
+    with steps.step(f"Image {hashicorp.tag}") as note:
+        result.images[hashicorp.kind] = images.ensure_derived(docker, hashicorp)
+        note.append(result.images[hashicorp.kind])
+    bundled: list[images.Recipe | images.Derived] = [*inner, hashicorp]
+    bundle = images.inner_bundle(docker, bundled)
+    return {e: r.tag for e, r in node_recipes.items()}, bundle, {r.tag: images.INNER_TAGS[r.kind] for r in bundled}
+
+
+def _networks(docker: Docker, spec: LabSpec, result: UpResult, steps: Steps) -> None:
+    """The lab's two networks (management, cluster) and its own firewall rules."""
+    with steps.step("Lab networks and firewall rules") as note:
+        for net, bridge, subnet in (
+            (spec.network_mgmt, spec.bridge_mgmt, spec.mgmt_net),
+            (spec.network_cluster, spec.bridge_cluster, spec.cluster_net),
+        ):
+            if _ensure_network(docker, spec, net, bridge, str(subnet)):
+                result.other_changes.append(f"network {net}")
+        if firewall.ensure(spec.name, [spec.bridge_mgmt, spec.bridge_cluster]):
+            result.other_changes.append("firewall rules")
+        note.append("changed" if result.other_changes else "no change")
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """What a host of the lab is reconciled against."""
+
+    spec: LabSpec
+    images: dict[str, str]  # engine -> the host image's tag
+    bundle: Path  # the inner engines' images, one archive
+    inner_tags: dict[str, str]
+
+
+def _reconcile(docker: Docker, wanted: _Wanted, obs: hosts.Observed | None, host: HostSpec, result: UpResult,
+               steps: Steps) -> None:  # fmt: skip
+    """One host as it should be: left alone if healthy, powered on if stopped with its disk,
+    replaced whole if it is not what the spec says (or systemd does not run), made if missing."""
+    spec = wanted.spec
+    image = wanted.images[host.engine]
+    why = hosts.mismatch(spec, host, obs, image) if obs else "missing"
+    with steps.step(f"Host {host.name} ({host.engine}, {host.mgmt_ip})") as note:
+        if why is None and obs is not None and not obs.running:  # a dead host keeps its disk: power it on
+            docker.run("start", spec.container(host))
+            hosts.wait_ready(docker, spec, host)
+            note.append("powered on again")
+            result.other_changes.append(f"{host.name} powered on")
+        if why is None and hosts.system_state(docker, spec.container(host)) not in ("running", "degraded"):
+            why = "systemd not running"
+        if why is not None:
+            if obs is not None:
+                hosts.remove(docker, spec, host.name)
+                result.replaced[host.name] = why
+                note.append(f"replaced: {why}")
+            else:
+                result.created.append(host.name)
+                note.append("created")
+            hosts.create(docker, spec, host, image)
+        hosts.wait_ready(docker, spec, host)
+        if hosts.load_images(docker, spec, host, wanted.bundle, wanted.inner_tags):
+            note.append("images loaded")
+            if why is None:
+                result.other_changes.append(f"{host.name} images")
+        if why is None and len(note) == 0:
+            result.unchanged.append(host.name)
+            note.append("no change")
+
+
 @engine.exclusive
 def up(
     name: str = "lab",
@@ -99,6 +180,8 @@ def up(
     addr_range: str | None = None,
     steps: Steps | None = None,
 ) -> UpResult:
+    """The lab as asked, from whatever is there: only the difference changes (a second lab-up
+    says `no change`); every error comes before anything is created."""
     steps = steps or Steps()
     result = UpResult()
     preflight.require_root()
@@ -116,75 +199,18 @@ def up(
         **({"addr_range": addr_range} if addr_range else {}),
     )  # fmt: skip
     preflight.require_free_range(spec, docker)
-
-    node_recipes = {e: images.node_recipe(ENGINE_SUITE[e]) for e in sorted({h.engine for h in spec.hosts})}
-    inner = [images.busybox_recipe(), images.consul_recipe()]
-    to_build = [r for r in (*node_recipes.values(), *inner) if not r.cache_file.exists()]
-    preflight.require_disk(str(images.CACHE), 1.0 + 1.5 * len(to_build))
-    for recipe in (*node_recipes.values(), *inner):
-        with steps.step(f"Image {recipe.tag}") as note:
-            result.images[recipe.kind] = images.ensure(docker, recipe, steps.line)
-            note.append(result.images[recipe.kind])
-    hashicorp = images.hashicorp_recipe(inner[1])
-    with steps.step(f"Image {hashicorp.tag}") as note:
-        result.images[hashicorp.kind] = images.ensure_derived(docker, hashicorp)
-        note.append(result.images[hashicorp.kind])
-    bundled: list[images.Recipe | images.Derived] = [*inner, hashicorp]
-    bundle = images.inner_bundle(docker, bundled)
-    inner_tags = {r.tag: images.INNER_TAGS[r.kind] for r in bundled}
-
-    with steps.step("Lab networks and firewall rules") as note:
-        for net, bridge, subnet in (
-            (spec.network_mgmt, spec.bridge_mgmt, spec.mgmt_net),
-            (spec.network_cluster, spec.bridge_cluster, spec.cluster_net),
-        ):
-            if _ensure_network(docker, spec, net, bridge, str(subnet)):
-                result.other_changes.append(f"network {net}")
-        if firewall.ensure(name, [spec.bridge_mgmt, spec.bridge_cluster]):
-            result.other_changes.append("firewall rules")
-        note.append("changed" if result.other_changes else "no change")
-
+    wanted = _Wanted(spec, *_images(docker, spec, result, steps))
+    _networks(docker, spec, result, steps)
     keys.client_key(spec)
     for extra in sorted(set(existing) - {h.name for h in spec.hosts}):
         with steps.step(f"Removing {extra} (beyond --count)"):
             hosts.remove(docker, spec, extra)
             result.removed.append(extra)
-
-    def reconcile(host_name: str) -> None:
-        host = spec.host(host_name)
-        image = node_recipes[host.engine].tag
-        obs = existing.get(host.name)
-        why = hosts.mismatch(spec, host, obs, image) if obs else "missing"
-        with steps.step(f"Host {host.name} ({host.engine}, {host.mgmt_ip})") as note:
-            if why is None and obs is not None and not obs.running:  # a dead host keeps its disk: power it on
-                docker.run("start", spec.container(host))
-                hosts.wait_ready(docker, spec, host)
-                note.append("powered on again")
-                result.other_changes.append(f"{host.name} powered on")
-            if why is None and hosts.system_state(docker, spec.container(host)) not in ("running", "degraded"):
-                why = "systemd not running"
-            if why is not None:
-                if obs is not None:
-                    hosts.remove(docker, spec, host.name)
-                    result.replaced[host.name] = why
-                    note.append(f"replaced: {why}")
-                else:
-                    result.created.append(host.name)
-                    note.append("created")
-                hosts.create(docker, spec, host, image)
-            hosts.wait_ready(docker, spec, host)
-            if hosts.load_images(docker, spec, host, bundle, inner_tags):
-                note.append("images loaded")
-                if why is None:
-                    result.other_changes.append(f"{host.name} images")
-            if why is None and len(note) == 0:
-                result.unchanged.append(host.name)
-                note.append("no change")
-
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(spec.hosts))) as pool:
-        for fut in [pool.submit(reconcile, h.name) for h in spec.hosts]:
+        for fut in [
+            pool.submit(_reconcile, docker, wanted, existing.get(h.name), h, result, steps) for h in spec.hosts
+        ]:
             fut.result()
-
     state = keys.state_dir(name)
     if _write_if_changed(state / "known_hosts", keys.known_hosts_text(spec)):
         result.files_written.append(str(state / "known_hosts"))
