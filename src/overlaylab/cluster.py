@@ -146,7 +146,8 @@ def connect_reachable(
     nodes: dict[str, Node] = {}
 
     def one(host: Host) -> None:
-        nodes[host.name] = Node(host, remote.connect(target(inv, host, accept_new, sudo_password)))
+        where = target(inv, host, accept_new, sudo_password)
+        nodes[host.name] = Node(host, remote.connect(where))
 
     errors = parallel(hosts, one)
     gone = {n: str(e) for n, e in errors.items() if tolerate and isinstance(e, remote.UnreachableError)}

@@ -13,11 +13,13 @@ from typing import Any
 
 import consul
 import paramiko
+import requests
 
 from overlaylab import certs, storetls
 from overlaylab.cluster import Node
 from overlaylab.errors import OverlaylabError
 from overlaylab.inventory import Inventory
+from overlaylab.storetls import Listeners
 
 
 class Forward:
@@ -73,12 +75,13 @@ class Forward:
 
 
 @contextlib.contextmanager
-def consul_client(inv: Inventory, node: Node) -> Iterator[consul.Consul]:
+def consul_client(inv: Inventory, node: Node, listeners: Listeners | None = None) -> Iterator[consul.Consul]:
     """Consul's API on ``node``'s cluster address, through its SSH connection: the laptop need
     not reach the cluster network. Where Consul serves HTTPS (storetls.py), the admin's
     certificate is presented and Consul's is verified against the cluster's CA (it names
-    127.0.0.1, the forward's end)."""
-    listeners = storetls.served(node.facts.consul, inv.consul_port)
+    127.0.0.1, the forward's end). ``listeners``: where it serves, when the caller read it already."""
+    if listeners is None:
+        listeners = storetls.served(node.facts.consul, inv.consul_port)
     secure = [port for scheme, port in listeners if scheme == storetls.HTTPS]
     directory = inv.ca_dir
     admin = (directory / certs.CLIENT_CERT, directory / certs.CLIENT_KEY)
@@ -104,3 +107,17 @@ def consul_client(inv: Inventory, node: Node) -> Iterator[consul.Consul]:
         host="127.0.0.1", port=local, scheme="https", verify=str(directory / certs.CA_CERT),
         cert=tuple(str(p) for p in admin), connections_timeout=5,
     )  # fmt: skip
+
+
+def leader_over_https(inv: Inventory, node: Node) -> str:
+    """The leader as a Consul serving HTTPS alone says it (the facts script speaks plain HTTP
+    only); "" when it runs no such Consul or does not answer, as the script would say."""
+    data = node.facts.consul or {}
+    served = storetls.served(data, inv.consul_port)
+    if not (data.get("State") or {}).get("Running") or (storetls.HTTPS, inv.consul_port) not in served:
+        return ""  # the script asked consul.port over plain HTTP: its answer stands
+    try:
+        with consul_client(inv, node, served) as client:
+            return str(client.status.leader() or "")
+    except (OverlaylabError, requests.RequestException, consul.ConsulException, OSError):
+        return ""  # no answer, as the facts script would read it

@@ -7,12 +7,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from overlaylab import render, storetls
+from overlaylab import certs, render, storetls
 from overlaylab.cluster import Node
-from overlaylab.facts import BACKUP_DIR, DROPIN
+from overlaylab.facts import BACKUP_DIR, DROPIN, HOST_CA, HOST_CERT, HOST_KEY
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Context
-from overlaylab.steps import consul, tls
+from overlaylab.ports import LOOPBACK
 from overlaylab.storetls import Listener
 from overlaylab.topology import Topology
 
@@ -42,10 +42,29 @@ class DropIn:
         return "".join(difflib.unified_diff(before, after, f"{label} (now)", f"{label} (wanted)"))
 
 
+def flags() -> list[str]:
+    """The docker-machine flags: the API on every interface, mutual TLS making that safe."""
+    return [
+        "-H",
+        f"tcp://0.0.0.0:{certs.API_PORT}",
+        "--tlsverify",
+        f"--tlscacert={HOST_CA}",
+        f"--tlscert={HOST_CERT}",
+        f"--tlskey={HOST_KEY}",
+    ]
+
+
+def with_api(base: list[str]) -> list[str]:
+    """The flags after dockerd's own; a command line with no -H listened on the default
+    socket, which a -H of ours would otherwise take away, so it is named."""
+    has_host = any(a in ("-H", "--host") or a.startswith(("-H", "--host=")) for a in base)
+    return [*([] if has_host else ["-H", "unix:///var/run/docker.sock"]), *flags()]
+
+
 def store_ip(inv: Inventory, manager_ip: str) -> str:
     """Where a dockerd finds its cluster store: the manager's Consul, or in HA mode its own
     host's agent (libkv's Consul backend takes a single address)."""
-    return consul.LOOPBACK if Topology.of(inv).ha else manager_ip
+    return LOOPBACK if Topology.of(inv).ha else manager_ip
 
 
 def dropin(inv: Inventory, node: Node, manager_ip: str, store: Listener | None = None) -> DropIn:
@@ -53,7 +72,7 @@ def dropin(inv: Inventory, node: Node, manager_ip: str, store: Listener | None =
     ``store``: the scheme and port its store is reached at (default: where it ends up)."""
     base = render.base_command(node.facts.exec_start, node.facts.dropin)
     scheme, port = store or storetls.final(inv)[0]
-    api = tuple(tls.with_api(base)) if inv.tls.docker_api else ()
+    api = tuple(with_api(base)) if inv.tls.docker_api else ()
     secure = tuple(storetls.kv_opts()) if scheme == storetls.HTTPS else ()
     argv = render.cluster_argv(
         base, store_ip(inv, manager_ip), port, node.host.advertise, inv.extra_flags, inv.discovery, api, secure

@@ -13,6 +13,7 @@ from overlaylab.mode import Mode
 from overlaylab.topology import Topology
 
 CONSUL_GOSSIP = 8301  # Consul's LAN gossip, between HA mode's agents
+LOOPBACK = "127.0.0.1"  # HA mode: where each dockerd finds its own host's agent
 DOCKERD = "dockerd"
 CONSUL = "consul"
 KERNEL = ""  # a VXLAN device's UDP socket has no process

@@ -12,7 +12,7 @@ import pytest
 
 from overlaylab import facts
 from overlaylab.plan import Context
-from overlaylab.repairs.base import Seen
+from overlaylab.reasons import Seen
 from overlaylab.repairs.deaf_sandbox import DeafSandbox
 from overlaylab.steps import holdback
 from tests.unit.test_facts_render import node, recorded

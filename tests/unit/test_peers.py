@@ -7,7 +7,7 @@ from __future__ import annotations
 from overlaylab import facts, peers, provision, render
 from overlaylab.options import Options
 from overlaylab.plan import Context, RunInput
-from overlaylab.repairs.base import Seen
+from overlaylab.reasons import Seen
 from overlaylab.repairs.stale_peers import StalePeers
 from overlaylab.report import RunReport
 from overlaylab.topology import Topology

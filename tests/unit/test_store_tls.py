@@ -173,7 +173,7 @@ def serve_once(answer: bytes) -> int:
 
 def test_the_facts_leader_script_takes_a_200_answer_only() -> None:
     """A Consul on HTTPS answers the script's plain HTTP with a 400 whose body must not pass
-    for a leader (cluster.secure_leader asks it over TLS instead)."""
+    for a leader (consulapi.leader_over_https asks it over TLS instead)."""
     ok = serve_once(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n"10.0.0.1:8300"')
     out = subprocess.run(["bash", "-c", facts.store_leader_script("127.0.0.1", ok)], capture_output=True, text=True)
     assert out.stdout.strip() == '"10.0.0.1:8300"'

@@ -86,7 +86,7 @@ def test_the_drop_in_serves_the_api_over_tls_and_keeps_the_distributions_socket(
     assert "--tlsverify" in exec_start and f"--tlskey={HOST_KEY}" in exec_start
     assert render.insecure_tcp(exec_start) is None
     # a command line with no -H listened on the default socket: it stays
-    assert tls.with_api(["/usr/bin/dockerd"])[:2] == ["-H", "unix:///var/run/docker.sock"]
+    assert dropins.with_api(["/usr/bin/dockerd"])[:2] == ["-H", "unix:///var/run/docker.sock"]
     off = dropins.dropin(dataclasses.replace(inv, tls=Tls()), nodes[1], "10.210.1.11").wanted or ""
     assert "--tls" not in off and "tcp://" not in off
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from overlaylab import repairs
 from overlaylab.plan import Order, Scope, Step
 from overlaylab.steps.anchor import Anchor, RemoveAnchor
 from overlaylab.steps.consul import Consul, RemoveConsul
@@ -32,9 +33,9 @@ BOOTSTRAP: tuple[Step[Any], ...] = (
     LeaveSwarm(),
     Certs(store=True),
     Consul(),
-    Dockerd(),
+    Dockerd(repairs.RESTARTS),
     Consul(round_two=True),
-    Dockerd(round_two=True),
+    Dockerd(repairs.RESTARTS, round_two=True),
     Registered(),
     Network(),
     Reconnect(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from overlaylab.cluster import Node
 from overlaylab.plan import Context
+from overlaylab.reasons import NOTHING_SEEN, Mend, Repair, Seen, first
 from overlaylab.repairs import (
     address_moved,
     anchor_down,
@@ -25,7 +26,6 @@ from overlaylab.repairs import (
     unregistered,
     watch_stopped,
 )
-from overlaylab.repairs.base import NOTHING_SEEN, Mend, Repair, Seen, first
 
 OWN: tuple[Repair, ...] = (  # a host's own reasons to restart, first first
     dropin_changed.DropinChanged(),

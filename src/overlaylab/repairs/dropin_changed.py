@@ -5,7 +5,7 @@ from __future__ import annotations
 from overlaylab import dropins
 from overlaylab.cluster import Node
 from overlaylab.plan import Context
-from overlaylab.repairs.base import Repair, Seen
+from overlaylab.reasons import Repair, Seen
 
 
 class DropinChanged(Repair):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from overlaylab import peers
 from overlaylab.cluster import Node
 from overlaylab.plan import Context
-from overlaylab.repairs.base import Repair, Seen, first, restart_refusal
+from overlaylab.reasons import Repair, Seen, first, restart_refusal
 
 
 class StalePeers(Repair):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from overlaylab import dropins, render
 from overlaylab.cluster import Node
 from overlaylab.plan import Context
-from overlaylab.repairs.base import Repair, Seen
+from overlaylab.reasons import Repair, Seen
 
 
 class StoreDiffers(Repair):

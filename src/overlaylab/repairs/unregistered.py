@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from overlaylab.cluster import Node
 from overlaylab.plan import Context
-from overlaylab.repairs.base import Mend, Repair, Seen
+from overlaylab.reasons import Mend, Repair, Seen
 
 
 class Unregistered(Repair):

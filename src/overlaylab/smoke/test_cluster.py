@@ -20,9 +20,9 @@ from overlaylab import certs, dropins, peers, remote, render, storetls
 from overlaylab.cluster import parallel
 from overlaylab.consulapi import Forward, consul_client
 from overlaylab.facts import DROPIN, ROLE_LABEL
+from overlaylab.ports import LOOPBACK
 from overlaylab.smoke.plugin import Cluster
 from overlaylab.steps import tls
-from overlaylab.steps.consul import LOOPBACK
 from overlaylab.topology import Topology
 
 LABEL = f"--label {ROLE_LABEL}=smoke"

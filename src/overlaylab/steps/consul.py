@@ -26,6 +26,7 @@ from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL, HostFacts
 from overlaylab.inventory import FLAVOR_DATA_DIR, FLAVORS, Inventory
 from overlaylab.plan import Action, Context, Scope, Step, apply_at_once, fail, foundation
+from overlaylab.ports import LOOPBACK
 from overlaylab.steps.tls import CLOCK_SLACK, HostCert
 from overlaylab.storetls import Listeners
 from overlaylab.topology import Topology
@@ -33,7 +34,6 @@ from overlaylab.topology import Topology
 SPEC_LABEL = "overlaylab.consul-spec"
 
 
-LOOPBACK = "127.0.0.1"
 KEY_DIR = "/etc/overlaylab/consul"  # root-only; the gossip key reaches Consul as a file, never on a command line
 KEY_FILE = f"{KEY_DIR}/gossip.json"
 KEY_MOUNT = "/overlaylab/gossip.json"

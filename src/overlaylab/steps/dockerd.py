@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from overlaylab import dropins, render, repairs
+from overlaylab import dropins, render
 from overlaylab.cluster import Node, journal, write_file_command
 from overlaylab.dropins import DropIn
 from overlaylab.errors import OverlaylabError
@@ -27,7 +27,7 @@ from overlaylab.facts import (
 )
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Order, Scope, Step, fail
-from overlaylab.repairs.base import restart_refusal
+from overlaylab.reasons import Repair, first, restart_refusal
 from overlaylab.steps import anchor, consul, holdback, tls
 from overlaylab.storetls import Listener
 
@@ -224,7 +224,8 @@ class Dockerd(Step[DropIn]):
     name = "dockerd"
     order = Order.MANAGER_FIRST
 
-    def __init__(self, round_two: bool = False) -> None:
+    def __init__(self, reasons: Sequence[Repair] = (), round_two: bool = False) -> None:
+        self.reasons = tuple(reasons)  # why a host restarts, first first: its pipeline's list (repairs/)
         self.round_two = round_two  # storetls.py's round 2: only a drop-in that moves its store
 
     @staticmethod
@@ -238,7 +239,7 @@ class Dockerd(Step[DropIn]):
         d, _ = self.wanted(ctx, node)
         if self.round_two and not d.changed:
             return None
-        reason = repairs.first(repairs.RESTARTS, ctx, node)
+        reason = first(self.reasons, ctx, node)
         if reason is None:
             return Action(node.name, False, "drop-in up to date, dockerd running with it", check=not node.facts.gossip)
         moves = f" (its store moves to {d.store_move})" if d.store_move else ""
@@ -364,7 +365,7 @@ class SwarmDropin(Step[DropIn]):
             return self.restore.plan(ctx, node)
         f = node.facts
         base = render.base_command(f.exec_start, f.dropin)
-        d = DropIn(node, render.render(ctx.inv.cluster, base, [*base, *tls.with_api(base)], BACKUP_DIR), f.dropin)
+        d = DropIn(node, render.render(ctx.inv.cluster, base, [*base, *dropins.with_api(base)], BACKUP_DIR), f.dropin)
         reason = (
             "drop-in changed"
             if d.changed

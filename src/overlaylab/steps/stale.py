@@ -26,7 +26,7 @@ from overlaylab import gather, peers
 from overlaylab.cluster import Node, parallel
 from overlaylab.dropins import DropIn
 from overlaylab.plan import Action, Context, Maybe, apply_one, fail
-from overlaylab.repairs.base import restart_refusal
+from overlaylab.reasons import restart_refusal
 from overlaylab.steps import anchor
 from overlaylab.steps.dockerd import Dockerd
 

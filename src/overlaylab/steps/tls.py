@@ -29,25 +29,6 @@ from overlaylab.plan import Action, Context, Scope, Step
 CLOCK_SLACK = 2
 
 
-def flags() -> list[str]:
-    """The docker-machine flags: the API on every interface, mutual TLS making that safe."""
-    return [
-        "-H",
-        f"tcp://0.0.0.0:{certs.API_PORT}",
-        "--tlsverify",
-        f"--tlscacert={HOST_CA}",
-        f"--tlscert={HOST_CERT}",
-        f"--tlskey={HOST_KEY}",
-    ]
-
-
-def with_api(base: list[str]) -> list[str]:
-    """The flags after dockerd's own; a command line with no -H listened on the default
-    socket, which a -H of ours would otherwise take away, so it is named."""
-    has_host = any(a in ("-H", "--host") or a.startswith(("-H", "--host=")) for a in base)
-    return [*([] if has_host else ["-H", "unix:///var/run/docker.sock"]), *flags()]
-
-
 def served(dropin: str | None) -> bool:
     """The drop-in uses the TLS files: it serves the API with them, or reaches its store with
     them (storetls.py); they must stay while it does, and dockerd reads them at start."""

@@ -38,11 +38,24 @@ from overlaylab.cluster import Node, parallel
 from overlaylab.consulapi import consul_client
 from overlaylab.errors import OverlaylabError
 from overlaylab.plan import Action, Context, Maybe, Scope, Step, fail
-from overlaylab.repairs.watch_stopped import said, stopped
 from overlaylab.steps.stale import MendPeers
 
 NUDGE_KEY = "docker/nodes/overlaylab-watch-nudge"  # empty: dockerd's discovery skips it
 WAIT = 10.0  # seconds for the restarted watches to show in the stacks
+
+
+def stopped(count: int) -> str:
+    return (
+        f"{count} store watch(es) of dockerd stopped at a Consul error: it no longer learns the names of "
+        "containers started on other hosts"
+    )
+
+
+def said(count: int | None) -> str:
+    """What the facts say of the host's watches, as the plan says it."""
+    if count is None:
+        return f"dockerd wrote no goroutine stack dump within {facts.STACKS_WAIT:.0f} s: its store watches are unknown"
+    return stopped(count)
 
 
 class StoreWatches(Step[None]):

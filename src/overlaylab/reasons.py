@@ -1,6 +1,8 @@
 """What a repair is: a reason to mend one host, read from the facts (and the pass's ledger),
-that answers why, or None. The dockerd step restarts for the first restart reason of the
-list that answers; `fab status` says that one and every other mend's (repairs/__init__.py)."""
+that answers why, or None. The repairs themselves are repairs/, one module each; the
+dockerd step is handed their list by its pipeline and restarts for the first restart reason
+that answers; `fab status` says that one and every other mend's. And the rule every
+restart of overlaylab's follows: a user's containers stop only with --allow-restart."""
 
 from __future__ import annotations
 
