@@ -5,6 +5,10 @@ Tests run in order on one lab."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 
 from overlaylab import certs
 from overlaylab.steps import tls
-from tests.e2e.clusterlab import DROPIN, Lab, fab, host_state, module_lab, ping_pairs, run_smoke, statuses
+from tests.e2e.clusterlab import DROPIN, ROOT, Lab, fab, host_state, module_lab, ping_pairs, run_smoke, statuses
 from tests.e2e.labtools import sh
 from tests.e2e.tlscheck import docker_env, docker_info, refusals, tls_inventory
 
@@ -72,6 +76,45 @@ def test_the_smoke_suite_passes_in_swarm_mode(lab: Lab, capsys: pytest.CaptureFi
     assert "test_host_is_an_active_node_of_the_managers_swarm" in text
     assert "test_the_docker_api_answers_the_admins_certificate_and_refuses_a_client_without_one" in text
     assert "test_dockerd_runs_with_our_cluster_flags" not in text  # kv-only checks are deselected, not skipped
+
+
+def test_the_installed_command_runs_the_tasks_from_outside_the_clone(lab: Lab, tmp_path: Path) -> None:
+    """The wheel built from a copy of this clone, installed into a fresh virtualenv outside it
+    (pip takes the dependencies from its index, or its cache), run from a directory that is
+    not the clone: `overlaylab --list` names every task, `--help bootstrap-cluster` its
+    options, and `overlaylab verify` proves every pair of this lab (swarm mode, the Docker
+    API over TLS, the CA read from the inventory's tls.ca_dir), as `fab verify` does."""
+    source, wheels, venv, elsewhere = (tmp_path / d for d in ("source", "wheels", "venv", "elsewhere"))
+    shutil.copytree(
+        ROOT, source, symlinks=True,
+        ignore=shutil.ignore_patterns(".venv", ".git", "*cache*", "build", "*.egg-info", "__pycache__", "lab.yaml"),
+    )  # fmt: skip
+    elsewhere.mkdir()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(args, capture_output=True, text=True, cwd=elsewhere, stdin=subprocess.DEVNULL)
+
+    built = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source))
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = wheels.glob("overlaylab-*.whl")
+    made = run(sys.executable, "-m", "venv", str(venv))
+    assert made.returncode == 0, made.stderr
+    installed = run(str(venv / "bin" / "pip"), "install", "-q", str(wheel))
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    command = str(venv / "bin" / "overlaylab")
+    listed = run(command, "--list")
+    assert listed.returncode == 0, listed.stderr
+    assert {"bootstrap-cluster", "join-node", "verify", "status", "teardown", "lab-up", "lab-down"} <= set(
+        listed.stdout.split()
+    ), listed.stdout
+    helped = run(command, "--help", "bootstrap-cluster")
+    assert helped.returncode == 0 and "--dry-run" in helped.stdout and "--inventory" in helped.stdout, helped.stdout
+    checked = run(command, "verify", "--inventory", str(tls_inventory(lab, "swarm", [1, 2, 3], "swarm")), "--json")
+    assert checked.returncode == 0, checked.stderr
+    pairs = json.loads(checked.stdout)["ping_matrix"]["pairs"]
+    assert len(pairs) == 3 * 2 * 2 and all(p["ok"] for p in pairs), pairs
+    imported = run(str(venv / "bin" / "python"), "-c", "import overlaylab; print(overlaylab.__file__)")
+    assert imported.stdout.startswith(str(venv)), imported.stdout  # the installed package, not the clone's
 
 
 def test_join_node_of_a_fresh_worker_and_a_rerun_changes_nothing(lab: Lab) -> None:
