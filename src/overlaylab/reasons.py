@@ -15,12 +15,11 @@ from overlaylab.plan import Context
 
 
 class Mend(Enum):
-    """How a re-run mends what a repair finds."""
+    """How a re-run mends what a repair finds: a restart of the host's dockerd (the dockerd
+    step, for the first restart reason that answers), or a step of its own without one."""
 
     RESTART = "restarts its dockerd"
-    ANCHOR = "makes its anchor again"
-    WATCH = "starts its store watch again"
-    WAIT = "waits for it"
+    STEP = "mends it without a restart"
 
 
 @dataclass(frozen=True)

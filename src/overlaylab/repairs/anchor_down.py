@@ -10,7 +10,7 @@ from overlaylab.steps import anchor
 
 
 class AnchorDown(Repair):
-    mend = Mend.ANCHOR
+    mend = Mend.STEP
 
     def why(self, ctx: Context, node: Node, seen: Seen) -> str | None:
         reader = ctx.nodes.get(ctx.topo.manager) or next(iter(ctx.nodes.values()))

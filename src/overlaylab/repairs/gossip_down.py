@@ -8,7 +8,7 @@ from overlaylab.reasons import Mend, Repair, Seen
 
 
 class GossipDown(Repair):
-    mend = Mend.WAIT
+    mend = Mend.STEP
 
     def why(self, ctx: Context, node: Node, seen: Seen) -> str | None:
         f = node.facts

@@ -9,7 +9,7 @@ from overlaylab.reasons import Mend, Repair, Seen
 
 
 class Unregistered(Repair):
-    mend = Mend.WAIT
+    mend = Mend.STEP
 
     def why(self, ctx: Context, node: Node, seen: Seen) -> str | None:
         if seen.registered is None or node.facts.docker_active != "active" or not node.advertise_ip:

@@ -11,7 +11,7 @@ from overlaylab.steps.watches import said
 
 
 class WatchStopped(Repair):
-    mend = Mend.WATCH
+    mend = Mend.STEP
 
     def why(self, ctx: Context, node: Node, seen: Seen) -> str | None:
         count = node.facts.dead_watches
