@@ -545,6 +545,11 @@ def test_status_names_what_a_re_run_would_mend_on_a_kv_host() -> None:
         "its anchor is not running",
         "dockerd not registered in Consul",
     ]
+    worker.facts.held = {"users_app2": "always"}  # a run stopped while it held it back
+    assert mends(inv, Options(), [manager, worker], report, registered)[worker.name][-1] == (
+        "users_app2 held back by a run that stopped: not running, restart policies set aside"
+    )
+    worker.facts.held = {}
     worker.facts.docker_active = "failed"
     assert mends(inv, Options(), [manager, worker], report, None)[worker.name] == ["docker.service is failed"]
     worker.facts.dropin = None  # not a host of a kv cluster of ours

@@ -15,6 +15,7 @@ from overlaylab.repairs import (
     docker_down,
     dropin_changed,
     gossip_down,
+    held_back,
     lost_network,
     partitioned,
     restore_failed,
@@ -47,6 +48,7 @@ ALL: tuple[Repair, ...] = (
     unregistered.Unregistered(),
     gossip_down.GossipDown(),
     watch_stopped.WatchStopped(),
+    held_back.HeldBack(),
 )
 
 __all__ = ["ALL", "OWN", "RESTARTS", "Mend", "Repair", "Seen", "first", "found"]
