@@ -497,18 +497,24 @@ def swarm_cluster() -> tuple[Inventory, list[FakeNode], Log]:
     return inv, nodes, log
 
 
-@pytest.mark.parametrize("targets", [NAMES, ("w2",)], ids=["bootstrap", "join-node"])
-def test_swarm_dry_runs_plan_what_the_run_does(targets: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("targets", "fresh"),
+    [(NAMES, True), (("w2",), False), (NAMES, False)],
+    ids=["bootstrap", "join-node", "a re-run where one worker left the swarm"],
+)
+def test_swarm_dry_runs_plan_what_the_run_does(targets: tuple[str, ...], fresh: bool) -> None:
+    """The third: one worker joins while the other is in the swarm already (its action no
+    change, and no payload: the join's token goes only to those that join)."""
     inv, nodes, log = cluster()
-    if targets != NAMES:
+    if not fresh:
         inv, nodes, log = swarm_cluster()
         with_info(nodes[2].facts, Swarm={"LocalNodeState": "inactive"})
     code, dry = go(inv, nodes, swarm.BOOTSTRAP, targets=targets, dry_run=True)
     assert code == 0 and log.lines == []
     code, real = go(inv, nodes, swarm.BOOTSTRAP, targets=targets)
-    assert code == 0 and outcomes(dry) == outcomes(real)
+    assert code == 0 and outcomes(dry) == outcomes(real), real.outcomes
     joined = {h for h, c in log.lines if "docker swarm join --token" in c}
-    assert joined == ({"w1", "w2"} if targets == NAMES else {"w2"})
+    assert joined == ({"w1", "w2"} if fresh else {"w2"})
 
 
 def test_swarm_teardown_leaves_with_the_workers_first_and_its_dry_run_matches() -> None:

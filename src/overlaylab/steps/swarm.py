@@ -165,7 +165,7 @@ class SwarmJoin(Step[tuple[str, str]]):
     def apply_all(self, ctx: Context, actions: list[Action[tuple[str, str]]]) -> None:
         """The token is read once for all joins, and travels only inside this run."""
         token = worker_token(ctx.manager) if any(a.change for a in actions) else ""
-        super().apply_all(ctx, [dataclasses.replace(a, data=(a.payload()[0], token)) for a in actions])
+        super().apply_all(ctx, [dataclasses.replace(a, data=(a.data[0], token)) if a.data else a for a in actions])
 
     def apply(self, ctx: Context, node: Node, action: Action[tuple[str, str]]) -> str:
         state, token = action.payload()
