@@ -409,7 +409,6 @@ def load(path: str | Path) -> Inventory:
     hosts, manager = _hosts(r, doc.get("hosts"))
     servers = _servers(r, consul.get("servers"), [h.name for h in hosts], manager)
     key = _typed(r, ssh, "key", "ssh", str)
-    consul_port = int(_port(r, _typed(r, consul, "port", "consul", int, 8500), "consul.port") or 8500)
     return Inventory(
         path=path,
         cluster=str(_typed(r, cluster, "name", "cluster", str, "overlaylab")),
@@ -420,7 +419,7 @@ def load(path: str | Path) -> Inventory:
         ssh_port=_port(r, _typed(r, ssh, "port", "ssh", int), "ssh.port"),
         consul_image=_typed(r, consul, "image", "consul", str, "progrium/consul"),
         consul_flavor=flavor,
-        consul_port=consul_port,
+        consul_port=int(_port(r, _typed(r, consul, "port", "consul", int, 8500), "consul.port") or 8500),
         consul_name=consul_name,
         consul_servers=servers,
         raft_multiplier=raft,
@@ -431,6 +430,6 @@ def load(path: str | Path) -> Inventory:
         min_free_disk_mb=min_free,
         mode=mode,
         swarm_addr_pool=pool,
-        tls=_tls(r, doc.get("tls"), consul_port),
+        tls=_tls(r, doc.get("tls"), int(_typed(r, consul, "port", "consul", int, 8500) or 8500)),
         lines=dict(r.lines),
     )

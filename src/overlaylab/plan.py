@@ -69,7 +69,8 @@ class Action(Generic[P]):
 
     def payload(self) -> P:
         """The payload the step's plan gave a changing action (a bug if there is none)."""
-        assert self.data is not None, f"{self.host}: an action without its payload"
+        if self.data is None:
+            raise RuntimeError(f"{self.host}: a changing action of this step came without its payload (a bug)")
         return self.data
 
 

@@ -9,7 +9,6 @@ import sys
 from fabric import Connection
 
 from overlaylab import certs, peers, render, repairs, storetls
-from overlaylab import mode as modes
 from overlaylab.checks import probe
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError
@@ -182,12 +181,18 @@ def mends(
     """What a bootstrap-cluster re-run would mend, per host of a kv cluster (our drop-in on it),
     as the run's own plan reads it: the list of repairs (repairs/), evaluated on these facts.
     A host that did not answer is left out, as a run leaves a failed host out."""
-    kv = modes.resolve(inv.mode, nodes)[0] == Mode.KV
     given = RunInput(inv, opts, Topology.of(inv), tuple(n.name for n in nodes))
     view = Context(given, {n.name: n for n in nodes}, report, dry=True)
     view.ledger.failed.update(h.name for h in inv.hosts if h.name not in view.nodes)
     seen = repairs.Seen(frozenset(registered) if registered is not None else None)
-    return {n.name: repairs.found(view, n, seen) if kv and render.is_ours(n.facts.dropin) else [] for n in nodes}
+    return {n.name: repairs.found(view, n, seen) if kv_host(n) else [] for n in nodes}
+
+
+def kv_host(node: Node) -> bool:
+    """A host of a kv cluster of ours: our drop-in, with a cluster store in it (read from the
+    host itself: a host whose `docker info` stalls must not hide the others' repairs)."""
+    dropin = node.facts.dropin or ""
+    return render.is_ours(dropin) and "--cluster-store=" in dropin
 
 
 def status(inv: Inventory, opts: Options) -> int:

@@ -12,6 +12,6 @@ class Unregistered(Repair):
     mend = Mend.STEP
 
     def why(self, ctx: Context, node: Node, seen: Seen) -> str | None:
-        if seen.registered is None or node.facts.docker_active != "active" or not node.advertise_ip:
+        if seen.registered is None or node.facts.docker_active != "active":
             return None
         return None if f"{node.advertise_ip}:2376" in seen.registered else "dockerd not registered in Consul"

@@ -224,7 +224,7 @@ class Dockerd(Step[DropIn]):
     name = "dockerd"
     order = Order.MANAGER_FIRST
 
-    def __init__(self, reasons: Sequence[Repair] = (), round_two: bool = False) -> None:
+    def __init__(self, reasons: Sequence[Repair], round_two: bool = False) -> None:
         self.reasons = tuple(reasons)  # why a host restarts, first first: its pipeline's list (repairs/)
         self.round_two = round_two  # storetls.py's round 2: only a drop-in that moves its store
 

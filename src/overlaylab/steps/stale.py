@@ -39,6 +39,9 @@ class MendPeers(Dockerd):
 
     name = "peers"
 
+    def __init__(self) -> None:
+        super().__init__(reasons=())  # its own plan: a check after the restarts, no list of reasons
+
     def plan(self, ctx: Context, node: Node) -> Action[DropIn] | None:
         moved = self.moved(ctx)
         if not moved:
