@@ -5,7 +5,7 @@ set -euo pipefail
 venv=${1:-.venv}
 cd "$(dirname "$0")/.."
 
-packages=(docker.io debootstrap busybox-static iptables iproute2 openssh-client file ca-certificates)
+packages=(docker.io debootstrap busybox-static iptables nftables iproute2 openssh-client file ca-certificates)
 python=${PYTHON:-python3}
 if ! command -v "$python" >/dev/null 2>&1; then
     packages+=(python3 python3-venv)

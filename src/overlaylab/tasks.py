@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import json as jsonlib
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +24,8 @@ from invoke.exceptions import Exit
 
 from overlaylab import cluster, provision, remote
 from overlaylab import inventory as inventory_mod
-from overlaylab.errors import OverlaylabError
-from overlaylab.lab import lifecycle
+from overlaylab.errors import InputError, OverlaylabError
+from overlaylab.lab import impair, lifecycle
 from overlaylab.report import Steps, columns
 
 LAB_INVENTORY = Path("inventory") / "lab.yaml"
@@ -218,13 +219,20 @@ def docker_env(c: Any, node: str, inventory: str | None = None) -> None:
         "engine": "legacy (Docker 20.10, cluster store) or modern (26.x); or one per host: legacy,legacy,modern",
         "name": "lab name (default lab)",
         "range": "private /16 for every lab address (default 10.210.0.0/16)",
+        "impairments": "a YAML list of impairments to make once the lab is up (as lab-impair --from)",
     },
 )
 def lab_up(
-    c: Any, count: int | None = None, engine: str | None = None, name: str = "lab", range: str | None = None
+    c: Any,
+    count: int | None = None,
+    engine: str | None = None,
+    name: str = "lab",
+    range: str | None = None,
+    impairments: str | None = None,
 ) -> None:
-    """Bring the local lab up (or repair it); writes its inventory (inventory/lab.yaml)."""
-    _run(lambda: lifecycle.up(name, int(count) if count else None, engine, _lab_inventory(c), range, Steps()))
+    """Bring the local lab up (or repair it); writes its inventory (inventory/lab.yaml) and ssh_config."""
+    given = Path(impairments) if impairments else None
+    _run(lambda: lifecycle.up(name, int(count) if count else None, engine, _lab_inventory(c), range, Steps(), given))
 
 
 @task(auto_shortflags=False, help={"name": "lab name (default lab)"})
@@ -256,15 +264,85 @@ def lab_poweroff(c: Any, node: str, name: str = "lab") -> None:
 def lab_status(c: Any, name: str = "lab", json: bool = False) -> None:
     """List the lab's hosts, addresses, engine versions and state."""
     rows = _run(lambda: lifecycle.status_dicts(name))
+    impaired = [imp.describe() for imp in impair.in_force(name)]
     if json:
-        print(jsonlib.dumps({"lab": name, "hosts": rows}, indent=2))
+        print(jsonlib.dumps({"lab": name, "hosts": rows, "impairments": impaired}, indent=2))
         return
     if not rows:
         print(f"lab {name!r}: no hosts")
         return
     cols = ["name", "state", "system", "engine", "engine_version", "mgmt_ip", "cluster_ip"]
     print("\n".join(columns([[c.upper() for c in cols], *([str(r[c]) for c in cols] for r in rows)])))
+    for line in impaired:
+        print(f"impaired: {line}")
     sys.stdout.flush()
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "node": "the lab host (its cluster address) the impairment is on",
+        "peer": "the other host (default: every other host)",
+        "block": "drop PROTO/PORT, e.g. udp/4789 or tcp/7946",
+        "direction": "in (toward the node), out, or both (default)",
+        "loss": "percent of packets lost, each way",
+        "mtu": "packets over N bytes of IP total length dropped (a black hole)",
+        "rate": "a rate like 10mbit or 512kbit, each way",
+        "partition": "all cluster traffic between node and peers dropped, both ways",
+        "delay": "milliseconds of delay (needs the kernel's netem: refused where it lacks it)",
+        "show": "list what is in force",
+        "reset": "remove the impairments of --node, or all of them",
+        "from": "a YAML list of impairments to make (docs/lab.md)",
+        "name": "lab name (default lab)",
+        "json": "print JSON",
+    },
+)
+def lab_impair(
+    c: Any,
+    node: str | None = None,
+    peer: str | None = None,
+    block: str | None = None,
+    direction: str = "both",
+    loss: str | None = None,
+    mtu: str | None = None,
+    rate: str | None = None,
+    partition: bool = False,
+    delay: str | None = None,
+    show: bool = False,
+    reset: bool = False,
+    from_: str | None = None,
+    name: str = "lab",
+    json: bool = False,
+) -> None:
+    """The lab's network misbehaving, outside the hosts: blocked ports, loss, a small MTU, a rate, a partition."""
+    kinds = {"block": block, "loss": loss, "mtu": mtu, "rate": rate, "delay": delay}
+    wanted = [k for k, v in kinds.items() if v is not None] + (["partition"] if partition else [])
+
+    def go() -> list[str]:
+        if show or reset or from_:
+            return lifecycle.impairments(name, reset=reset, node=node, from_file=Path(from_) if from_ else None)
+        if node is None or not wanted:
+            raise InputError("lab-impair: name --node and one impairment (or --show, --reset, --from FILE)")
+        made = [impair.Impairment(node, k, str(kinds.get(k) or ""), peer, direction) for k in wanted]
+        return lifecycle.impair_now(name, made)
+
+    lines = _run(go)
+    if json:
+        print(jsonlib.dumps({"lab": name, "impairments": lines}, indent=2))
+    else:
+        print("\n".join(lines) or f"lab {name!r}: no impairment in force")
+
+
+@task(
+    auto_shortflags=False,
+    help={"node": "the lab host", "command": "run this and return its exit code (else a shell)", "name": "lab name"},
+)
+def lab_ssh(c: Any, node: str, command: str | None = None, name: str = "lab") -> None:
+    """ssh into a lab host by its name, with the lab's key and strict host keys (its ssh_config)."""
+    argv = _run(lambda: lifecycle.ssh_argv(name, node, command))
+    code = subprocess.call(argv)
+    if code:
+        raise Exit(code=code)
 
 
 ns = Collection(
@@ -279,4 +357,6 @@ ns = Collection(
     lab_reboot,
     lab_poweroff,
     lab_status,
+    lab_impair,
+    lab_ssh,
 )

@@ -154,19 +154,47 @@ def refused_by_preflight(lab: Lab, fault: dict[int, str], undo: dict[int, str]) 
             conn.close()
 
 
-DROP_VXLAN = "INPUT -p udp --dport 4789 -j DROP"
+INSIDE = (  # what a host sees of its network: its rules (less their packet counters), links and queues
+    "iptables-save | grep -v '^#' | sed 's/ \\[[0-9]*:[0-9]*\\]$//'; "
+    "nft list ruleset 2>/dev/null | sed 's/packets [0-9]* bytes [0-9]*//'; "
+    "ip -br link; tc qdisc show"
+)
 
 
-def test_a_blocked_vxlan_port_on_one_host_is_refused_naming_each_blocked_path(lab: Lab) -> None:
-    details = refused_by_preflight(lab, {3: f"iptables -I {DROP_VXLAN}"}, {3: f"iptables -D {DROP_VXLAN}"})
+def impaired(lab: Lab, *args: str) -> dict[str, str]:
+    """An impairment made between the hosts (`fab lab-impair`, outside them), one bootstrap
+    run refused by the preflight, the impairment reset; nothing of it shows inside a host
+    (its iptables, its nftables, its interfaces). Returns each host's preflight detail."""
+    inside = each_host([1, 2, 3], lambda i: on(lab, i, INSIDE))
+    code, _, err = lab_impair(*args)
+    assert code == 0, err
+    try:
+        assert each_host([1, 2, 3], lambda i: on(lab, i, INSIDE)) == inside, "an impairment shows inside a host"
+        return refused_by_preflight(lab, {}, {})
+    finally:
+        code, out, err = lab_impair("--reset")
+        assert code == 0 and json.loads(out)["impairments"] == [], err
+
+
+def lab_impair(*args: str) -> tuple[int, str, str]:
+    proc = subprocess.run(
+        [FAB, "-r", str(ROOT), "lab-impair", "--name", NAME, *args, "--json"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_a_blocked_vxlan_port_into_one_host_is_refused_naming_each_blocked_path(lab: Lab) -> None:
+    details = impaired(lab, "--node", "bm-docker-03", "--block", "udp/4789", "--direction", "in")
     for source in ("bm-docker-01", "bm-docker-02"):
         assert f"{source} -> bm-docker-03: udp/4789 (VXLAN data) blocked" in details["bm-docker-03"]
     assert "udp/4789" not in details["bm-docker-01"] + details["bm-docker-02"]
 
 
 def test_gossip_blocked_between_two_hosts_is_refused_naming_that_path_only(lab: Lab) -> None:
-    rule = f"INPUT -p tcp --dport 7946 -s {lab.spec.hosts[0].cluster_ip} -j DROP"
-    details = refused_by_preflight(lab, {2: f"iptables -I {rule}"}, {2: f"iptables -D {rule}"})
+    details = impaired(
+        lab, "--node", "bm-docker-02", "--peer", "bm-docker-01", "--block", "tcp/7946", "--direction", "in"
+    )
     assert "bm-docker-01 -> bm-docker-02: tcp/7946 (gossip) blocked" in details["bm-docker-02"]
     assert "tcp/7946" not in details["bm-docker-01"] + details["bm-docker-03"]
     assert "bm-docker-03 -> bm-docker-02" not in details["bm-docker-02"]
@@ -222,13 +250,13 @@ def test_a_second_run_changes_nothing_and_restarts_nothing(lab: Lab) -> None:
 
 
 def test_verify_on_a_cluster_whose_vxlan_port_got_blocked_names_udp_4789(lab: Lab) -> None:
-    conn = lab.conn(3)
-    sh(conn, f"iptables -I {DROP_VXLAN}")
+    """The block made between the hosts (`fab lab-impair`), as a firewall on the path would."""
+    code, _, err = lab_impair("--node", "bm-docker-03", "--block", "udp/4789", "--direction", "in")
+    assert code == 0, err
     try:
         code, doc, err = fab("verify", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
     finally:
-        sh(conn, f"iptables -D {DROP_VXLAN}")
-        conn.close()
+        assert lab_impair("--reset")[0] == 0
     assert code == 1, err
     failed = {h: s["verify"]["detail"] for h, s in doc["hosts"].items() if s["verify"]["status"] == "failed"}
     assert set(failed) == {"bm-docker-01", "bm-docker-02", "bm-docker-03"}  # every pair with bm-docker-03

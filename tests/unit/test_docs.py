@@ -4,8 +4,9 @@
   ...`, `overlaylab ...`, in a shell block or an inline code span) is parsed by the real
   parser of the tasks (invoke's, over overlaylab.tasks, with the program's own flags): an
   unknown task or option fails.
-- Every fenced YAML block is loaded by the real inventory loader: a whole inventory as it
-  is, a fragment (no `hosts:`) over a small inventory of five hosts. A block right after
+- Every fenced YAML block is loaded by the real loader: an inventory whole, a fragment (no
+  `hosts:`) over a small inventory of five hosts, a list of the lab's impairments against a
+  3-host lab. A block right after
   the line `<!-- a bad inventory: the loader must refuse it -->` must fail to load, with
   the words the page shows.
 - Every link between pages resolves: the file, and the heading an anchor names.
@@ -26,6 +27,8 @@ from invoke.parser import Parser
 from overlaylab import inventory, tasks
 from overlaylab.cli import program
 from overlaylab.errors import InputError
+from overlaylab.lab import impair
+from overlaylab.lab.spec import build_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -137,11 +140,17 @@ def yaml_blocks() -> list[Block]:
     return [b for page in PAGES for b in blocks(page) if b.lang == "yaml"]
 
 
-def load(block: Block, tmp_path: Path) -> inventory.Inventory:
+LAB = build_spec("docs", "legacy", 3)  # a list of impairments is read against a 3-host lab
+
+
+def load(block: Block, tmp_path: Path) -> object:
+    """An inventory (whole, or a fragment over BASE), or a list of the lab's impairments."""
     doc = yaml.safe_load(block.text) or {}
-    text = block.text if "hosts" in doc else yaml.safe_dump({**BASE, **doc})
-    path = tmp_path / "inventory.yaml"
-    path.write_text(text)
+    path = tmp_path / "example.yaml"
+    if isinstance(doc, list):
+        path.write_text(block.text)
+        return impair.load(path, LAB)
+    path.write_text(block.text if "hosts" in doc else yaml.safe_dump({**BASE, **doc}))
     return inventory.load(path)
 
 

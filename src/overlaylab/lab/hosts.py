@@ -7,7 +7,9 @@ running. Anything less is replaced whole, never half-reused.
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,3 +168,27 @@ def engine_version(docker: Docker, container: str) -> str:
         "exec", container, "docker", "version", "--format", "{{.Server.Version}}", check=False, timeout=30
     )
     return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def cluster_ports(docker: Docker, spec: LabSpec) -> dict[str, str]:
+    """Each running host's port on the lab's cluster bridge (the outer end of its veth, where a
+    rate is shaped), by host name. A reboot makes a new veth, so ports are looked up, never kept:
+    the host's cluster NIC (read from its network namespace, nothing run inside the host) names
+    its peer's ifindex out here."""
+
+    def ip_json(*argv: str) -> list[dict[str, Any]]:
+        proc = subprocess.run([*argv], capture_output=True, text=True, check=False, timeout=30)
+        return json.loads(proc.stdout or "[]") if proc.returncode == 0 else []
+
+    outer = {link["ifindex"]: link["ifname"] for link in ip_json("ip", "-j", "link", "show")}
+    ports: dict[str, str] = {}
+    for host in spec.hosts:
+        state = ((docker.inspect("container", spec.container(host)) or {}).get("State")) or {}
+        if not state.get("Running") or not state.get("Pid"):
+            continue
+        for nic in ip_json("nsenter", "-t", str(state["Pid"]), "-n", "ip", "-j", "-4", "addr", "show"):
+            if any(a.get("local") == host.cluster_ip for a in nic.get("addr_info", [])):
+                port = outer.get(nic.get("link_index"))
+                if port:
+                    ports[host.name] = port
+    return ports

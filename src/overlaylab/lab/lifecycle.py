@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from overlaylab.errors import InputError, OverlaylabError
-from overlaylab.lab import engine, firewall, hosts, images, keys, preflight
+from overlaylab.lab import engine, firewall, hosts, images, impair, keys, preflight
 from overlaylab.lab.docker import Docker
 from overlaylab.lab.spec import DEFAULT_RANGE, ENGINE_SUITE, HostSpec, LabSpec, build_spec
 from overlaylab.report import Steps
@@ -57,6 +57,30 @@ def inventory_text(spec: LabSpec) -> str:
         "hosts:",
     ]
     lines += [f"  {h.name}: {{address: {h.mgmt_ip}, role: {h.role}, advertise: eth1}}" for h in spec.hosts]
+    return "\n".join(lines) + "\n"
+
+
+def ssh_config_path(inventory: Path) -> Path:
+    """The lab's ssh_config, beside its inventory: inventory/lab.yaml -> inventory/lab.ssh_config."""
+    return inventory.with_suffix(".ssh_config")
+
+
+def ssh_config_text(spec: LabSpec) -> str:
+    """`ssh -F FILE bm-docker-02` reaches a host by its name, with the lab's key and known_hosts
+    and strict host-key checking (as containerlab writes one per lab)."""
+    state = keys.state_dir(spec.name)
+    lines = ["# Written by `fab lab-up`; removed by lab-down. ssh -F THIS_FILE bm-docker-02"]
+    for h in spec.hosts:
+        lines += [
+            f"Host {h.name}",
+            f"    HostName {h.mgmt_ip}",
+            "    User admin",
+            f"    IdentityFile {state / 'id_ed25519'}",
+            "    IdentitiesOnly yes",
+            f"    UserKnownHostsFile {state / 'known_hosts'}",
+            "    StrictHostKeyChecking yes",
+            "    BatchMode yes",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -179,9 +203,11 @@ def up(
     inventory: Path | None = None,
     addr_range: str | None = None,
     steps: Steps | None = None,
+    impairments: Path | None = None,
 ) -> UpResult:
     """The lab as asked, from whatever is there: only the difference changes (a second lab-up
-    says `no change`); every error comes before anything is created."""
+    says `no change`); every error comes before anything is created (``impairments``, a YAML
+    list as lab-impair --from takes it, is read and checked first, made last)."""
     steps = steps or Steps()
     result = UpResult()
     preflight.require_root()
@@ -199,6 +225,7 @@ def up(
         **({"addr_range": addr_range} if addr_range else {}),
     )  # fmt: skip
     preflight.require_free_range(spec, docker)
+    impaired = impair.load(impairments, spec) if impairments is not None else []
     wanted = _Wanted(spec, *_images(docker, spec, result, steps))
     _networks(docker, spec, result, steps)
     keys.client_key(spec)
@@ -216,6 +243,16 @@ def up(
         result.files_written.append(str(state / "known_hosts"))
     if inventory is not None and _write_if_changed(inventory, inventory_text(spec)):
         result.files_written.append(str(inventory))
+    for where in (state / "ssh_config", *([ssh_config_path(inventory)] if inventory is not None else [])):
+        if _write_if_changed(where, ssh_config_text(spec)):
+            result.files_written.append(str(where))
+    if impair.shape(spec, hosts.cluster_ports(docker, spec)):  # a rate's queue on a host powered on again
+        result.other_changes.append("rates shaped again")
+    if impaired:
+        with steps.step("Impairments") as note:
+            made = impair.apply(spec, impaired, hosts.cluster_ports(docker, spec))
+            result.other_changes += [f"impaired: {imp.describe()}" for imp in made]
+            note.append(f"{len(made)} made" if made else "in force already")
     steps.line(" lab is up: " + ("changed" if result.changed else "no change") + f" ({len(spec.hosts)} hosts)")
     return result
 
@@ -256,6 +293,8 @@ def down(name: str = "lab", inventory: Path | None = None, steps: Steps | None =
     n = firewall.remove(name)
     if n:
         removed.append(f"{n} firewall rules")
+    if impair.reset(name):
+        removed.append("impairments")
     state = keys.state_dir(name)
     if state.exists():
         shutil.rmtree(state)
@@ -263,6 +302,9 @@ def down(name: str = "lab", inventory: Path | None = None, steps: Steps | None =
     if inventory is not None and inventory.exists():
         inventory.unlink()
         removed.append(f"inventory {inventory}")
+    if inventory is not None and ssh_config_path(inventory).exists():
+        ssh_config_path(inventory).unlink()
+        removed.append(f"ssh_config {ssh_config_path(inventory)}")
     steps.line(" lab is down: " + (f"removed {len(removed)} things" if removed else "nothing to remove"))
     return removed
 
@@ -311,6 +353,7 @@ def reboot(name: str, node: str, hard: bool = False, steps: Steps | None = None)
         except subprocess.TimeoutExpired:
             raise OverlaylabError(f"{node}: still running 120s after `systemctl reboot`") from None
         docker.run("start", obs.container)
+        impair.shape(spec, hosts.cluster_ports(docker, spec))  # its new veth gets the rates in force again
         hosts.wait_ready(docker, spec, host)
         took = time.monotonic() - start
         note.append(f"up again in {took:.1f}s")
@@ -390,3 +433,46 @@ def status(name: str = "lab") -> list[HostStatus]:
 
 def status_dicts(name: str = "lab") -> list[dict[str, str]]:
     return [asdict(s) for s in status(name)]
+
+
+def _spec_of(name: str) -> tuple[LabSpec, dict[str, str]]:
+    """The lab as the outer engine has it now, with its hosts' cluster ports, or an InputError
+    when there is none."""
+    preflight.require_root()
+    eng = engine.find(start=False)
+    found = hosts.observe(eng.docker, name) if eng is not None else {}
+    if not found:
+        raise InputError(f"no lab {name!r} is up (fab lab-up --name {name})")
+    addr_range = _range_of(name, found) or DEFAULT_RANGE
+    spec = build_spec(name, None, None, {h: o.engine for h, o in found.items()}, addr_range=addr_range)
+    assert eng is not None
+    return spec, hosts.cluster_ports(eng.docker, spec)
+
+
+def impair_now(name: str, wanted: list[impair.Impairment]) -> list[str]:
+    """lab-impair: each one checked (nothing made when one is wrong), then made; what is in force."""
+    spec, ports = _spec_of(name)
+    impair.apply(spec, wanted, ports)
+    return [imp.describe() for imp in impair.in_force(name)]
+
+
+def impairments(name: str, reset: bool = False, node: str | None = None, from_file: Path | None = None) -> list[str]:
+    """--show, --reset [--node], --from FILE: what is in force afterwards."""
+    spec, ports = _spec_of(name)
+    if node is not None and node not in {h.name for h in spec.hosts}:
+        raise InputError(f"node: no host {node!r} in lab {name!r}")
+    wanted = impair.load(from_file, spec) if from_file is not None else []  # checked before the reset
+    if reset:
+        impair.reset(name, node, spec, ports)
+    impair.apply(spec, wanted, ports)
+    return [imp.describe() for imp in impair.in_force(name)]
+
+
+def ssh_argv(name: str, node: str, command: str | None) -> list[str]:
+    """The system's ssh, by the host's name through the lab's ssh_config."""
+    spec, _ = _spec_of(name)
+    if node not in {h.name for h in spec.hosts}:
+        raise InputError(f"node: no host {node!r} in lab {name!r} (it has {', '.join(h.name for h in spec.hosts)})")
+    config = keys.state_dir(name) / "ssh_config"
+    _write_if_changed(config, ssh_config_text(spec))
+    return ["ssh", "-F", str(config), *(["-t"] if command is None else []), node, *([command] if command else [])]
