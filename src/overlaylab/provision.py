@@ -191,8 +191,7 @@ def mends(
 def kv_host(node: Node) -> bool:
     """A host of a kv cluster of ours: our drop-in, with a cluster store in it (read from the
     host itself: a host whose `docker info` stalls must not hide the others' repairs)."""
-    dropin = node.facts.dropin or ""
-    return render.is_ours(dropin) and "--cluster-store=" in dropin
+    return render.is_ours_with_store(node.facts.dropin)
 
 
 def status(inv: Inventory, opts: Options) -> int:

@@ -63,6 +63,12 @@ def is_ours(dropin: str | None) -> bool:
     return dropin is not None and dropin.startswith(MANAGED_MARK)
 
 
+def is_ours_with_store(dropin: str | None) -> bool:
+    """Our drop-in, running dockerd with a cluster store: a host of a kv cluster of ours. A
+    swarm host has our drop-in too (TLS), but none of kv mode's gossip, sandboxes or repairs."""
+    return is_ours(dropin) and "--cluster-store=" in (dropin or "")
+
+
 def base_command(current_exec_start: str | None, dropin: str | None) -> list[str]:
     """dockerd's command line before overlaylab: recorded in our drop-in, else what systemd runs now."""
     if is_ours(dropin):

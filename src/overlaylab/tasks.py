@@ -320,6 +320,9 @@ def lab_impair(
 
     def go() -> list[str]:
         if show or reset or from_:
+            if wanted or peer is not None:
+                given = ", ".join(f"--{k}" for k in wanted + (["peer"] if peer is not None else []))
+                raise InputError(f"lab-impair: {given} cannot go with --show, --reset or --from (one or the other)")
             return lifecycle.impairments(name, reset=reset, node=node, from_file=Path(from_) if from_ else None)
         if node is None or not wanted:
             raise InputError("lab-impair: name --node and one impairment (or --show, --reset, --from FILE)")

@@ -169,11 +169,13 @@ def impaired(lab: Lab, *args: str) -> dict[str, str]:
     code, _, err = lab_impair(*args)
     assert code == 0, err
     try:
-        assert each_host([1, 2, 3], lambda i: on(lab, i, INSIDE)) == inside, "an impairment shows inside a host"
-        return refused_by_preflight(lab, {}, {})
+        seen = each_host([1, 2, 3], lambda i: on(lab, i, INSIDE))
+        details = refused_by_preflight(lab, {}, {})
     finally:
-        code, out, err = lab_impair("--reset")
-        assert code == 0 and json.loads(out)["impairments"] == [], err
+        reset = lab_impair("--reset")
+    assert reset[0] == 0 and json.loads(reset[1])["impairments"] == [], reset[2]
+    assert seen == inside, "an impairment shows inside a host"
+    return details
 
 
 def lab_impair(*args: str) -> tuple[int, str, str]:
@@ -256,7 +258,8 @@ def test_verify_on_a_cluster_whose_vxlan_port_got_blocked_names_udp_4789(lab: La
     try:
         code, doc, err = fab("verify", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
     finally:
-        assert lab_impair("--reset")[0] == 0
+        reset = lab_impair("--reset")
+    assert reset[0] == 0, reset[2]
     assert code == 1, err
     failed = {h: s["verify"]["detail"] for h, s in doc["hosts"].items() if s["verify"]["status"] == "failed"}
     assert set(failed) == {"bm-docker-01", "bm-docker-02", "bm-docker-03"}  # every pair with bm-docker-03

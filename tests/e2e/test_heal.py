@@ -235,9 +235,9 @@ def lab_impair(*args: str) -> dict[str, Any]:
     return dict(json.loads(proc.stdout))
 
 
-def gossip_saw_fail(lab: Lab, i: int, peer: str) -> bool:
-    """Host i's dockerd last saw ``peer`` fail (serf's member events, in its journal)."""
-    last = on(lab, i, "journalctl -u docker.service -o cat --no-pager | "
+def gossip_saw_fail(lab: Lab, i: int, peer: str, since: str) -> bool:
+    """Host i's dockerd saw ``peer`` fail since ``since`` (serf's member events, in its journal)."""
+    last = on(lab, i, f"journalctl -u docker.service -o cat --no-pager --since '{since}' | "
                       f"grep -o 'serf: EventMember[A-Za-z]*: {peer} ' | tail -1; true")  # fmt: skip
     return "EventMemberFailed" in last
 
@@ -248,14 +248,20 @@ def test_a_gossip_partition_made_between_the_hosts_heals_with_one_re_run(lab: La
     reset): dockerd does not rejoin by itself (it joins one neighbour, once), so until serf's
     occasional reconnect the overlay is split. One re-run heals: at most bm-docker-03 restarts
     (it last saw most of its peers fail: the partition repair), unless serf reconnected first."""
+    since = on(lab, 1, "date '+%Y-%m-%d %H:%M:%S'")  # the hosts share this machine's clock
     lab_impair("--node", name(3), "--partition")
     try:
+        cut = on(
+            lab, 1, f"ping -c 2 -W 1 -q {lab.spec.hosts[2].cluster_ip} >/dev/null 2>&1 && echo crossed || echo cut"
+        )
+        assert cut == "cut", "the partition did not stop a ping between the hosts"
         deadline = time.monotonic() + 90
-        while not (gossip_saw_fail(lab, 1, name(3)) and gossip_saw_fail(lab, 3, name(1))):
+        while not (gossip_saw_fail(lab, 1, name(3), since) and gossip_saw_fail(lab, 3, name(1), since)):
             assert time.monotonic() < deadline, "the partition was not seen by gossip within 90 s"
             time.sleep(2)
     finally:
-        assert lab_impair("--reset")["impairments"] == []
+        lab_impair("--reset")
+    assert lab_impair("--show")["impairments"] == []
     heal(lab, set(), may={name(3)})
 
 

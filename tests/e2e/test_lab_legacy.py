@@ -53,6 +53,10 @@ def test_lab_up_creates_three_hosts_and_writes_the_inventory(lab: Lab) -> None:
     text = lab.inventory.read_text()
     for host in lab.spec.hosts:
         assert f"{host.name}: {{address: {host.mgmt_ip}, role: {host.role}, advertise: eth1}}" in text
+    # and the ssh_config beside it (inventory/lab.ssh_config for the default lab): the system's ssh, by name
+    config = lab.inventory.with_suffix(".ssh_config")
+    found = subprocess.run(["ssh", "-F", str(config), "bm-docker-03", "hostname"], capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout.strip() == "bm-docker-03", found.stderr
 
 
 def test_each_host_boots_systemd_and_has_its_own_identity(lab: Lab) -> None:
@@ -282,4 +286,5 @@ def test_lab_down_leaves_nothing_behind_and_is_safe_twice(lab: Lab) -> None:
         assert "/run/overlaylab" not in mounts and str(engine.PRIVATE_DATA) not in mounts
         assert engine._private_processes() == [] and engine.private_pid() is None
     assert not keys.state_dir(NAME).exists() and not lab.inventory.exists()
+    assert not lab.inventory.with_suffix(".ssh_config").exists()
     assert lifecycle.down(NAME, lab.inventory) == []

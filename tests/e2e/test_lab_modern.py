@@ -74,7 +74,20 @@ def test_the_lab_ssh_config_takes_the_systems_ssh_to_a_host_by_its_name(modern_l
     config = keys.state_dir(NAME) / "ssh_config"
     found = subprocess.run(["ssh", "-F", str(config), "bm-docker-02", "hostname"], capture_output=True, text=True)
     assert found.returncode == 0 and found.stdout.strip() == "bm-docker-02", found.stderr
-    assert "StrictHostKeyChecking yes" in config.read_text()
+    # host keys checked strictly: the same config with another host's key for bm-docker-02 is refused
+    wrong = keys.state_dir(NAME) / "known_hosts.wrong"
+    lines = (keys.state_dir(NAME) / "known_hosts").read_text().splitlines()
+    mine = next(line for line in lines if line.startswith(f"{SPEC.hosts[1].mgmt_ip} "))
+    other = next(line for line in lines if line.startswith(f"{SPEC.hosts[0].mgmt_ip} "))
+    wrong.write_text(mine.split()[0] + " " + " ".join(other.split()[1:]) + "\n")
+    strict = config.with_name("ssh_config.wrong")
+    strict.write_text(config.read_text().replace(str(keys.state_dir(NAME) / "known_hosts"), str(wrong)))
+    try:
+        refused = subprocess.run(["ssh", "-F", str(strict), "bm-docker-02", "hostname"], capture_output=True, text=True)
+    finally:
+        wrong.unlink()
+        strict.unlink()
+    assert refused.returncode == 255 and "Host key verification failed" in refused.stderr, refused.stderr
     assert lab_task("lab-ssh", "--name", NAME, "--node", "bm-docker-01", "--command", "exit 3")[0] == 3
     code, _, err = lab_task("lab-ssh", "--name", NAME, "--node", "bm-docker-09", "--command", "true")
     assert code == 2 and "no host 'bm-docker-09'" in err
@@ -91,18 +104,26 @@ def test_the_lab_ssh_config_takes_the_systems_ssh_to_a_host_by_its_name(modern_l
         (["--node", "bm-docker-01", "--block", "sctp/9"], "block: 'sctp/9' is not PROTO/PORT"),
         (["--node", "bm-docker-01", "--delay", "100"], "CONFIG_NET_SCH_NETEM is not set"),
         (["--name", "nolab", "--node", "bm-docker-01", "--loss", "10"], "no lab 'nolab'"),
+        (["--show", "--loss", "10"], "--loss cannot go with --show, --reset or --from"),
+        (["--show", "--node", "bm-docker-01"], "--node with --show or --from says nothing"),
     ],
 )
 def test_bad_input_exits_2_and_changes_nothing(reset_after: None, args: list[str], said: str) -> None:
     if "--delay" in args and impair_module.netem_missing() is None:
         pytest.fail("this kernel has netem: the delay's refusal is not what to test here")
     impair("--node", "bm-docker-02", "--rate", "10mbit")  # in force before: a table and a queue to keep
-    before = impair_module.in_force(NAME), queue("bm-docker-02")
-    assert before[0] and "htb" in before[1], before
+    before = table_text(), queue("bm-docker-02")
+    assert "rate|10mbit" in before[0] and "htb" in before[1], before
     argv = ["lab-impair", *(["--name", NAME] if "--name" not in args else []), *args]
     code, _, err = lab_task(*argv)
     assert code == 2 and said in err, err
-    assert (impair_module.in_force(NAME), queue("bm-docker-02")) == before
+    assert (table_text(), queue("bm-docker-02")) == before
+
+
+def table_text() -> str:
+    """The lab's nft table as the kernel lists it, rule handles included, less its counters."""
+    shown = subprocess.run(["nft", "-a", "list", "table", "bridge", f"olab_{NAME}"], capture_output=True, text=True)
+    return re.sub(r"packets \d+ bytes \d+", "", shown.stdout)
 
 
 def ports() -> dict[str, str]:
@@ -162,7 +183,8 @@ def transfer_seconds(src: Any, dst: Any, megabytes: int = 5) -> float:
     still wait in queues). The receiver is a one-connection perl sink, a transient unit."""
     port = 5599
     on(dst, f"rm -f /tmp/olab-sink.*; printf %s {shlex.quote(SINK)} > /tmp/olab-sink.pl; "
-            f"systemd-run -q --unit olab-sink --collect perl /tmp/olab-sink.pl {dst.cluster_ip}:{port}; sleep 0.5")  # fmt: skip
+            f"systemd-run -q --unit olab-sink --collect perl /tmp/olab-sink.pl {dst.cluster_ip}:{port}; "
+            f"for i in $(seq 100); do ss -Hltn 'sport = :{port}' | grep -q . && break; sleep 0.1; done")  # fmt: skip
     try:
         on(
             src,
@@ -253,5 +275,6 @@ def test_lab_down_removes_every_impairment(modern_lab: lifecycle.UpResult, tmp_p
     listed.write_text("- {node: bm-docker-01, partition: true}\n")
     lifecycle.up(NAME, engine_opt="legacy,modern", addr_range=E2E_RANGE, impairments=listed)  # lab-up --impairments
     assert [i.describe() for i in impair_module.in_force(NAME)] == ["bm-docker-01 <-> every other host: partitioned"]
+    assert impair("--reset", "--node", "bm-docker-01")["impairments"] == []  # the table stays, empty
     lifecycle.down(NAME)
     assert subprocess.run(["nft", "list", "table", "bridge", f"olab_{NAME}"], capture_output=True).returncode != 0

@@ -4,13 +4,14 @@ commands that hold the users' containers back over a restart of ours."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import cast
 
 import pytest
 
-from overlaylab import facts
+from overlaylab import facts, provision, render
 from overlaylab.plan import Context
 from overlaylab.reasons import Seen
 from overlaylab.repairs.deaf_sandbox import DeafSandbox
@@ -136,3 +137,18 @@ def test_containers_that_came_back_before_gossip_are_listed_without_ours_or_thos
     assert holdback.parse_came_back(out) == {"users_app1": "always", "job": "on-failure:2"}
     command = holdback.came_back_deaf_command("ov_net1")
     assert "exit 0" in command and "--filter network=ov_net1" in command  # a healthy sandbox lists nothing
+
+
+def test_a_swarm_host_under_our_tls_drop_in_has_no_deaf_sandbox_whatever_its_threads() -> None:
+    """In swarm mode no overlay sandbox has a miss watcher (networkdb, not serf): a sandbox
+    read without a thread in it is no fault there. Our drop-in alone (TLS) is not kv mode:
+    the cluster store in it is (a swarm verify failed on this in CI, ci7)."""
+    kv = node("bm-docker-02", _worker(True, {}))
+    assert holdback.deaf(kv) and "bm-docker-02" in provision.unseen_problems([kv])
+    f = _worker(True, {})
+    assert f.dropin is not None and "--cluster-store=" in f.dropin
+    f.dropin = re.sub(r" ?--cluster-[a-z-]+=\S+", "", f.dropin)  # the same drop-in, with no store: a swarm host's
+    assert render.is_ours(f.dropin) and "--cluster-" not in f.dropin
+    swarm = node("bm-docker-02", f)
+    assert not holdback.deaf(swarm) and DeafSandbox().why(VIEW, swarm, Seen()) is None
+    assert "bm-docker-02" not in provision.unseen_problems([swarm])

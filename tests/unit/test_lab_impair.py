@@ -5,11 +5,12 @@ before anything changes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from overlaylab.errors import InputError
+from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.lab import impair
 from overlaylab.lab.impair import Impairment
 from overlaylab.lab.spec import build_spec
@@ -87,7 +88,8 @@ def test_this_machines_kernel_has_no_netem_as_its_configuration_says() -> None:
     missing = impair.netem_missing()
     import gzip
 
-    has = "CONFIG_NET_SCH_NETEM=y" in gzip.decompress(config.read_bytes()).decode()
+    text = gzip.decompress(config.read_bytes()).decode()
+    has = "CONFIG_NET_SCH_NETEM=y" in text or "CONFIG_NET_SCH_NETEM=m" in text
     assert (missing is None) == has
 
 
@@ -106,7 +108,11 @@ def test_a_file_of_impairments_loads_and_each_error_names_file_line_and_field(tm
         "- {node: bm-docker-01, los: 30}\n": ":1: [0].los: unknown",
         "node: bm-docker-01\n": "must be a list of impairments",
         "- [bm-docker-01]\n": ":1: [0]: an impairment is a mapping",
-        "- {node: bm-docker-07,\n   partition: true}\n": ":2: [0]: node: no host 'bm-docker-07'",
+        "- {node: bm-docker-07,\n   partition: true}\n": ":1: [0]: node: no host 'bm-docker-07'",
+        "- node: bm-docker-01\n  peer: bm-docker-01\n  loss: 5\n": ":2: [0]: peer: bm-docker-01 is the node itself",
+        "- {node: bm-docker-01, partition: false}\n": ":1: [0].partition: 'false': only true",
+        "- {node: bm-docker-01, loss: [30]}\n": ":1: [0].loss: one value, e.g. loss: 30",
+        "- {node: bm-docker-01,\n   rate: 10 mbit}\n": ":2: [0]: rate: '10 mbit' is not a rate",
     }
     for text, said in cases.items():
         bad = tmp_path / "bad.yaml"
@@ -124,3 +130,105 @@ def test_rates_parse_to_bits_per_second() -> None:
         1_500_000,
     ]
     assert impair.rate_bits("10 mbit") is None and impair.rate_bits("100bit") is None and impair.rate_bits("x") is None
+
+
+def test_a_partition_is_recorded_both_ways_whatever_direction_was_asked() -> None:
+    asked = Impairment("bm-docker-03", "partition", "", "bm-docker-01", "in")
+    assert impair.check(SPEC, asked).direction == "both"
+    assert impair.check(SPEC, Impairment("bm-docker-03", "loss", "5", None, "in")).direction == "in"
+
+
+class FakeNft:
+    """The lab's table as nft would hold it: rules by handle, each with its comment (the tag)."""
+
+    def __init__(self, have: list[Impairment]) -> None:
+        self.rules = {n: imp.tag for n, imp in enumerate(have, start=10)}
+        self.scripts: list[str] = []
+
+    def __call__(self, *args: str, stdin: str | None = None) -> str:
+        if args[:3] == ("-j", "-a", "list"):
+            return json.dumps({"nftables": [{"rule": {"handle": h, "comment": t}} for h, t in self.rules.items()]})
+        assert args == ("-f", "-") and stdin is not None
+        self.scripts.append(stdin)
+        for line in stdin.splitlines():
+            if line.startswith("delete rule"):
+                del self.rules[int(line.split()[-1])]
+            elif line.startswith("add rule"):
+                self.rules[max(self.rules, default=0) + 1] = line.split('comment "')[1].rstrip('"')
+        return ""
+
+    def in_force(self, lab: str) -> list[Impairment]:
+        return list(dict.fromkeys(i for i in map(Impairment.of_tag, self.rules.values()) if i))
+
+
+def test_a_new_setting_replaces_the_old_one_of_its_pair_and_direction_a_block_adds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old_rate = Impairment("bm-docker-01", "rate", "10mbit", "bm-docker-02", "out")
+    old_block = Impairment("bm-docker-01", "block", "udp/4789", "bm-docker-02", "out")
+    fake = FakeNft([old_rate, old_block])
+    monkeypatch.setattr(impair, "nft", fake)
+    monkeypatch.setattr(impair, "in_force", fake.in_force)
+    shaped: list[set[str]] = []
+
+    def shape(spec: object, ports: object, touched: set[str]) -> list[str]:
+        shaped.append(set(touched))
+        return []
+
+    monkeypatch.setattr(impair, "shape", shape)
+    new_rate = Impairment("bm-docker-01", "rate", "1mbit", "bm-docker-02", "out")
+    new_block = Impairment("bm-docker-01", "block", "tcp/7946", "bm-docker-02", "out")
+    assert impair.apply(SPEC, [new_rate, new_block, old_block], {}) == [new_rate, new_block]
+    assert fake.in_force("t") == [old_block, new_rate, new_block]
+    assert "delete rule bridge olab_t forward handle 10" in fake.scripts[-1]  # one transaction
+    assert shaped == [{"bm-docker-02"}]
+
+
+def test_a_queue_that_fails_puts_the_rules_back_as_they_were(monkeypatch: pytest.MonkeyPatch) -> None:
+    old_rate = Impairment("bm-docker-01", "rate", "10mbit", "bm-docker-02", "out")
+    fake = FakeNft([old_rate])
+    monkeypatch.setattr(impair, "nft", fake)
+    monkeypatch.setattr(impair, "in_force", fake.in_force)
+    calls: list[int] = []
+
+    def shape(spec: object, ports: object, touched: object) -> list[str]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OverlaylabError("tc class add dev vethX: RTNETLINK answers: No such device")
+        return []
+
+    monkeypatch.setattr(impair, "shape", shape)
+    with pytest.raises(OverlaylabError, match="No such device"):
+        impair.apply(SPEC, [Impairment("bm-docker-01", "rate", "1mbit", "bm-docker-02", "out")], {})
+    assert fake.in_force("t") == [old_rate] and len(calls) == 2  # the old rate's queue made again
+
+
+def test_queues_per_flow_a_rate_and_a_delay_in_one_class_unmatched_traffic_straight_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(impair, "netem_missing", lambda: None)  # the commands a kernel with netem gets
+    both = [
+        Impairment("bm-docker-01", "rate", "10mbit", "bm-docker-02", "out"),
+        Impairment("bm-docker-01", "delay", "100", "bm-docker-02", "out"),
+        Impairment("bm-docker-03", "delay", "20", "bm-docker-02", "out"),
+    ]
+    assert [impair.check(SPEC, imp) for imp in both] == both
+    monkeypatch.setattr(impair, "in_force", lambda lab: both)
+    monkeypatch.setattr(impair, "_shaped", lambda port: False)
+    ran: list[str] = []
+
+    def tc(*args: str, check: bool = True) -> str:
+        ran.append(" ".join(args))
+        return ""
+
+    monkeypatch.setattr(impair, "tc", tc)
+    assert impair.shape(SPEC, {"bm-docker-01": "v1", "bm-docker-02": "v2", "bm-docker-03": "v3"}) == ["bm-docker-02"]
+    assert ran == [
+        "qdisc add dev v2 root handle 1: htb direct_qlen 1000",
+        "class add dev v2 parent 1: classid 1:1 htb rate 10mbit ceil 10mbit",
+        "qdisc add dev v2 parent 1:1 netem delay 100ms limit 1000",
+        f"filter add dev v2 parent 1: protocol ip prio 1 u32 match ip src {A}/32 match ip dst {B}/32 flowid 1:1",
+        "class add dev v2 parent 1: classid 1:2 htb rate 10gbit ceil 10gbit",
+        "qdisc add dev v2 parent 1:2 netem delay 20ms limit 1000",
+        f"filter add dev v2 parent 1: protocol ip prio 1 u32 match ip src {C}/32 match ip dst {B}/32 flowid 1:2",
+    ]

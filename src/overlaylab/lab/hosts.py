@@ -178,7 +178,9 @@ def cluster_ports(docker: Docker, spec: LabSpec) -> dict[str, str]:
 
     def ip_json(*argv: str) -> list[dict[str, Any]]:
         proc = subprocess.run([*argv], capture_output=True, text=True, check=False, timeout=30)
-        return json.loads(proc.stdout or "[]") if proc.returncode == 0 else []
+        if proc.returncode != 0:
+            raise OverlaylabError(f"{' '.join(argv)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
+        return list(json.loads(proc.stdout or "[]"))
 
     outer = {link["ifindex"]: link["ifname"] for link in ip_json("ip", "-j", "link", "show")}
     ports: dict[str, str] = {}
@@ -191,4 +193,6 @@ def cluster_ports(docker: Docker, spec: LabSpec) -> dict[str, str]:
                 port = outer.get(nic.get("link_index"))
                 if port:
                     ports[host.name] = port
+        if host.name not in ports:  # a running host's queues would silently not be made
+            raise OverlaylabError(f"{host.name}: its port on the cluster bridge ({host.cluster_ip}) was not found")
     return ports

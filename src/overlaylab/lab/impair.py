@@ -14,17 +14,19 @@ What it can make on this kernel (read from /proc/config.gz): drops by protocol a
 random loss (numgen), a path MTU black hole (the IP total length), a partition, and a rate
 (an HTB class on the bridge port: a queue, as a slow link has, where a policer would drop
 bursts TCP then backs off from). A rate's nft rule only counts and records it; its queue
-lives on a veth a reboot replaces, so `shape` makes it again where it is missing. Not a
-delay: that needs netem, and --delay is refused where the kernel lacks it."""
+lives on a veth a reboot replaces, so `shape` makes it again where it is missing. A delay
+is a netem queue in the same place, made only where the kernel has netem (this machine's
+has not: --delay is refused there, naming the missing feature)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
 import shutil
 import subprocess
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,9 @@ from overlaylab.lab.spec import HostSpec, LabSpec
 KINDS = ("block", "loss", "mtu", "rate", "partition", "delay")
 DIRECTIONS = ("in", "out", "both")
 PROTOCOLS = ("tcp", "udp")
-RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
+SETTINGS = ("loss", "mtu", "rate", "delay")  # one value per pair and direction: a new one replaces the old
+QUEUED = ("rate", "delay")  # made as queues on the bridge ports (shape); their nft rule records them
+RATE_RE = re.compile(r"(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)")
 RATE_BITS = {"bit": 1, "kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000}
 
 
@@ -50,6 +54,12 @@ class Impairment:
     value: str = ""  # udp/4789, 30 (percent), 1400 (bytes), 10mbit; "" for a partition
     peer: str | None = None
     direction: str = "both"
+
+    @property
+    def key(self) -> tuple[str, str | None, str, str]:
+        """Two impairments with the same key and a setting for kind (loss, mtu, rate, delay)
+        cannot both hold: the newer replaces the older."""
+        return (self.node, self.peer, self.kind, self.direction)
 
     @property
     def tag(self) -> str:
@@ -71,6 +81,7 @@ class Impairment:
             "loss": f"{self.value}% loss each way",
             "mtu": f"packets over {self.value} bytes dropped",
             "rate": f"rate {self.value}",
+            "delay": f"{self.value} ms delay",
             "partition": "partitioned",
         }.get(self.kind, self.kind)
         arrow = {"in": f" (into {self.node})", "out": f" (out of {self.node})"}.get(self.direction, "")
@@ -83,7 +94,7 @@ def table(lab: str) -> str:
 
 def rate_bits(text: str) -> int | None:
     """bits per second of "10mbit", "512kbit", ...; None when it does not parse."""
-    match = RATE_RE.match(text.strip().lower())
+    match = RATE_RE.fullmatch(text)
     if not match:
         return None
     bits = float(match[1]) * RATE_BITS[match[2]]
@@ -101,33 +112,45 @@ def netem_missing() -> str | None:
     return "this kernel has no netem (CONFIG_NET_SCH_NETEM is not set): a delay cannot be made on it"
 
 
-def check(spec: LabSpec, imp: Impairment, where: str = "") -> None:
-    """An impairment that can be made on this lab, or an InputError saying which field is wrong."""
-    at = f"{where}: " if where else ""
+def check(spec: LabSpec, imp: Impairment, at: Callable[[str], str] = lambda field: "") -> Impairment:
+    """An impairment that can be made on this lab, as it will be recorded (a partition is
+    always both ways), or an InputError naming the field that is wrong. ``at(field)`` says
+    where that field was written (a file's path and line)."""
+
+    def refuse(field_name: str, why: str) -> InputError:
+        return InputError(f"{at(field_name)}{field_name}: {why}")
+
     names = [h.name for h in spec.hosts]
     for field_name, host in (("node", imp.node), ("peer", imp.peer)):
         if host is not None and host not in names:
-            raise InputError(f"{at}{field_name}: no host {host!r} in lab {spec.name!r} (it has {', '.join(names)})")
+            raise refuse(field_name, f"no host {host!r} in lab {spec.name!r} (it has {', '.join(names)})")
     if imp.peer == imp.node:
-        raise InputError(f"{at}peer: {imp.peer} is the node itself: name another host, or no peer (every other)")
+        raise refuse("peer", f"{imp.peer} is the node itself: name another host, or no peer (every other)")
     if imp.direction not in DIRECTIONS:
-        raise InputError(f"{at}direction: {imp.direction!r} is not one of {', '.join(DIRECTIONS)}")
+        raise refuse("direction", f"{imp.direction!r} is not one of {', '.join(DIRECTIONS)}")
     if imp.kind not in KINDS:
-        raise InputError(f"{at}{imp.kind!r} is not an impairment ({', '.join(KINDS)})")
+        raise refuse(imp.kind, f"not an impairment ({', '.join(KINDS)})")
     if imp.kind == "block":
         proto, _, port = imp.value.partition("/")
         if proto not in PROTOCOLS or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise InputError(f"{at}block: {imp.value!r} is not PROTO/PORT (tcp or udp, 1-65535), e.g. udp/4789")
+            raise refuse("block", f"{imp.value!r} is not PROTO/PORT (tcp or udp, 1-65535), e.g. udp/4789")
     elif imp.kind == "loss":
         if not re.fullmatch(r"\d+(\.\d+)?", imp.value) or not 0 < float(imp.value) <= 100:
-            raise InputError(f"{at}loss: {imp.value!r} must be a percentage above 0 and at most 100")
+            raise refuse("loss", f"{imp.value!r} must be a percentage above 0 and at most 100")
     elif imp.kind == "mtu":
         if not imp.value.isdigit() or not 68 <= int(imp.value) <= 9000:
-            raise InputError(f"{at}mtu: {imp.value!r} must be 68 to 9000 (bytes of IP total length)")
+            raise refuse("mtu", f"{imp.value!r} must be 68 to 9000 (bytes of IP total length)")
     elif imp.kind == "rate" and rate_bits(imp.value) is None:
-        raise InputError(f"{at}rate: {imp.value!r} is not a rate like 10mbit, 512kbit or 1gbit (1 kbyte/s at least)")
+        raise refuse("rate", f"{imp.value!r} is not a rate like 10mbit, 512kbit or 1gbit (1 kbyte/s at least)")
     elif imp.kind == "delay":
-        raise InputError(f"{at}delay: {netem_missing() or 'a delay (netem) is not built in this version'}")
+        missing = netem_missing()
+        if missing:
+            raise refuse("delay", missing)
+        if not imp.value.isdigit() or not 1 <= int(imp.value) <= 60_000:
+            raise refuse("delay", f"{imp.value!r} must be milliseconds, 1 to 60000")
+    if imp.kind in QUEUED and shutil.which("tc") is None:
+        raise refuse(imp.kind, "tc is not installed (Debian: apt-get install iproute2; `make setup` installs it)")
+    return dataclasses.replace(imp, direction="both") if imp.kind == "partition" else imp
 
 
 def rules(spec: LabSpec, imp: Impairment) -> list[str]:
@@ -143,8 +166,8 @@ def rules(spec: LabSpec, imp: Impairment) -> list[str]:
         verdict = f"numgen random mod 10000 < {round(float(imp.value) * 100)} drop"
     elif imp.kind == "mtu":
         verdict = f"ip length > {imp.value} drop"
-    elif imp.kind == "rate":
-        verdict = "counter"  # the record (and a count); the rate itself is a queue: shape()
+    elif imp.kind in QUEUED:
+        verdict = "counter"  # the record (and a count); the rate or delay itself is a queue: shape()
     else:
         verdict = "drop"
     return [f'ip saddr {src} ip daddr {dst} {verdict} comment "{imp.tag}"' for src, dst in pairs]
@@ -175,53 +198,75 @@ def in_force(lab: str) -> list[Impairment]:
 
 
 def apply(spec: LabSpec, wanted: list[Impairment], ports: dict[str, str]) -> list[Impairment]:
-    """Each impairment checked first (nothing changes when one is wrong), then made; one in
-    force already is left as it is. Returns those made. ``ports``: each running host's port on
-    the cluster bridge (hosts.cluster_ports), where a rate's queue goes."""
-    for imp in wanted:
-        check(spec, imp)
+    """Each impairment checked first (nothing changes when one is wrong), then made in one nft
+    transaction with their queues; one in force already is left as it is, and a setting (loss,
+    mtu, rate, delay) replaces the one of the same pair and direction. Returns those made.
+    ``ports``: each running host's port on the cluster bridge (hosts.cluster_ports), where a
+    queue goes. Should a queue fail, the rules go back to what they were."""
+    checked = [check(spec, imp) for imp in wanted]
     have = in_force(spec.name)
-    new = [imp for imp in wanted if imp not in have]
+    new: list[Impairment] = []
+    for imp in checked:
+        if imp in have or imp in new:
+            continue
+        new = [n for n in new if not (imp.kind in SETTINGS and n.key == imp.key)] + [imp]
     if not new:
         return []
+    replaced = [h for h in have if h.kind in SETTINGS and any(n.key == h.key for n in new)]
     t = table(spec.name)
     script = [
         f"add table bridge {t}",
         f"add chain bridge {t} forward {{ type filter hook forward priority -200; policy accept; }}",
-        *(f"add rule bridge {t} forward {rule}" for imp in new for rule in rules(spec, imp)),
+        *(f"delete rule bridge {t} forward handle {h}" for h in _handles(spec.name, replaced)),
     ]
+    script += [f"add rule bridge {t} forward {rule}" for imp in new for rule in rules(spec, imp)]
     nft("-f", "-", stdin="\n".join(script) + "\n")
-    shape(spec, ports, touched={to.name for imp in new if imp.kind == "rate" for _, to in flows(spec, imp)})
+    touched = _queued_toward(spec, new + replaced)
+    try:
+        shape(spec, ports, touched)
+    except OverlaylabError:
+        undo = [f"delete rule bridge {t} forward handle {h}" for h in _handles(spec.name, new)]
+        undo += [f"add rule bridge {t} forward {rule}" for imp in replaced for rule in rules(spec, imp)]
+        nft("-f", "-", stdin="\n".join(undo) + "\n")
+        shape(spec, ports, touched)
+        raise
     return new
+
+
+def _queued_toward(spec: LabSpec, imps: list[Impairment]) -> set[str]:
+    """The hosts whose bridge port queues these impairments (a rate or a delay toward them)."""
+    return {to.name for imp in imps if imp.kind in QUEUED for _, to in flows(spec, imp)}
 
 
 def reset(
     lab: str, node: str | None = None, spec: LabSpec | None = None, ports: dict[str, str] | None = None
 ) -> list[Impairment]:
-    """Every impairment of the lab, or those of one host (as node or as peer), removed; with
-    ``spec`` and ``ports`` the rates' queues too (lab-down passes none: its veths go with it)."""
+    """Every impairment of the lab (its table whole, even empty), or those of one host (as
+    node or as peer), removed; with ``spec`` and ``ports`` their queues too (lab-down passes
+    none: its veths go with it)."""
     gone = [imp for imp in in_force(lab) if node is None or node in (imp.node, imp.peer)]
-    if gone:
-        _delete(lab, node, gone)
-    if spec is not None and ports is not None:
-        shape(spec, ports, touched={to.name for imp in gone if imp.kind == "rate" for _, to in flows(spec, imp)})
-    return gone
-
-
-def _delete(lab: str, node: str | None, gone: list[Impairment]) -> None:
     if node is None:
         if shutil.which("nft") is not None:
             subprocess.run(["nft", "delete", "table", "bridge", table(lab)], capture_output=True, check=False)
-        return
+    elif gone:
+        handles = _handles(lab, gone)
+        nft("-f", "-", stdin="".join(f"delete rule bridge {table(lab)} forward handle {h}\n" for h in handles))
+    if spec is not None and ports is not None:
+        shape(spec, ports, touched=_queued_toward(spec, gone))
+    return gone
+
+
+def _handles(lab: str, imps: list[Impairment]) -> list[str]:
+    """The handles of the rules these impairments are made of (their comments say so)."""
+    if not imps:
+        return []
     listing = json.loads(nft("-j", "-a", "list", "table", "bridge", table(lab)))
-    tags = {imp.tag for imp in gone}
-    handles = [
+    tags = {imp.tag for imp in imps}
+    return [
         str(item["rule"]["handle"])
         for item in listing.get("nftables", [])
         if "rule" in item and item["rule"].get("comment") in tags
     ]
-    for handle in handles:
-        nft("delete", "rule", "bridge", table(lab), "forward", "handle", handle)
 
 
 def flows(spec: LabSpec, imp: Impairment) -> list[tuple[HostSpec, HostSpec]]:
@@ -250,16 +295,18 @@ def _shaped(port: str) -> bool:
 
 
 def shape(spec: LabSpec, ports: dict[str, str], touched: Collection[str] = ()) -> list[str]:
-    """The rates in force as queues on the bridge ports a packet leaves by (the port toward the
-    host it goes to), each flow its own HTB class, unmatched traffic straight through. A port
-    is rebuilt when a rate toward its host changed (``touched``) or when it wants a queue and
-    has none (its host rebooted: a new veth); any other port is left as it is. Returns the
-    hosts whose port was rebuilt."""
-    wants: dict[str, list[tuple[str, str, str]]] = {}
+    """The rates and delays in force as queues on the bridge ports a packet leaves by (the port
+    toward the host it goes to): each flow its own HTB class (its rate, or no limit) with a
+    leaf that holds its packets (netem for a delay), unmatched traffic straight through. A port
+    is rebuilt when a queue toward its host changed (``touched``) or when it wants one and has
+    none (its host rebooted: a new veth); any other port is left as it is. A host whose port
+    is not known (it is not running) gets its queues when it runs again. Returns the hosts
+    whose port was rebuilt."""
+    wants: dict[str, dict[tuple[str, str], dict[str, str]]] = {}
     for imp in in_force(spec.name):
-        if imp.kind == "rate":
+        if imp.kind in QUEUED:
             for frm, to in flows(spec, imp):
-                wants.setdefault(to.name, []).append((frm.cluster_ip, to.cluster_ip, imp.value))
+                wants.setdefault(to.name, {}).setdefault((frm.cluster_ip, to.cluster_ip), {})[imp.kind] = imp.value
     rebuilt = []
     for host, port in sorted(ports.items()):
         if host not in touched and host not in wants:
@@ -269,11 +316,27 @@ def shape(spec: LabSpec, ports: dict[str, str], touched: Collection[str] = ()) -
             continue
         if has:
             tc("qdisc", "del", "dev", port, "root")
-        for n, (src, dst, rate) in enumerate(wants.get(host, []), start=1):
-            if n == 1:
-                tc("qdisc", "add", "dev", port, "root", "handle", "1:", "htb")  # default 0: unmatched go direct
+        for n, ((src, dst), kinds) in enumerate(wants.get(host, {}).items(), start=1):
+            if n == 1:  # default 0: unmatched packets go straight through, by a queue as long as a NIC's
+                tc("qdisc", "add", "dev", port, "root", "handle", "1:", "htb", "direct_qlen", "1000")
+            rate = kinds.get("rate", "10gbit")  # a delay alone: no limit a lab's veth could reach
             tc("class", "add", "dev", port, "parent", "1:", "classid", f"1:{n}", "htb", "rate", rate, "ceil", rate)
-            tc("qdisc", "add", "dev", port, "parent", f"1:{n}", "pfifo", "limit", "1000")  # a veth's queue length is 0
+            if "delay" in kinds:
+                tc(
+                    "qdisc",
+                    "add",
+                    "dev",
+                    port,
+                    "parent",
+                    f"1:{n}",
+                    "netem",
+                    "delay",
+                    f"{kinds['delay']}ms",
+                    "limit",
+                    "1000",
+                )
+            else:  # a queue as long as a NIC's, whatever the veth's own length
+                tc("qdisc", "add", "dev", port, "parent", f"1:{n}", "pfifo", "limit", "1000")
             tc(
                 "filter", "add", "dev", port, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
                 "match", "ip", "src", f"{src}/32", "match", "ip", "dst", f"{dst}/32", "flowid", f"1:{n}",
@@ -286,7 +349,8 @@ FIELDS = {"node", "peer", "direction", "block", "loss", "mtu", "rate", "partitio
 
 
 def load(path: Path, spec: LabSpec) -> list[Impairment]:
-    """A YAML list of impairments, each checked, errors with file:line:field."""
+    """A YAML list of impairments, each checked, errors with file:line:field (the line of the
+    field that is wrong)."""
     try:
         root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
     except OSError as exc:
@@ -301,24 +365,45 @@ def load(path: Path, spec: LabSpec) -> list[Impairment]:
         line = item.start_mark.line + 1
         if not isinstance(item, yaml.MappingNode):
             raise InputError(f"{path}:{line}: [{n}]: an impairment is a mapping of node, peer, and one kind")
-        entry = {k.value: (v.value, v.start_mark.line + 1) for k, v in item.value}
-        for key, (_, at) in entry.items():
-            if key not in FIELDS:
-                raise InputError(f"{path}:{at}: [{n}].{key}: unknown (known: {', '.join(sorted(FIELDS))})")
+        entry: dict[str, tuple[str, int]] = {}
+        for k, v in item.value:
+            at = v.start_mark.line + 1
+            if k.value not in FIELDS:
+                raise InputError(f"{path}:{at}: [{n}].{k.value}: unknown (known: {', '.join(sorted(FIELDS))})")
+            if not isinstance(v, yaml.ScalarNode) or v.value == "":
+                raise InputError(f"{path}:{at}: [{n}].{k.value}: one value, e.g. {k.value}: {EXAMPLES[k.value]}")
+            entry[k.value] = (str(v.value), at)
         kinds = [k for k in KINDS if k in entry]
         if len(kinds) != 1:
             raise InputError(f"{path}:{line}: [{n}]: exactly one of {', '.join(KINDS)} (found {len(kinds)})")
         kind = kinds[0]
         if "node" not in entry:
             raise InputError(f"{path}:{line}: [{n}].node: missing (the host the impairment is on)")
-        value = "" if kind == "partition" else str(entry[kind][0])
+        if kind == "partition" and entry["partition"][0].lower() not in ("true", "yes", "on"):
+            raise InputError(f"{path}:{entry['partition'][1]}: [{n}].partition: {entry['partition'][0]!r}: only true")
         imp = Impairment(
-            node=str(entry.get("node", ("", line))[0]),
+            node=entry["node"][0],
             kind=kind,
-            value=value,
-            peer=str(entry["peer"][0]) if "peer" in entry else None,
-            direction=str(entry.get("direction", ("both", line))[0]),
+            value="" if kind == "partition" else entry[kind][0],
+            peer=entry["peer"][0] if "peer" in entry else None,
+            direction=entry.get("direction", ("both", line))[0],
         )
-        check(spec, imp, f"{path}:{entry.get(kind, ('', line))[1]}: [{n}]")
-        found.append(imp)
+
+        def at(field_name: str, n: int = n, entry: dict[str, tuple[str, int]] = entry, line: int = line) -> str:
+            return f"{path}:{entry.get(field_name, ('', line))[1]}: [{n}]: "
+
+        found.append(check(spec, imp, at))
     return found
+
+
+EXAMPLES = {
+    "node": "bm-docker-02",
+    "peer": "bm-docker-03",
+    "direction": "in",
+    "block": "udp/4789",
+    "loss": 30,
+    "mtu": 1400,
+    "rate": "10mbit",
+    "partition": "true",
+    "delay": 100,
+}

@@ -246,8 +246,8 @@ def up(
     for where in (state / "ssh_config", *([ssh_config_path(inventory)] if inventory is not None else [])):
         if _write_if_changed(where, ssh_config_text(spec)):
             result.files_written.append(str(where))
-    if impair.shape(spec, hosts.cluster_ports(docker, spec)):  # a rate's queue on a host powered on again
-        result.other_changes.append("rates shaped again")
+    if _queues_again(docker, spec):  # a host powered on again
+        result.other_changes.append("impairment queues made again")
     if impaired:
         with steps.step("Impairments") as note:
             made = impair.apply(spec, impaired, hosts.cluster_ports(docker, spec))
@@ -353,7 +353,7 @@ def reboot(name: str, node: str, hard: bool = False, steps: Steps | None = None)
         except subprocess.TimeoutExpired:
             raise OverlaylabError(f"{node}: still running 120s after `systemctl reboot`") from None
         docker.run("start", obs.container)
-        impair.shape(spec, hosts.cluster_ports(docker, spec))  # its new veth gets the rates in force again
+        _queues_again(docker, spec)  # its new veth gets the rates and delays in force again
         hosts.wait_ready(docker, spec, host)
         took = time.monotonic() - start
         note.append(f"up again in {took:.1f}s")
@@ -435,6 +435,14 @@ def status_dicts(name: str = "lab") -> list[dict[str, str]]:
     return [asdict(s) for s in status(name)]
 
 
+def _queues_again(docker: Docker, spec: LabSpec) -> list[str]:
+    """The queues of the rates and delays in force, made again on a port that lost them (a
+    host rebooted: a new veth); nothing is looked up when none is in force."""
+    if not any(imp.kind in impair.QUEUED for imp in impair.in_force(spec.name)):
+        return []
+    return impair.shape(spec, hosts.cluster_ports(docker, spec))
+
+
 def _spec_of(name: str) -> tuple[LabSpec, dict[str, str]]:
     """The lab as the outer engine has it now, with its hosts' cluster ports, or an InputError
     when there is none."""
@@ -461,6 +469,8 @@ def impairments(name: str, reset: bool = False, node: str | None = None, from_fi
     spec, ports = _spec_of(name)
     if node is not None and node not in {h.name for h in spec.hosts}:
         raise InputError(f"node: no host {node!r} in lab {name!r}")
+    if node is not None and not reset:
+        raise InputError("lab-impair: --node with --show or --from says nothing: it goes with --reset or an impairment")
     wanted = impair.load(from_file, spec) if from_file is not None else []  # checked before the reset
     if reset:
         impair.reset(name, node, spec, ports)

@@ -33,10 +33,13 @@ from overlaylab.steps import network
 
 
 def deaf(node: Node) -> bool:
-    """The host's sandbox of the cluster's network has no miss watcher, under our drop-in
-    (kv mode: in swarm mode no sandbox has one, by design)."""
+    """The host's sandbox of the cluster's network has no miss watcher, in kv mode under our
+    drop-in. Never in swarm mode, though a swarm host runs our drop-in too (TLS): there no
+    sandbox has a miss watcher by design (networkdb, not serf), and whether some other
+    dockerd thread happens to sit in it when the fact is read is chance (a swarm verify
+    failed on it in CI, ci7)."""
     nid = str((node.facts.network or {}).get("Id") or "")
-    return bool(nid) and render.is_ours(node.facts.dropin) and nid[:10] in node.facts.deaf_sandboxes
+    return bool(nid) and render.is_ours_with_store(node.facts.dropin) and nid[:10] in node.facts.deaf_sandboxes
 
 
 def to_hold(node: Node) -> dict[str, str]:
