@@ -22,6 +22,7 @@ from overlaylab.mode import MODES
 # Preflight's floor for free space under Docker's data root: images, the overlay's
 # sandboxes and Consul's data live there, and a full disk fails container starts midway.
 MIN_FREE_DISK_MB = 1024
+MTU_RANGE = (576, 9000)  # network.mtu: IPv4's smallest datagram every host must take, to jumbo frames
 # dockerd's discovery defaults (heartbeat 20 s, TTL 60 s) make a daemon wait up to 20 s
 # before its gossip starts; 3 s and 20 s took the tutorial's flow from 33 s to 25 s on
 # the lab. Under 20 s of TTL, Consul rejects libkv's session and dockerd never registers.
@@ -88,6 +89,7 @@ class Inventory:
     raft_multiplier: int = 1  # Consul's raft timing scale, where its Consul knows it (1.0 and later)
     network: str = "ov_net1"
     subnet: str | None = None
+    mtu: int | None = None  # the overlay's MTU (com.docker.network.driver.mtu); None: Docker's default
     extra_flags: tuple[str, ...] = ()
     discovery: tuple[int, int] = (3, 20)  # dockerd's discovery heartbeat and TTL, seconds
     mode: str = "kv"
@@ -394,7 +396,7 @@ def load(path: str | Path) -> Inventory:
     cluster = _mapping(r, doc.get("cluster"), "cluster", {"name"})
     ssh = _mapping(r, doc.get("ssh"), "ssh", {"user", "key", "known_hosts", "port"})
     consul = _mapping(r, doc.get("consul"), "consul", {"image", "flavor", "port", "name", "raft_multiplier", "servers"})
-    network = _mapping(r, doc.get("network"), "network", {"name", "subnet"})
+    network = _mapping(r, doc.get("network"), "network", {"name", "subnet", "mtu"})
     dockerd = _mapping(r, doc.get("dockerd"), "dockerd", {"extra_flags", "discovery_heartbeat", "discovery_ttl"})
     checks = _mapping(r, doc.get("preflight"), "preflight", {"min_free_disk_mb"})
     min_free = _typed(r, checks, "min_free_disk_mb", "preflight", int, MIN_FREE_DISK_MB)
@@ -405,6 +407,9 @@ def load(path: str | Path) -> Inventory:
     if not NODE_NAME_RE.match(net_name):
         raise r.fail("network.name", f"{net_name!r} is not a valid network name")
     subnet = _cidr(r, network, "subnet", "network")
+    mtu = _typed(r, network, "mtu", "network", int)
+    if mtu is not None and not MTU_RANGE[0] <= mtu <= MTU_RANGE[1]:
+        raise r.fail("network.mtu", f"{mtu} is out of range {MTU_RANGE[0]}-{MTU_RANGE[1]} (bytes; IPv4 needs 576)")
     flags, heartbeat, ttl = _dockerd(r, dockerd)
     hosts, manager = _hosts(r, doc.get("hosts"))
     servers = _servers(r, consul.get("servers"), [h.name for h in hosts], manager)
@@ -425,6 +430,7 @@ def load(path: str | Path) -> Inventory:
         raft_multiplier=raft,
         network=net_name,
         subnet=subnet,
+        mtu=mtu,
         extra_flags=tuple(flags),
         discovery=(heartbeat, ttl),
         min_free_disk_mb=min_free,

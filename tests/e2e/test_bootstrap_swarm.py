@@ -25,9 +25,15 @@ ENGINES = "modern,modern,modern,modern"
 NAMES = ["bm-docker-01", "bm-docker-02", "bm-docker-03"]
 
 
+MTU = 1400  # network.mtu in every inventory of this module: the swarm network made with it, the smoke suite reads it
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    yield from module_lab(tmp_path_factory, NAME, ENGINES, RANGE)
+    def with_mtu(made: Lab) -> None:
+        made.base.setdefault("network", {})["mtu"] = MTU
+
+    yield from module_lab(tmp_path_factory, NAME, ENGINES, RANGE, prepare=with_mtu)
 
 
 def test_kv_mode_on_a_modern_lab_is_refused_and_changes_nothing(lab: Lab) -> None:
@@ -51,6 +57,8 @@ def test_auto_mode_picks_swarm_and_every_pair_pings_by_ip_and_name(lab: Lab) -> 
     assert ping_pairs(doc) == {(a, b, by): True for a in NAMES for b in NAMES if a != b for by in ("ip", "name")}
     conn = lab.conn(1)
     assert sh(conn, "docker network inspect ov_net1 -f '{{.Scope}} {{.Attachable}}'") == "swarm true"
+    # network.mtu, as the network's containers get it (a fresh one's interface on it)
+    assert sh(conn, "docker run --rm --network ov_net1 busybox cat /sys/class/net/eth0/mtu") == str(MTU)
     pool = lab.base["swarm"]["default_addr_pool"]
     assert pool.startswith("10.215.") and pool in sh(
         conn, "docker info --format '{{json .Swarm.Cluster.DefaultAddrPool}}'"

@@ -203,6 +203,17 @@ def test_another_subnet_for_the_existing_network_is_refused(lab: Lab) -> None:
     assert "exists with other settings" in real["hosts"]["bm-docker-01"]["plan"]["detail"]
 
 
+def test_another_mtu_for_the_existing_network_is_refused_and_its_own_written_out_changes_nothing(lab: Lab) -> None:
+    """network.mtu 1400 on the network made without one (the driver's 1450): refused as another
+    subnet is, naming both values; 1450 written out is the same network (effective MTUs compared)."""
+    code, _, real = truth(lab, "bootstrap-cluster", "--inventory", inventory(lab, [1, 2, 3], network={"mtu": 1400}))
+    assert code == 2 and real["restarts"] == {}
+    detail = real["hosts"]["bm-docker-01"]["plan"]["detail"]
+    assert "MTU 1450, wanted 1400: set network.mtu: 1450 to keep it" in detail, detail
+    code, _, real = truth(lab, "bootstrap-cluster", "--inventory", inventory(lab, [1, 2, 3], network={"mtu": 1450}))
+    assert code == 0 and real["changes"] == 0 and real["restarts"] == {}
+
+
 def test_a_host_with_a_docker_machine_drop_in(lab: Lab) -> None:
     code, dry, real = truth(lab, "bootstrap-cluster", "--inventory", inventory(lab, [1, 2, 3, 4]))
     assert code == 0 and set(real["restarts"]) == {"bm-docker-04"}

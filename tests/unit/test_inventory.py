@@ -49,7 +49,13 @@ def test_defaults_fill_what_is_left_out(tmp_path: Path) -> None:
     assert (inv.consul_image, inv.consul_flavor, inv.consul_port, inv.network) == (
         "progrium/consul", "progrium", 8500, "ov_net1",
     )  # fmt: skip
-    assert inv.subnet is None and inv.workers == []
+    assert inv.subnet is None and inv.workers == [] and inv.mtu is None  # Docker's own MTU
+
+
+def test_an_mtu_in_range_is_the_networks(tmp_path: Path) -> None:
+    for mtu in (576, 1400, 9000):
+        text = GOOD.replace("subnet: 10.0.9.0/24}", f"subnet: 10.0.9.0/24, mtu: {mtu}}}")
+        assert inventory.load(write(tmp_path, text)).mtu == mtu
 
 
 BAD = [
@@ -79,6 +85,9 @@ BAD = [
     ("bad role", GOOD.replace("role: worker, advertise: eth1}\n  bm-docker-01", "role: boss, advertise: eth1}\n  bm-docker-01"), r":7: hosts\.bm-docker-02\.role: 'boss' must be manager or worker"),
     ("missing field", GOOD.replace("role: worker, advertise: eth1}\n  bm-docker-01", "role: worker}\n  bm-docker-01"), r":7: hosts\.bm-docker-02: missing 'advertise'"),
     ("bad subnet", GOOD.replace("10.0.9.0/24", "10.0.9.0/99"), r":4: network\.subnet: '10\.0\.9\.0/99' is not a network"),
+    ("mtu range", GOOD.replace("subnet: 10.0.9.0/24}", "subnet: 10.0.9.0/24, mtu: 9001}"), r":4: network\.mtu: 9001 is out of range 576-9000"),
+    ("mtu small", GOOD.replace("subnet: 10.0.9.0/24}", "subnet: 10.0.9.0/24, mtu: 575}"), r":4: network\.mtu: 575 is out of range"),
+    ("mtu word", GOOD.replace("subnet: 10.0.9.0/24}", "subnet: 10.0.9.0/24, mtu: big}"), r":4: network\.mtu: must be an integer, got str 'big'"),
     ("bad flavor", GOOD.replace("flavor: progrium", "flavor: etcd"), r":3: consul\.flavor: 'etcd' is not one of"),
     ("cluster flag", GOOD.replace('["--log-level=warn"]', '["--cluster-store=x"]'), r":5: dockerd\.extra_flags: --cluster-\* flags"),
     ("flag type", GOOD.replace('["--log-level=warn"]', "--debug"), r":5: dockerd\.extra_flags: must be a list"),

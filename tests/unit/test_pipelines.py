@@ -29,6 +29,7 @@ from overlaylab.pipelines import kv, swarm
 from overlaylab.report import RunReport
 from overlaylab.run import Refused, run_steps
 from overlaylab.steps import consul, dockerd, watches
+from overlaylab.steps import network as network_step
 from tests import dry_run_rule
 from tests.unit.test_facts_render import FakeConn, recorded, with_info
 
@@ -424,6 +425,38 @@ def test_a_network_with_other_settings_is_a_refusal_in_the_dry_run_and_the_run()
     with pytest.raises(Refused, match="network ov_net1 exists with other settings"):
         go(inv, nodes, kv.BOOTSTRAP)
     assert log.lines == []
+
+
+def test_an_mtu_compared_as_the_network_has_it_an_explicit_1450_is_docker_s_default() -> None:
+    inv, nodes, log = cluster("bootstrapped")
+    assert "com.docker.network.driver.mtu" not in (nodes[0].facts.network or {}).get("Options", {})
+    same = Inventory(path=inv.path, cluster="lab", hosts=inv.hosts, mtu=1450)
+    code, _ = go(same, nodes, kv.BOOTSTRAP, dry_run=True)
+    assert code == 0
+    other = Inventory(path=inv.path, cluster="lab", hosts=inv.hosts, mtu=1400)
+    with pytest.raises(Refused, match=r"MTU 1450, wanted 1400: set network.mtu: 1450 to keep it"):
+        go(other, nodes, kv.BOOTSTRAP)
+    assert log.lines == []
+
+
+def test_a_network_is_created_with_the_inventorys_mtu_in_each_mode() -> None:
+    for pipeline in (kv.BOOTSTRAP, swarm.BOOTSTRAP):
+        inv, nodes, log = cluster("fresh")
+        inv = Inventory(path=inv.path, cluster=inv.cluster, hosts=inv.hosts, mtu=1400)
+        code, _ = go(inv, nodes, pipeline)
+        created = [c for _, c in log.lines if "docker network create" in c]
+        assert code == 0 and len(created) == 1, log.lines
+        # the driver's option is the underlay's MTU: its containers get 50 bytes less (VXLAN)
+        assert "--opt com.docker.network.driver.mtu=1450" in created[0], created
+
+
+@pytest.mark.parametrize(
+    ("options", "mtu"), [({}, 1450), ({"com.docker.network.driver.mtu": "1500"}, 1450),
+                         ({"com.docker.network.driver.mtu": "1450"}, 1400), ({"com.docker.network.driver.mtu": "0"}, 1450),
+                         ({"com.docker.network.driver.mtu": "9050"}, 9000)],
+)  # fmt: skip
+def test_a_networks_mtu_is_what_its_containers_get(options: dict[str, str], mtu: int) -> None:
+    assert network_step.effective_mtu({"Options": options}) == mtu
 
 
 def test_a_manager_that_fails_to_come_up_stops_the_run_before_any_worker() -> None:

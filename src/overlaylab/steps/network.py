@@ -11,6 +11,21 @@ from overlaylab.facts import ANCHOR_PREFIX, PROBE_PREFIX, ROLE_LABEL
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Scope, Step
 
+# The overlay driver's option is the MTU of the path *under* the overlay: its containers and
+# its VXLAN device get that less the 50 bytes VXLAN adds (moby's overlay driver, maxMTU: 1500
+# when the option is not set or 0). network.mtu is what the containers get, so the option is
+# network.mtu + 50, and a network is compared by what its containers get.
+MTU_OPTION = "com.docker.network.driver.mtu"
+VXLAN_OVERHEAD = 50
+DEFAULT_MTU = 1500 - VXLAN_OVERHEAD  # a network made without the option: 1450, whatever the host's NIC has
+
+
+def effective_mtu(data: dict[str, Any]) -> int:
+    """The MTU the network's containers get (an explicit network.mtu of 1450 and a network
+    made without the option are the same)."""
+    value = str((data.get("Options") or {}).get(MTU_OPTION) or "").strip().lstrip("+")
+    return (int(value) if value.isdigit() and int(value) > 0 else 1500) - VXLAN_OVERHEAD
+
 
 def differences(inv: Inventory, data: dict[str, Any], scope: str = "global") -> list[str]:
     """What differs from the wanted network; scope "swarm" also wants it attachable."""
@@ -25,6 +40,9 @@ def differences(inv: Inventory, data: dict[str, Any], scope: str = "global") -> 
         subnets = [c.get("Subnet") for c in (data.get("IPAM") or {}).get("Config") or []]
         if inv.subnet not in subnets:
             diffs.append(f"subnets {subnets or 'automatic'}, wanted {inv.subnet}")
+    if inv.mtu is not None and effective_mtu(data) != inv.mtu:
+        have = effective_mtu(data)
+        diffs.append(f"MTU {have}, wanted {inv.mtu}: set network.mtu: {have} to keep it")
     return diffs
 
 
@@ -53,12 +71,14 @@ class Network(Step[list[str]]):
             if self.net_scope == "global" and not node.facts.store_leader:  # kv: the store did not answer
                 why = f"{inv.network}: not known until Consul is back with its data (kept on {inv.consul_volume})"
                 return Action(node.name, False, why)
-            return Action(node.name, True, f"create {inv.network}", reads_back=True)
+            mtu = f" (MTU {inv.mtu})" if inv.mtu is not None else ""
+            return Action(node.name, True, f"create {inv.network}{mtu}", reads_back=True)
         diffs = differences(inv, data, self.net_scope)
         if diffs:
             why = (
-                f"network {inv.network} exists with other settings ({'; '.join(diffs)}); left as it is, "
-                "remove it yourself or choose another network.name"
+                f"network {inv.network} exists with other settings ({'; '.join(diffs)}); left as it is "
+                "(made again, it would cut every container's connection): remove it yourself "
+                f"(`docker network rm {inv.network}` once no container is on it) or choose another network.name"
             )
             return Action(node.name, False, why, refusal=why)
         return Action(node.name, False, exists(inv, data))
@@ -67,10 +87,11 @@ class Network(Step[list[str]]):
         inv = ctx.inv
         extra = " --attachable" if self.net_scope == "swarm" else ""
         subnet = f" --subnet {shlex.quote(inv.subnet)}" if inv.subnet else ""
+        mtu = f" --opt {MTU_OPTION}={inv.mtu + VXLAN_OVERHEAD}" if inv.mtu is not None else ""
         name = shlex.quote(inv.network)
         out = node.sh(
-            f"docker network create --driver overlay{extra}{subnet} --label {ROLE_LABEL}=network {name} >/dev/null && "
-            f"docker network inspect {name}"
+            f"docker network create --driver overlay{extra}{subnet}{mtu} --label {ROLE_LABEL}=network {name} "
+            f">/dev/null && docker network inspect {name}"
         )
         created = json.loads(out)[0]  # read back: the manager's facts need no second read for the steps after
         node.facts.network, net_id = created, str(created["Id"])
