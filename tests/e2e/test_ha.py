@@ -24,7 +24,7 @@ from overlaylab import facts, storetls
 from overlaylab.lab import lifecycle
 from tests.e2e import healing
 from tests.e2e.clusterlab import Lab, each_host, fab, host_state, module_lab, ping_pairs, run_smoke, statuses
-from tests.e2e.healing import name, on
+from tests.e2e.healing import PEERS_REASON, name, named_stale, on
 from tests.e2e.tlscheck import consul_answers
 
 NAME, RANGE = "e2eha", "10.220.0.0/16"
@@ -239,14 +239,41 @@ def test_quorum_lost_status_says_so_verify_fails_and_a_re_run_changes_nothing(
     heal(lab, set())
 
 
+def astray(lab: Lab, doc: dict[str, Any], failed: set[tuple[str, str]], err: str) -> bool:
+    """Whether every failed pair is one end's stale entry, as verify names it and as the test
+    reads it: that host sends the other end's probe address to a third host (where a probe of
+    an earlier round had it, and its leave, or a lookup's entry, stayed: dockerd's race, CI
+    met it with the manager's host down). Only a restart of that dockerd forgets it: the
+    re-run's, after the power comes back. Any failed pair it does not explain: False."""
+    named = {
+        host: named_stale(s["verify"]["detail"])
+        for host, s in doc["hosts"].items()
+        if PEERS_REASON in s.get("verify", {}).get("detail", "")
+    }
+    probes = doc["ping_matrix"]["addresses"]
+
+    def explained(holder: str, owner: str) -> bool:
+        return any(ip == probes.get(owner) and toward != owner for ip, toward in named.get(holder, []))
+
+    if not named or not all(explained(src, dst) or explained(dst, src) for src, dst in failed):
+        return False
+    read = healing.read_peers(lab, HOSTS[1:])
+    for host, entries in named.items():
+        healing.assert_stale_as_read(read, host, entries, HOSTS[1:], err)
+    print(f"the pairs {sorted(failed)} fail on stale entries verify names and the test reads: {named}")
+    return True
+
+
 def test_the_managers_host_dies_the_rest_carries_on_and_one_re_run_heals_it_back(
     lab: Lab, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The manager's host, a server, loses its power. status and verify name it unreachable
     and go on with the others; with 2 of 3 servers the store keeps its quorum, so verify's
     fresh probes (new containers, pinged by name from the other hosts) join the overlay.
-    Tried every 5 s for up to 3 minutes; the time it took is printed. Powered on again,
-    one re-run brings back the full matrix."""
+    Tried every 5 s for up to 3 minutes; the time it took is printed. A pair may fail only
+    on a stale entry of one of its hosts (dockerd's race; ``astray``), which verify names and
+    the test reads itself. Powered on again, one re-run brings back the full matrix (and
+    restarts a host that holds stale entries, as heal() allows for entries it reads)."""
     path = str(inventory(lab))
     rest = [name(i) for i in HOSTS[1:]]
     lifecycle.power_off(NAME, name(1))
@@ -256,7 +283,8 @@ def test_the_managers_host_dies_the_rest_carries_on_and_one_re_run_heals_it_back
             code, doc, err = fab("verify", "--inventory", path)
             assert code == 1 and doc["unreachable"] == [name(1)], err
             pairs = ping_pairs(doc)
-            if all(pairs.values()) and len(pairs) == len(rest) * (len(rest) - 1) * 2:
+            failed = {(src, dst) for (src, dst, _), ok in pairs.items() if not ok}
+            if len(pairs) == len(rest) * (len(rest) - 1) * 2 and (not failed or astray(lab, doc, failed, err)):
                 break
             assert time.monotonic() - cut < 180, f"the four other hosts still fail to ping each other:\n{err}"
             time.sleep(5)

@@ -79,3 +79,36 @@ def test_a_swarm_hosts_sandbox_is_not_judged() -> None:
     f.dropin = render.MANAGED_MARK + "\n[Service]\nExecStart=\nExecStart=/usr/sbin/dockerd --tlsverify\n"
     two, three = node("bm-docker-02", f), node("bm-docker-03", host("10.218.1.13", []))
     assert peers.stale(two, [two, three]) == {}
+
+
+def test_a_failed_pair_whose_probe_address_one_host_sends_elsewhere_is_named_a_stale_entry() -> None:
+    """verify's diagnosis, on what CI met in the HA module: bm-docker-02 still sends 10.218.9.6
+    to bm-docker-03, and this round's probe on bm-docker-01 got that address; both directions
+    of 01 <-> 02 fail because of 02's entry, not udp/4789. Where the probe got that address on
+    03 itself, the entry is right and the pair falls back to the gossip hint."""
+    from overlaylab.checks.verify import LIKELY_VXLAN, Matrix, diagnose
+
+    nodes = [
+        node("bm-docker-01", host("10.218.1.11", ["10.218.9.2"]), "manager"),
+        node("bm-docker-02", host("10.218.1.12", [], RECORDED)),
+        node("bm-docker-03", host("10.218.1.13", ["10.218.9.3"])),
+    ]
+    for n in nodes:
+        n.facts.hostname = n.name
+        n.facts.gossip_alive = [m.name for m in nodes if m is not n]
+    matrix = Matrix([n.name for n in nodes], set())
+    matrix.addresses = {"bm-docker-01": "10.218.9.6", "bm-docker-02": "10.218.9.7", "bm-docker-03": "10.218.9.8"}
+    matrix.results = {
+        ("bm-docker-01", "bm-docker-02", "ip"): (False, "100% packet loss"),
+        ("bm-docker-02", "bm-docker-01", "name"): (False, "100% packet loss"),
+        ("bm-docker-02", "bm-docker-03", "ip"): (True, ""),
+    }
+    hints = diagnose(matrix, nodes)
+    assert set(hints) == {("bm-docker-01", "bm-docker-02"), ("bm-docker-02", "bm-docker-01")}
+    for hint in hints.values():
+        assert hint.startswith("bm-docker-02's overlay sends 10.218.9.6 (bm-docker-01's probe) to bm-docker-03")
+        assert "re-run restarts bm-docker-02's dockerd" in hint
+    matrix.addresses["bm-docker-03"] = "10.218.9.6"  # the address on the host the entry names: right
+    matrix.results = {("bm-docker-02", "bm-docker-03", "ip"): (False, "100% packet loss")}
+    assert diagnose(matrix, nodes) == {("bm-docker-02", "bm-docker-03"): LIKELY_VXLAN}
+    assert matrix.as_dict()["addresses"] == matrix.addresses

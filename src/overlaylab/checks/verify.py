@@ -12,6 +12,7 @@ import secrets
 import shlex
 from dataclasses import dataclass, field
 
+from overlaylab import peers
 from overlaylab.cluster import Node, journal, parallel
 from overlaylab.facts import PROBE_PREFIX, ROLE_LABEL
 from overlaylab.report import columns
@@ -45,6 +46,7 @@ class Matrix:
     results: dict[tuple[str, str, str], tuple[bool, str]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     journals: dict[str, str] = field(default_factory=dict)  # dockerd's last lines, for failed hosts
+    addresses: dict[str, str] = field(default_factory=dict)  # host -> its probe's (or anchor's) address
 
     @property
     def ok(self) -> bool:
@@ -83,6 +85,7 @@ class Matrix:
             ],
             "errors": self.errors,
             "journals": self.journals,
+            "addresses": self.addresses,
         }
 
 
@@ -187,6 +190,7 @@ def run(
         if not matrix.ok and standing is None:
             pings.read_journals()
     finally:
+        matrix.addresses = {host: ip for host, (_, ip) in sorted(pings.probes.items()) if ip}
         if standing is None:
             parallel(nodes, lambda node: node.sh(f"docker rm -f {probe_name(node)} >/dev/null 2>&1; true", check=False))
     return matrix
@@ -198,17 +202,36 @@ LIKELY_VXLAN = (
 )
 
 
+def stale_entry(holder: str, addr: str, toward: str, owner: str) -> str:
+    """The hint for a pair whose probe address one host's overlay sends elsewhere."""
+    return (
+        f"{holder}'s overlay sends {addr} ({owner}'s probe) to {toward}: a stale entry "
+        f"(peers.py), so traffic between {holder} and that address goes astray; "
+        f"a re-run restarts {holder}'s dockerd (--allow-restart if it runs containers of yours)"
+    )
+
+
 def diagnose(matrix: Matrix, nodes: list[Node]) -> dict[tuple[str, str], str]:
-    """(source, target) -> why a failed pair likely failed, where the facts can tell: each
-    dockerd's gossip last saw the other join, so the control plane (7946) works while the
-    data plane does not, which is VXLAN's port."""
+    """(source, target) -> why a failed pair likely failed, where the facts can tell.
+
+    First a stale entry (read before the probes started): one of the two hosts sends the
+    other's probe address to a third host, because that address was someone else's before
+    (IPAM gives freed addresses again); then the kernel sends the pings, or the replies,
+    there. Else, if each dockerd's gossip last saw the other join, the control plane (7946)
+    works while the data plane does not, which is VXLAN's port."""
     by_name = {n.name: n for n in nodes}
+    sent_astray = {n.name: peers.stale(n, nodes) for n in nodes}
     hints = {}
     for (src, dst, _), (ok, _) in matrix.results.items():
         a, b = by_name.get(src), by_name.get(dst)
         if ok or a is None or b is None or (src, dst) in hints:
             continue
-        if (b.facts.hostname or b.name) in a.facts.gossip_alive and (
+        to_dst, to_src = matrix.addresses.get(dst, ""), matrix.addresses.get(src, "")
+        if sent_astray[src].get(to_dst, dst) != dst:
+            hints[(src, dst)] = stale_entry(src, to_dst, sent_astray[src][to_dst], dst)
+        elif sent_astray[dst].get(to_src, src) != src:
+            hints[(src, dst)] = stale_entry(dst, to_src, sent_astray[dst][to_src], src)
+        elif (b.facts.hostname or b.name) in a.facts.gossip_alive and (
             a.facts.hostname or a.name
         ) in b.facts.gossip_alive:
             hints[(src, dst)] = LIKELY_VXLAN
