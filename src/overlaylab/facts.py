@@ -461,6 +461,7 @@ class HostFacts:
     disk: dict[str, int] = field(default_factory=dict)  # mount point -> free KiB
     images: set[str] | None = None  # repository:tag; None: not read (recorded facts from before the section)
     default_route: bool | None = None  # None: not read
+    host_ping: str | None = None  # `ping -V`'s first line (iputils'); None: not read
     docker_started: int = 0  # when the running dockerd started, seconds since the epoch; 0: not running or not read
     tls_files: dict[str, tuple[int, str]] = field(default_factory=dict)  # path -> (mtime, PEM in base64; key: "-")
 
@@ -764,6 +765,8 @@ FACTS: tuple[Fact, ...] = (
         _kernel,
     ),
     Fact("disk", fixed("df -Pk 2>/dev/null"), into("disk", parse_disk)),
+    # verify's full-size check forbids fragmenting (-M do), which only iputils' ping can
+    Fact("ping", fixed("ping -V 2>&1 | head -n 1"), into("host_ping", str.strip)),
     Fact(
         "images",
         fixed("timeout 20 docker images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null"),

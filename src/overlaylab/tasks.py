@@ -155,7 +155,7 @@ def verify(
     ask_sudo_password: bool = False,
     parallel: int = cluster.MAX_PARALLEL,
 ) -> None:
-    """The ping matrix alone: every ordered pair of hosts, by IP and by name."""
+    """The ping matrix alone: every ordered pair of hosts, by IP, by name and with a full-size packet."""
     _provision(
         c, provision.verify_only, inventory, ask_sudo_password, json=json,
         accept_new_host_keys=accept_new_host_keys, parallel=int(parallel),

@@ -18,6 +18,7 @@ from xml.etree import ElementTree
 import pytest
 import yaml
 
+from overlaylab.checks import verify
 from overlaylab.lab import lifecycle
 from overlaylab.lab.spec import LabSpec, build_spec
 from tests.e2e.labtools import require_lab, sh, ssh
@@ -126,6 +127,17 @@ def each_host(hosts: list[int], read: Callable[[int], T]) -> dict[int, T]:
 
 def ping_pairs(doc: dict[str, Any]) -> dict[tuple[str, str, str], bool]:
     return {(p["from"], p["to"], p["by"]): p["ok"] for p in doc["ping_matrix"]["pairs"]}
+
+
+def checks(doc: dict[str, Any]) -> tuple[str, ...]:
+    """The checks each pair must have passed in this run's matrix: the pings alone where the
+    standing anchors proved the cluster (they serve no stream), all of them with fresh probes."""
+    return verify.ANCHORED if doc["verified_with"] == "anchors" else verify.BY
+
+
+def every_pair(doc: dict[str, Any], names: list[str]) -> dict[tuple[str, str, str], bool]:
+    """What ping_pairs(doc) is when every check of every ordered pair of ``names`` passed."""
+    return {(a, b, by): True for a in names for b in names if a != b for by in checks(doc)}
 
 
 def module_lab(

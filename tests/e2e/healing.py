@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from overlaylab import remote
-from tests.e2e.clusterlab import Lab, each_host, fab
+from tests.e2e.clusterlab import Lab, checks, each_host, fab
 from tests.e2e.labtools import sh
 
 USER_APP = "users_app"  # + the host number: on a kv overlay, endpoint names are global
@@ -386,4 +386,4 @@ def verify_after_a_restart(lab: Lab, hosts: list[int], inventory: Path, i: int, 
         print(f"verify named stale peers, as the test reads them: {stale}")
     if whole:
         pairs = {(p["from"], p["to"], p["by"]): p["ok"] for p in doc["ping_matrix"]["pairs"]}
-        assert len(pairs) == len(hosts) * (len(hosts) - 1) * 2 and all(pairs.values()), err
+        assert len(pairs) == len(hosts) * (len(hosts) - 1) * len(checks(doc)) and all(pairs.values()), err

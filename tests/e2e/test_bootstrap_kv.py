@@ -27,7 +27,9 @@ from tests.e2e.clusterlab import (
     FAB,
     ROOT,
     Lab,
+    checks,
     each_host,
+    every_pair,
     fab,
     host_state,
     module_lab,
@@ -202,6 +204,18 @@ def test_gossip_blocked_between_two_hosts_is_refused_naming_that_path_only(lab: 
     assert "bm-docker-03 -> bm-docker-02" not in details["bm-docker-02"]
 
 
+def test_a_path_too_narrow_for_the_overlay_is_refused_naming_the_pair_and_the_mtu_that_fits(lab: Lab) -> None:
+    """An MTU black hole between bm-docker-01 and 03 (`fab lab-impair --mtu 1400`: packets over
+    1400 bytes dropped silently, both ways): the preflight's ladder of don't-fragment pings
+    finds 1400 on that path alone and refuses (the overlay's 1450 needs 1500), naming the
+    network.mtu that fits; nothing changes on any host."""
+    details = impaired(lab, "--node", "bm-docker-03", "--peer", "bm-docker-01", "--mtu", "1400")
+    for src, dst in (("bm-docker-01", "bm-docker-03"), ("bm-docker-03", "bm-docker-01")):
+        said = f"{src} -> {dst}: the path carries packets of at most 1400 bytes"
+        assert said in details[src] and "needs 1500" in details[src] and "set network.mtu to 1350" in details[src]
+    assert "bm-docker-02" not in details or "the path carries" not in details["bm-docker-02"], details
+
+
 def test_the_consul_port_taken_by_another_program_is_refused_naming_it(lab: Lab) -> None:
     ip = lab.spec.hosts[0].cluster_ip
     squat = f"systemd-run -q --unit olab-squatter /usr/bin/systemd-socket-activate -a -l {ip}:8500 --inetd /bin/cat"
@@ -234,7 +248,7 @@ def test_bootstrap_from_a_clean_lab_and_every_pair_pings_by_ip_and_name(lab: Lab
     assert doc["changes"] >= 5
     pairs = ping_pairs(doc)
     names = ["bm-docker-01", "bm-docker-02", "bm-docker-03"]
-    assert pairs == {(a, b, by): True for a in names for b in names if a != b for by in ("ip", "name")}
+    assert pairs == every_pair(doc, names)
     conn = lab.conn(2)  # the earlier drop-in's flags are kept
     assert "--label preexisting=yes" in sh(conn, "ps -o args= -C dockerd")
     assert sh(conn, "docker info --format '{{.ClusterStore}}'") == f"consul://{lab.spec.hosts[0].cluster_ip}:8500"
@@ -270,6 +284,57 @@ def test_verify_on_a_cluster_whose_vxlan_port_got_blocked_names_udp_4789(lab: La
     assert code == 0, err  # unblocked, the cluster pings again, with no re-run
 
 
+# TCP inside VXLAN: from the outer UDP header, 8 (UDP) + 8 (VXLAN) + 14 (Ethernet) + 9 bytes to the
+# inner IPv4 header's protocol; u32 reads 4 bytes, so the word at 36, its last byte
+TCP_IN_VXLAN = "-p udp --dport 4789 -m u32 --u32 '0>>22&0x3C@36&0xFF=6' -m comment --comment olab-e2e-tcp -j DROP"
+
+
+def test_verify_names_an_mtu_black_hole_and_tcp_dropped_inside_the_overlay_each_on_its_own_pairs(lab: Lab) -> None:
+    """Two faults no small ping shows, made at once: an MTU black hole between the workers
+    bm-docker-02 and 03, outside the hosts (`fab lab-impair --mtu 1400`: packets over 1400
+    bytes dropped silently, both ways; not toward the manager, whose Consul the hosts' own
+    TCP must reach: a black hole stalls that too), and the manager dropping every VXLAN
+    packet that carries TCP (an iptables u32 match on the inner header in its INPUT chain;
+    its counter proves the fault was made). verify exits 1: 02 <-> 03 fail the full-size
+    packet and the TCP stream (its full segments), named with the size the path carries and
+    the network.mtu that fits; the manager's pairs fail the TCP stream alone, named as such;
+    every small ping passes. With both removed, verify passes with no re-run."""
+    path = str(lab.inventory("abc", [1, 2, 3]))
+    code, _, err = lab_impair("--node", "bm-docker-03", "--peer", "bm-docker-02", "--mtu", "1400")
+    assert code == 0, err
+    manager = lab.conn(1)
+    try:
+        sh(manager, f"iptables -I INPUT 1 {TCP_IN_VXLAN}")
+        code, doc, err = fab("verify", "--inventory", path)
+        matched = sh(manager, "iptables -L INPUT -v -x -n | awk '/olab-e2e-tcp/ {print $1}'")
+    finally:
+        sh(manager, f"iptables -D INPUT {TCP_IN_VXLAN} 2>/dev/null; true")
+        manager.close()
+        reset = lab_impair("--reset")
+    assert reset[0] == 0, reset[2]
+    assert int(matched or 0) > 0, "the u32 rule matched no packet: the TCP fault was not made"
+    assert code == 1, err
+    one, two, three = "bm-docker-01", "bm-docker-02", "bm-docker-03"
+    black_hole = {(two, three), (three, two)}
+    tcp_only = {(one, two), (two, one), (one, three), (three, one)}
+    failed = {key for key, ok in ping_pairs(doc).items() if not ok}
+    assert failed == {(a, b, by) for a, b in black_hole for by in ("mtu", "tcp")} | {
+        (a, b, "tcp") for a, b in tcp_only
+    }, err
+    details = {h: s["verify"]["detail"] for h, s in doc["hosts"].items() if s["verify"]["status"] == "failed"}
+    for src, dst in black_hole:
+        said = f"{src} -> {dst}: packets of 1450 bytes (the overlay's MTU) are lost while small pings pass"
+        assert said in details[src] and "cannot carry 1500 bytes" in details[src], err
+        assert "(it carries 1400: set network.mtu to 1350," in details[src], err  # the ladder's measure
+    for src, dst in tcp_only:
+        assert f"{src} -> {dst}: small and full-size pings pass, a TCP stream does not" in details[src], err
+    assert "udp/4789" not in "".join(details.values()), err
+    assert doc["ping_matrix"]["path_mtu"][two] == {one: 1500, three: 1400}, err
+    assert "a full-size packet" in err and "✓/✓/✗/✗" in err and "✓/✓/✓/✗" in err  # the matrix's marks
+    code, _, err = fab("verify", "--inventory", path)
+    assert code == 0, err
+
+
 def test_the_smoke_suite_passes_on_the_bootstrapped_cluster(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     junit = lab.dir / "smoke.xml"
     passed, failures, took = run_smoke(lab.inventory("abc", [1, 2, 3]), junit)
@@ -294,7 +359,7 @@ def test_join_node_brings_a_fresh_worker_in_and_a_rerun_changes_nothing(lab: Lab
     assert statuses(doc, "dockerd") == {"bm-docker-04": "changed"}
     pairs = ping_pairs(doc)
     assert pairs and all(pairs.values()) and all("bm-docker-04" in (a, b) for a, b, _ in pairs)
-    assert len(pairs) == 3 * 2 * 2
+    assert len(pairs) == 3 * 2 * len(checks(doc))
     code, doc, err = fab("join-node", "--node", "bm-docker-04", "--inventory", inventory)
     assert code == 0 and doc["changes"] == 0, err
 
@@ -442,7 +507,7 @@ def test_turning_tls_on_is_refused_where_users_containers_run_then_allowed_keeps
         assert set(statuses(doc, "dockerd").values()) == {"changed"}
         assert set(statuses(doc, "certs").values()) == {"changed"}
         names = [f"bm-docker-0{i}" for i in (1, 2, 3, 4)]
-        assert ping_pairs(doc) == {(a, b, by): True for a in names for b in names if a != b for by in ("ip", "name")}
+        assert ping_pairs(doc) == every_pair(doc, names)
         ids = each_host([1, 2, 3, 4], lambda i: on(lab, i, "docker network inspect -f '{{.Id}}' ov_net1"))
         assert set(ids.values()) == {NETWORK_ID["before"]}  # the same network, on every host
         assert users_running(lab, [1, 3]) == {"bm-docker-01": "true", "bm-docker-03": "true"}
@@ -595,7 +660,7 @@ def test_switching_the_cluster_from_kv_to_swarm_mode_on_docker_20_10(lab: Lab) -
     assert set(statuses(doc, "dockerd").values()) == {"changed"}  # cluster flags out first
     assert statuses(doc, "consul") == {"bm-docker-01": "changed"}  # no Consul in swarm mode
     names = ["bm-docker-01", "bm-docker-02", "bm-docker-03"]
-    assert ping_pairs(doc) == {(a, b, by): True for a in names for b in names if a != b for by in ("ip", "name")}
+    assert ping_pairs(doc) == every_pair(doc, names)
     for i in (1, 2, 3):
         conn = lab.conn(i)
         assert "--cluster-store" not in sh(conn, "ps -o args= -C dockerd")

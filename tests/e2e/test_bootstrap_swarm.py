@@ -16,7 +16,19 @@ import pytest
 
 from overlaylab import certs
 from overlaylab.steps import tls
-from tests.e2e.clusterlab import DROPIN, ROOT, Lab, fab, host_state, module_lab, ping_pairs, run_smoke, statuses
+from tests.e2e.clusterlab import (
+    DROPIN,
+    ROOT,
+    Lab,
+    checks,
+    every_pair,
+    fab,
+    host_state,
+    module_lab,
+    ping_pairs,
+    run_smoke,
+    statuses,
+)
 from tests.e2e.labtools import sh
 from tests.e2e.tlscheck import docker_env, docker_info, refusals, tls_inventory
 
@@ -54,7 +66,7 @@ def test_auto_mode_picks_swarm_and_every_pair_pings_by_ip_and_name(lab: Lab) -> 
     assert statuses(doc, "swarm") == dict.fromkeys(NAMES, "changed")
     assert statuses(doc, "dockerd") == dict.fromkeys(NAMES, "changed")  # the API's drop-in
     assert docker_info(docker_env(inventory, "bm-docker-03")) == (0, "bm-docker-03")
-    assert ping_pairs(doc) == {(a, b, by): True for a in NAMES for b in NAMES if a != b for by in ("ip", "name")}
+    assert ping_pairs(doc) == every_pair(doc, NAMES)
     conn = lab.conn(1)
     assert sh(conn, "docker network inspect ov_net1 -f '{{.Scope}} {{.Attachable}}'") == "swarm true"
     # network.mtu, as the network's containers get it (a fresh one's interface on it)
@@ -119,8 +131,9 @@ def test_the_installed_command_runs_the_tasks_from_outside_the_clone(lab: Lab, t
     assert helped.returncode == 0 and "--dry-run" in helped.stdout and "--inventory" in helped.stdout, helped.stdout
     checked = run(command, "verify", "--inventory", str(tls_inventory(lab, "swarm", [1, 2, 3], "swarm")), "--json")
     assert checked.returncode == 0, checked.stderr
-    pairs = json.loads(checked.stdout)["ping_matrix"]["pairs"]
-    assert len(pairs) == 3 * 2 * 2 and all(p["ok"] for p in pairs), pairs
+    verified = json.loads(checked.stdout)
+    pairs = verified["ping_matrix"]["pairs"]
+    assert len(pairs) == 3 * 2 * len(checks(verified)) == 3 * 2 * 4 and all(p["ok"] for p in pairs), pairs
     imported = run(str(venv / "bin" / "python"), "-c", "import overlaylab; print(overlaylab.__file__)")
     assert imported.stdout.startswith(str(venv)), imported.stdout  # the installed package, not the clone's
 
@@ -131,7 +144,11 @@ def test_join_node_of_a_fresh_worker_and_a_rerun_changes_nothing(lab: Lab) -> No
     assert code == 0, err
     assert statuses(doc, "swarm")["bm-docker-04"] == "changed"
     pairs = ping_pairs(doc)
-    assert len(pairs) == 12 and all(pairs.values()) and all("bm-docker-04" in (a, b) for a, b, _ in pairs)
+    assert (
+        len(pairs) == 3 * 2 * len(checks(doc))
+        and all(pairs.values())
+        and all("bm-docker-04" in (a, b) for a, b, _ in pairs)
+    )
     code, doc, err = fab("join-node", "--node", "bm-docker-04", "--inventory", inventory)
     assert code == 0 and doc["changes"] == 0, err
 
@@ -154,7 +171,7 @@ def test_the_api_over_tls_in_swarm_mode_and_a_lost_ca_replaced_with_reissue_cert
     code, doc, err = fab("bootstrap-cluster", "--inventory", str(inventory), "--reissue-certs")
     assert code == 0, err
     assert set(statuses(doc, "certs").values()) == {"changed"} and set(statuses(doc, "dockerd").values()) == {"changed"}
-    assert all(ping_pairs(doc).values()) and len(ping_pairs(doc)) == 24
+    assert all(ping_pairs(doc).values()) and len(ping_pairs(doc)) == 4 * 3 * len(checks(doc))
     assert docker_info(docker_env(inventory, "bm-docker-03")) == (0, "bm-docker-03")
     answered, detail = tls.probe(address, lab.dir / "ca-lost" / certs.CA_CERT, lab.dir / "ca-lost")
     assert not answered, detail  # the lost CA's certificates no longer open anything

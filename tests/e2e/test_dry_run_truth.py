@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests import dry_run_rule
-from tests.e2e.clusterlab import DROPIN, Lab, each_host, fab, module_lab, ping_pairs, run_smoke
+from tests.e2e.clusterlab import DROPIN, Lab, each_host, every_pair, fab, module_lab, ping_pairs, run_smoke
 from tests.e2e.labtools import sh
 
 NAME, RANGE = "e2eplan", "10.216.0.0/16"
@@ -159,7 +159,7 @@ def inventory(lab: Lab, hosts: list[int], **changes: Any) -> str:
 
 def all_ping(doc: dict[str, Any], hosts: list[int]) -> None:
     names = [f"bm-docker-{i:02d}" for i in hosts]
-    assert ping_pairs(doc) == {(a, b, by): True for a in names for b in names if a != b for by in ("ip", "name")}
+    assert ping_pairs(doc) == every_pair(doc, names)
 
 
 # ---- the scenarios, in order --------------------------------------------------------------

@@ -344,3 +344,14 @@ def test_the_stack_dump_script_counts_a_dump_says_unknown_without_one_and_0_with
         == "unknown"
     )
     assert dead_watches_of(tmp_path, dumps, "dockerd") == "0"
+
+
+def test_a_host_whose_ping_is_not_iputils_is_refused_naming_the_package() -> None:
+    """verify's full-size check needs `ping -M do`: busybox's ping (or none) is named in the preflight."""
+    from overlaylab.checks.preflight import ping_problem
+
+    assert ping_problem(facts.HostFacts(host_ping="ping from iputils s20210202")) is None
+    assert ping_problem(facts.HostFacts()) is None  # not read (facts recorded before the section)
+    for said in ("ping: unrecognized option: V", "sh: 1: ping: not found"):
+        problem = ping_problem(facts.HostFacts(host_ping=said))
+        assert problem is not None and said in problem and "install iputils-ping" in problem

@@ -1,7 +1,8 @@
 """Unit (no hosts): every entry of the facts table (facts.FACTS) read from output recorded on
 lab hosts (tests/unit/data/facts-ha-*.txt: a 3-host lab in HA mode, its 3 Consul servers,
 the Docker API over mutual TLS, a user's container on every host after they pinged each
-other, a held-back container's record written on bm-docker-02, as a stopped run leaves it).
+other, a held-back container's record written on bm-docker-02, as a stopped run leaves it;
+the ping section, `ping -V`, read later from a legacy lab host of the same image).
 
 Each entry has its expectation here, and a fact without one fails the test: adding a fact
 is one table entry and one line below."""
@@ -77,6 +78,7 @@ EXPECTED: dict[str, Check] = {
     ),
     "kernel": lambda f, w: f.kernel_release != "" and f.vxlan == "loaded",
     "disk": lambda f, w: f.free_kib("/var/lib/docker") is not None,
+    "ping": lambda f, w: f.host_ping is not None and f.host_ping.startswith("ping from iputils"),
     "images": lambda f, w: f.images is not None and "busybox:latest" in f.images,
     "route": lambda f, w: f.default_route is False,  # a lab host has no way out
 }

@@ -16,30 +16,77 @@ from overlaylab.cluster import Node
 from overlaylab.inventory import Host
 
 FAKE_DOCKER = """#!/bin/sh
-# docker exec PROBE COMMAND...: the command runs here
+# docker exec PROBE COMMAND...: the command runs here; docker inspect: the probe's PID
+case "$1" in
+  inspect) echo 4242; exit 0 ;;
+esac
 echo "exec $2" >> "$LOG"
 shift 2
 exec "$@"
 """
 
+FAKE_NSENTER = """#!/bin/sh
+# nsenter -t PID -n COMMAND...: the command runs here, marked as the host's
+[ "$2" = 4242 ] || { echo "nsenter: wrong pid $2"; exit 1; }
+shift 3
+case "$1" in
+  ip) echo "5: eth0@if6: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu ${MTU:-1450} qdisc noqueue state UP"; exit 0 ;;
+  ping) shift; HOSTPING=1 exec ping "$@" ;;
+esac
+exit 1
+"""
+
 FAKE_PING = """#!/bin/sh
-# ping -c 1 -W 1 TARGET: logs start and end; "late" answers from its 3rd try
+# ping -c 1 -W 1 TARGET: logs start and end; "late" answers from its 3rd try. The host's
+# (HOSTPING, with -M do -s SIZE): "small" targets lose packets over 1400 bytes
 for target; do :; done  # the last argument
+if [ -n "$HOSTPING" ]; then
+  echo "host $*" >> "$LOG"
+  case "$target" in
+    small*) [ "$4" -gt 1372 ] && { echo "1 packets transmitted, 0 packets received, 100% packet loss"; exit 1; } ;;
+  esac
+fi
 echo "start $target" >> "$LOG"
 sleep 0.3
 echo "end $target" >> "$LOG"
 case "$target" in
-  good*) exit 0 ;;
+  good*|small*) exit 0 ;;
   late*) n=$(grep -c "start $target" "$LOG"); [ "$n" -ge 3 ] && exit 0 ;;
 esac
 echo "1 packets transmitted, 0 packets received, 100% packet loss"; exit 1
 """
 
 
+FAKE_TIMEOUT = """#!/bin/sh
+# timeout SECS PROG...: runs PROG (the fake wget never hangs)
+shift
+exec "$@"
+"""
+
+FAKE_WGET = """#!/bin/sh
+# wget -q -O - http://NAME/stream: "good" serves the whole MiB, "stall" a part, "late" from its 2nd try
+for url; do :; done
+echo "wget $url" >> "$LOG"
+case "$url" in
+  *good*) head -c 1048576 /dev/zero; exit 0 ;;
+  *late*) [ "$(grep -c "wget $url" "$LOG")" -ge 2 ] && { head -c 1048576 /dev/zero; exit 0; } ;;
+  *stall*) head -c 65536 /dev/zero; echo "wget: download timed out" >&2; exit 1 ;;
+esac
+echo "wget: bad address" >&2
+exit 1
+"""
+
+
 def run_script(tmp_path: Path, targets: list[tuple[str, str, str]], window: int) -> tuple[list[str], list[str]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool, text in (("docker", FAKE_DOCKER), ("ping", FAKE_PING)):
+    for tool, text in (
+        ("docker", FAKE_DOCKER),
+        ("ping", FAKE_PING),
+        ("nsenter", FAKE_NSENTER),
+        ("timeout", FAKE_TIMEOUT),
+        ("wget", FAKE_WGET),
+    ):
         (bin_dir / tool).write_text(text)
         (bin_dir / tool).chmod(0o755)
     log = tmp_path / "log"
@@ -66,6 +113,20 @@ def test_the_targets_are_pinged_at_once(tmp_path: Path) -> None:
     _, log = run_script(tmp_path, targets, window=3)
     first_end = next(i for i, line in enumerate(log) if line.startswith("end "))
     assert sorted(log[:first_end]) == ["start good-1", "start good-2", "start good-3"]
+
+
+def test_the_full_size_check_pings_from_the_host_with_df_at_the_probes_mtu(tmp_path: Path) -> None:
+    """The host's ping, in the probe's namespace, forbids fragmenting at exactly the probe's
+    MTU (1450 - 28 bytes of payload); a path that drops packets over 1400 fails it alone."""
+    targets = [("h2", "ip", "small-1"), ("h2", "mtu", "small-1"), ("h3", "mtu", "good-3")]
+    lines, log = run_script(tmp_path, targets, window=2)
+    assert lines == [
+        "R h2 ip ok",
+        "R h2 mtu fail 1450 1 packets transmitted, 0 packets received, 100% packet loss",
+        "R h3 mtu ok 1450",
+    ]
+    assert "host -M do -s 1422 -c 1 -W 1 good-3" in log
+    assert not any(line.startswith("host") and "small-1" not in line and "good-3" not in line for line in log)
 
 
 def test_a_failed_pair_whose_gossip_works_names_udp_4789() -> None:
@@ -101,12 +162,60 @@ class ScopeNode(Node):
 
     def sh(self, command: str, check: bool = True) -> str:
         self.ran.append(command)
-        return f"10.9.0.{self.index}\n{self.scope}\n" if command.startswith("docker run") else ""
+        return f"10.9.0.{self.index}\n{self.scope}\n" if "docker run" in command else ""
 
 
 @pytest.mark.parametrize(("scope", "window"), [("swarm", SWARM_CONVERGE_SECONDS), ("global", CONVERGE_SECONDS)])
 def test_a_swarm_networks_probes_wait_for_two_anti_entropy_rounds(scope: str, window: int) -> None:
     nodes = [ScopeNode(f"h{i}", scope, i) for i in (1, 2)]
     run("ov_net1", list(nodes))
-    pings = [c for n in nodes for c in n.ran if c.startswith("docker exec")]
+    pings = [c for n in nodes for c in n.ran if "docker exec" in c]
     assert len(pings) == 2 and all(f"end=$(( $(date +%s) + {window} ))" in c for c in pings)
+
+
+def test_a_pair_whose_small_pings_pass_and_full_size_does_not_names_the_path_mtu() -> None:
+    """diagnose(): the path's MTU only where the small ping by IP passed and the full-size
+    one lost its packet; a check that could not run says so; a name-only failure gets no hint."""
+    from overlaylab.checks.verify import Matrix, diagnose
+    from overlaylab.facts import HostFacts
+    from tests.unit.test_facts_render import FakeConn
+
+    def node(name: str) -> Node:
+        return Node(
+            Host(name, name, "worker", "eth1"), FakeConn(), HostFacts(hostname=name, gossip_alive=["a", "b", "c"])
+        )
+
+    lost = "1 packets transmitted, 0 packets received, 100% packet loss"
+    matrix = Matrix(["a", "b", "c"], set())
+    matrix.results = {
+        ("a", "b", "ip"): (True, ""),
+        ("a", "b", "mtu"): (False, f"1450 {lost}"),
+        ("a", "c", "ip"): (True, ""),
+        ("a", "c", "mtu"): (False, "1450 nsenter: failed to execute ping: No such file or directory"),
+        ("b", "c", "ip"): (True, ""),
+        ("b", "c", "name"): (False, "bad address 'probe-c'"),
+        ("b", "c", "mtu"): (True, "1450"),
+        ("c", "a", "ip"): (True, ""),
+        ("c", "a", "name"): (True, ""),
+        ("c", "a", "mtu"): (True, "1450"),
+        ("c", "a", "tcp"): (False, "0 wget: download timed out"),
+    }
+    hints = diagnose(matrix, [node("a"), node("b"), node("c")])
+    assert set(hints) == {("a", "b"), ("a", "c"), ("c", "a")}
+    assert hints[("c", "a")].startswith("small and full-size pings pass, a TCP stream does not (0 of 1048576 bytes")
+    assert hints[("a", "b")].startswith("packets of 1450 bytes (the overlay's MTU) are lost while small pings pass")
+    assert "cannot carry 1500 bytes" in hints[("a", "b")]
+    assert (
+        hints[("a", "c")]
+        == "the full-size check could not run: 1450 nsenter: failed to execute ping: No such file or directory"
+    )
+    legend = "(row reaches column; by IP / by name / a full-size packet / 1 MiB over TCP):"
+    assert matrix.render().splitlines()[0].endswith(legend)
+    assert "✓/✓/✓/✗" in matrix.render()  # c -> a
+
+
+def test_the_tcp_check_fetches_the_whole_stream_by_name_and_says_how_much_came(tmp_path: Path) -> None:
+    targets = [("h2", "tcp", "good-2"), ("h3", "tcp", "late-3"), ("h4", "tcp", "stall-4")]
+    lines, log = run_script(tmp_path, targets, window=2)
+    assert lines == ["R h2 tcp ok", "R h3 tcp ok", "R h4 tcp fail 65536 wget: download timed out"]
+    assert "wget http://good-2/stream" in log and log.count("wget http://late-3/stream") == 2

@@ -37,6 +37,18 @@ def kernel_problems(f: HostFacts) -> list[str]:
     return problems
 
 
+def ping_problem(f: HostFacts) -> str | None:
+    """verify's full-size check runs the host's own ping in the probe's namespace with
+    `-M do` (don't fragment), which busybox's ping and a missing one cannot do."""
+    if f.host_ping is None or "iputils" in f.host_ping:
+        return None
+    found = f.host_ping.splitlines()[0][:80] if f.host_ping else "nothing"
+    return (
+        f"the host's ping is not iputils' (`ping -V` says {found!r}): verify's full-size check needs it "
+        "(don't-fragment pings at the overlay's MTU): install iputils-ping"
+    )
+
+
 def disk_problem(inv: Inventory, f: HostFacts) -> str | None:
     found = f.free_kib(f.data_root) if inv.min_free_disk_mb else None
     if found is None or found[1] >= inv.min_free_disk_mb * 1024:
@@ -132,8 +144,7 @@ def host_problems(inv: Inventory, node: Node, mode: str = Mode.KV) -> list[str]:
     if not f.advertise_ips:
         problems.append(f"advertise {node.host.advertise!r}: no such interface or address with an IPv4 address")
     problems += kernel_problems(f)
-    disk = disk_problem(inv, f)
-    problems += [disk] if disk else []
+    problems += [p for p in (disk_problem(inv, f), ping_problem(f)) if p]
     problems += image_problems(inv, node, mode)
     problems += port_problems(inv, node, mode)
     problems += tls_problems(inv, node)

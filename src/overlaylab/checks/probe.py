@@ -32,9 +32,11 @@ import shlex
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from overlaylab.checks import pathmtu
 from overlaylab.cluster import Node, parallel
 from overlaylab.inventory import Inventory
 from overlaylab.ports import CONSUL, DOCKERD, KERNEL, Port, cluster_ports, on_host
+from overlaylab.steps.network import DEFAULT_MTU, VXLAN_OVERHEAD
 from overlaylab.topology import Topology
 
 SEND_TIMEOUT = 2  # seconds a TCP connect may take before its path counts as blocked
@@ -112,10 +114,11 @@ def listen_command(node: Node, ports: list[Port]) -> str:
     return "\n".join([*lines, "true"])
 
 
-def send_command(source: Node, targets: list[tuple[str, str, Port]]) -> str:
+def send_command(source: Node, targets: list[tuple[str, str, Port]], ladder: str = "") -> str:
     """targets: (host, its cluster IP, port). UDP: three datagrams carrying the sender's name;
-    TCP: a connect, judged here (`T host port ok|fail`)."""
-    parts = []
+    TCP: a connect, judged here (`T host port ok|fail`). ``ladder``: the path MTU's pings
+    (pathmtu.script), sent in the same round."""
+    parts = [ladder] if ladder else []
     for host, ip, p in targets:
         if p.proto == "udp":
             send = f"echo {source.name} > /dev/udp/{ip}/{p.number}"
@@ -152,6 +155,8 @@ class Probed:
 
     blocked: dict[str, list[str]] = field(default_factory=dict)
     unprobed: dict[str, list[str]] = field(default_factory=dict)
+    paths: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> target -> path MTU (0: no answer)
+    narrow: dict[str, list[str]] = field(default_factory=dict)  # by source host: paths the overlay does not fit
 
 
 @dataclass
@@ -162,6 +167,7 @@ class _Round:
     nodes: list[Node]
     ports: list[Port]
     found: Probed
+    mtu: int  # the overlay's MTU, whose packets plus VXLAN's 50 each path must carry
     started: set[str] = field(default_factory=set)  # hosts where listeners were started: each is collected
     listening: dict[str, set[Port]] = field(default_factory=lambda: defaultdict(set))  # through our listener
     probed: dict[str, list[Port]] = field(default_factory=dict)  # every port tried on a host (ours, or TCP held)
@@ -191,7 +197,10 @@ class _Round:
             if other is not node
             for p in self.probed[other.name]
         ]
-        out = node.sh(send_command(node, targets), check=False) if targets else ""
+        peers = [(o.name, o.advertise_ip) for o in self.nodes if o is not node and o.advertise_ip]
+        ladder = pathmtu.script(node.advertise_ip, peers, pathmtu.ladder(self.mtu + VXLAN_OVERHEAD))
+        out = node.sh(send_command(node, targets, ladder if peers else ""), check=False)
+        self.found.paths[node.name] = pathmtu.parse(out, [name for name, _ in peers])
         for line in out.splitlines():
             parts = line.split()
             if len(parts) == 4 and parts[0] == "T":
@@ -211,7 +220,13 @@ class _Round:
                 self.received[current].add(line.strip())
 
     def judge(self) -> None:
-        """Each path that did not carry its probe, by receiving host."""
+        """Each path that did not carry its probe, by receiving host; each too narrow for the
+        overlay's packets, by sending host."""
+        for sender, paths in self.found.paths.items():
+            for receiver, size in paths.items():
+                why = pathmtu.too_narrow(sender, receiver, size, self.mtu)
+                if why:
+                    self.found.narrow[sender].append(why)
         for target in self.nodes:
             for p in self.probed.get(target.name, []):
                 for source in (n for n in self.nodes if n is not target):
@@ -229,7 +244,8 @@ class _Round:
 def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:
     """Blocked paths by receiving host ("bm-docker-01 -> bm-docker-03: udp/4789 (VXLAN data)
     blocked"), and the ports that could not be probed, with why."""
-    probe = _Round(Topology.of(inv), nodes, wanted(inv, mode), Probed(defaultdict(list), defaultdict(list)))
+    found = Probed(defaultdict(list), defaultdict(list), {}, defaultdict(list))
+    probe = _Round(Topology.of(inv), nodes, wanted(inv, mode), found, inv.mtu or DEFAULT_MTU)
     try:
         for name, exc in parallel(nodes, probe.listen).items():
             probe.found.blocked[name].append(f"starting the port probes failed: {exc}")
@@ -240,5 +256,9 @@ def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:
     finally:
         parallel([n for n in nodes if n.name in probe.started], probe.collect)
     probe.judge()
-    found = probe.found
-    return Probed({h: f for h, f in found.blocked.items() if f}, {h: f for h, f in found.unprobed.items() if f})
+    return Probed(
+        {h: f for h, f in found.blocked.items() if f},
+        {h: f for h, f in found.unprobed.items() if f},
+        found.paths,
+        {h: f for h, f in found.narrow.items() if f},
+    )

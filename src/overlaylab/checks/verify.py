@@ -1,9 +1,12 @@
-"""Step 8: prove the overlay. One busybox per host; every ordered pair pings by IP
-and by container name; the matrix is printed; the probes are removed, also on failure.
+"""Step 8: prove the overlay. One busybox per host; every ordered pair pings by IP and by
+container name, sends a packet of exactly the overlay's MTU that may not be fragmented, and
+fetches 1 MiB over TCP by name; the matrix is printed; the probes are removed, also on failure.
 
-Only a ping proves the overlay (name lookup can succeed while traffic fails). Probes
-get a window to converge (the overlay's gossip is eventually consistent), then they are
-judged.
+Only traffic proves the overlay (name lookup can succeed while traffic fails), and small
+pings do not prove what applications send: a path whose MTU cannot carry a full-size packet
+plus VXLAN's 50 bytes passes every small ping while TCP hangs at its first full segment.
+Probes get a window to converge (the overlay's gossip is eventually consistent), then they
+are judged.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import shlex
 from dataclasses import dataclass, field
 
 from overlaylab import peers
+from overlaylab.checks import pathmtu
 from overlaylab.cluster import Node, journal, parallel
 from overlaylab.facts import PROBE_PREFIX, ROLE_LABEL
 from overlaylab.report import columns
+from overlaylab.steps import network
+from overlaylab.steps.network import DEFAULT_MTU, VXLAN_OVERHEAD
 
 CONVERGE_SECONDS = 20
 # A swarm-scope network's endpoints reach the other hosts by NetworkDB's UDP gossip. A lost
@@ -27,10 +33,30 @@ CONVERGE_SECONDS = 20
 # at once missed each other's entries through a 20 s window. In kv mode the endpoints
 # come from the store's watch, and 20 s holds.
 SWARM_CONVERGE_SECONDS = 60
+BY = ("ip", "name", "mtu", "tcp")  # the checks of each ordered pair, in the matrix's cell order
+# The standing anchors (a no-op re-run) run no web server: their pairs get the pings alone.
+ANCHORED = ("ip", "name", "mtu")
+NAMES = {"ip": "by IP", "name": "by name", "mtu": "a full-size packet", "tcp": "1 MiB over TCP"}
+STREAM_BYTES = 1 << 20  # what each probe serves and every other one fetches, by name, over TCP
+STREAM_TRY_SECONDS = 5  # one fetch's limit: a stream that stalls (a full-size segment lost) fails
+ICMP_HEADERS = 28  # IPv4 (20) and ICMP (8): a ping's payload is the packet's size less these
 
 
 RUN_ID = secrets.token_hex(3)
 PREFIX = PROBE_PREFIX
+
+
+# A probe's start (and its removal) is bounded: dockerd can wait on its store for as long as
+# TCP retries (seen on the lab: a path toward the store's host that dropped full-size packets
+# stalled `docker run` on the overlay for minutes); verify then names that host and goes on.
+PROBE_START_SECONDS = 60
+STALLED = (
+    f"docker run did not return within {PROBE_START_SECONDS} s: dockerd is waiting on something, such as its "
+    "cluster store over a path that stalls TCP (an MTU black hole toward the store's host?)"
+)
+# A probe's command: the stream it serves every other probe (busybox's httpd, which forks per
+# connection), then it waits to be removed.
+SERVE = f"mkdir -p /www && head -c {STREAM_BYTES} /dev/urandom > /www/stream && httpd -p 80 -h /www && exec sleep 600"
 
 
 def probe_name(node: Node) -> str:
@@ -39,14 +65,26 @@ def probe_name(node: Node) -> str:
     return f"{PREFIX}{node.name}-{RUN_ID}"
 
 
+def said(by: str, detail: str) -> str:
+    """A failed check as a person reads it (the JSON keeps the raw detail): `by ip: ...`."""
+    first, _, rest = detail.partition(" ")
+    if by == "mtu" and first.isdigit():
+        return f"with a full-size packet ({first} bytes, not to be fragmented): {rest or 'failed'}"
+    if by == "tcp" and first.isdigit():
+        return f"over TCP: {first} of {STREAM_BYTES} bytes arrived{': ' + rest if rest.strip() else ''}"
+    return f"by {by}: {detail or 'failed'}"
+
+
 @dataclass
 class Matrix:
     hosts: list[str]
     expected: set[tuple[str, str, str]]  # (src, dst, by) pairs this run must prove
+    checks: tuple[str, ...] = BY  # the cells of each pair, in order
     results: dict[tuple[str, str, str], tuple[bool, str]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     journals: dict[str, str] = field(default_factory=dict)  # dockerd's last lines, for failed hosts
     addresses: dict[str, str] = field(default_factory=dict)  # host -> its probe's (or anchor's) address
+    paths: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> target -> path MTU (0: no answer)
 
     @property
     def ok(self) -> bool:
@@ -57,8 +95,14 @@ class Matrix:
         for key in sorted(self.expected):
             ok, detail = self.results.get(key, (False, "not tested"))
             if not ok:
-                out.append(f"{key[0]} -> {key[1]} by {key[2]}: {detail or 'failed'}")
+                out.append(f"{key[0]} -> {key[1]} {said(key[2], detail)}")
         return out
+
+    def passed(self) -> str:
+        """What a host whose every pair passed is said to do."""
+        done = {"ip": "by IP", "name": "by name", "mtu": "with a full-size packet", "tcp": "with 1 MiB over TCP"}
+        ways = [done[by] for by in self.checks]
+        return f"reaches every other host {', '.join(ways[:-1])} and {ways[-1]}"
 
     def render(self) -> str:
         rows = [["", *self.hosts]]
@@ -69,12 +113,13 @@ class Matrix:
                     cells.append("-")
                     continue
                 marks = []
-                for by in ("ip", "name"):
+                for by in self.checks:
                     res = self.results.get((src, dst, by))
                     marks.append("?" if res is None else ("✓" if res[0] else "✗"))
                 cells.append("/".join(marks))
             rows.append(cells)
-        return "\n".join(["ping matrix (row pings column; ip/name):", *columns(rows)])
+        legend = " / ".join(NAMES[by] for by in self.checks)
+        return "\n".join([f"ping matrix (row reaches column; {legend}):", *columns(rows)])
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -86,26 +131,74 @@ class Matrix:
             "errors": self.errors,
             "journals": self.journals,
             "addresses": self.addresses,
+            "checks": list(self.checks),
+            "path_mtu": self.paths,
         }
 
 
-def ping_script(probe: str, targets: list[tuple[str, str, str]], window: int = CONVERGE_SECONDS) -> str:
-    """targets: (host, by, address). Prints `R host by ok|fail detail` per target.
+def ping_script(
+    probe: str, targets: list[tuple[str, str, str]], window: int = CONVERGE_SECONDS, ladder: str = ""
+) -> str:
+    """targets: (host, by, address), by one of BY. Prints `R host by ok|fail detail` per target.
 
-    One `docker exec` runs every target at once inside the probe, each in its own retry
+    One `docker exec` runs every small ping at once inside the probe, each in its own retry
     loop until the shared window ends: one host's pings take the time of its slowest
     target, not the sum (at 12 hosts, 22 targets each), and start one process in the
-    container, not one per try (a docker exec costs ~0.3 s of CPU on a small host)."""
-    lines = [f"end=$(( $(date +%s) + {window} ))"]
+    container, not one per try (a docker exec costs ~0.3 s of CPU on a small host).
+
+    The TCP checks ("tcp") run there too: each fetches the other probe's stream by name (busybox's
+    wget from its httpd), whole or failed; a try that stalls ends after STREAM_TRY_SECONDS.
+
+    The full-size checks ("mtu") run beside them, in the same window, from the host: busybox's
+    ping cannot forbid fragmenting, the host's (iputils) can, in the probe's network namespace
+    (`nsenter -n`), at the size of the probe's own interface: a packet exactly the overlay's
+    MTU, which the path between the hosts carries only if it fits the MTU plus VXLAN's 50.
+    ``ladder``: the path MTU's pings between the hosts' cluster addresses (pathmtu.script),
+    in the same round: a failed full-size check then says what would fit."""
+    inner = [f"end=$(( $(date +%s) + {window} ))"]
+    outer = [f"end=$(( $(date +%s) + {window} ))"]
+    full = [(host, addr) for host, by, addr in targets if by == "mtu"]
     for host, by, addr in targets:
         q = shlex.quote(addr)
-        lines.append(
+        if by == "mtu":
+            continue
+        if by == "tcp":
+            err, url = shlex.quote(f"/tmp/tcp-{host}.err"), shlex.quote(f"http://{addr}/stream")
+            fetch = f"timeout {STREAM_TRY_SECONDS} wget -q -O - {url} 2>{err}"
+            inner.append(
+                f"( while :; do n=$(( $({fetch} | wc -c) )); "
+                f"[ $n -eq {STREAM_BYTES} ] && {{ echo 'R {host} tcp ok'; break; }}; "
+                f'if [ $(date +%s) -ge $end ]; then echo "R {host} tcp fail $n $(tail -n 1 {err})"; break; fi; '
+                "sleep 0.5; done ) &"
+            )
+            continue
+        inner.append(
             f"( while :; do out=$(ping -c 1 -W 1 {q} 2>&1) && {{ echo 'R {host} {by} ok'; break; }}; "
             f'if [ $(date +%s) -ge $end ]; then echo "R {host} {by} fail $(echo "$out" | tail -n 1)"; break; fi; '
             "sleep 0.5; done ) &"
         )
-    lines.append("wait")
-    return f"docker exec {shlex.quote(probe)} sh -c {shlex.quote(chr(10).join(lines))}"
+    inner.append("wait")
+    outer.append(f"docker exec {shlex.quote(probe)} sh -c {shlex.quote(chr(10).join(inner))} &")
+    if full:
+        outer += [
+            f"pid=$(docker inspect -f '{{{{.State.Pid}}}}' {shlex.quote(probe)})",
+            "mtu=$(nsenter -t \"$pid\" -n ip -o link show dev eth0 | sed -n 's/.* mtu \\([0-9]*\\) .*/\\1/p')",
+            f"size=$(( ${{mtu:-{ICMP_HEADERS}}} - {ICMP_HEADERS} ))",
+        ]
+        for host, addr in full:
+            q = shlex.quote(addr)
+            outer.append(
+                f'( if [ -z "$mtu" ]; then echo "R {host} mtu fail the probe\'s MTU could not be read"; exit; fi; '
+                f'while :; do out=$(nsenter -t "$pid" -n ping -M do -s $size -c 1 -W 1 {q} 2>&1) '
+                f'&& {{ echo "R {host} mtu ok $mtu"; break; }}; '
+                f'if [ $(date +%s) -ge $end ]; then echo "R {host} mtu fail $mtu $(echo "$out" | tail -n 1)"; '
+                "break; fi; "
+                "sleep 0.5; done ) &"
+            )
+    if ladder:
+        outer.append(f"( {ladder} ) &")
+    outer.append("wait")
+    return "\n".join(outer)
 
 
 @dataclass
@@ -123,10 +216,13 @@ class _Round:
         probe = probe_name(node)
         net = shlex.quote(self.network)
         fmt = "'{{(index .NetworkSettings.Networks " + f'"{self.network}"' + ").IPAddress}}'"
+        run = (
+            f"timeout {PROBE_START_SECONDS} docker run -d --name {probe} --label {ROLE_LABEL}=probe "
+            f"--network {net} busybox sh -c {shlex.quote(SERVE)} >/dev/null"
+        )
         out = node.sh(
-            f"docker run -d --name {probe} --label {ROLE_LABEL}=probe "
-            f"--network {net} busybox sleep 600 >/dev/null && docker inspect -f {fmt} {probe} "
-            f"&& docker network inspect -f '{{{{.Scope}}}}' {net}"
+            f"{run} || {{ rc=$?; [ $rc -eq 124 ] && echo {shlex.quote(STALLED)} >&2; exit $rc; }}; "
+            f"docker inspect -f {fmt} {probe} && docker network inspect -f '{{{{.Scope}}}}' {net}"
         )
         ip, _, scope = out.strip().partition("\n")
         self.probes[node.name] = (probe, ip.strip())
@@ -135,17 +231,22 @@ class _Round:
     def ping(self, node: Node) -> None:
         """Every target of this host at once, in one command; each judged after the window."""
         targets = [
-            (other.name, by, self.probes[other.name][1] if by == "ip" else self.probes[other.name][0])
+            (other.name, by, self.probes[other.name][0] if by in ("name", "tcp") else self.probes[other.name][1])
             for other in self.nodes
             if other is not node
             and other.name in self.probes
             and (node.name in self.involved or other.name in self.involved)
-            for by in ("ip", "name")
+            for by in self.matrix.checks
         ]
         if not targets:
             return
         window = SWARM_CONVERGE_SECONDS if "swarm" in self.scopes else CONVERGE_SECONDS
-        out = node.sh(ping_script(self.probes[node.name][0], targets, window), check=False)
+        peers = [(o.name, o.advertise_ip) for o in self.nodes if o is not node and o.advertise_ip]
+        needed = (network.effective_mtu(node.facts.network) if node.facts.network else DEFAULT_MTU) + VXLAN_OVERHEAD
+        ladder = pathmtu.script(node.advertise_ip, peers, pathmtu.ladder(needed)) if node.advertise_ip else ""
+        out = node.sh(ping_script(self.probes[node.name][0], targets, window, ladder if peers else ""), check=False)
+        if peers and ladder:
+            self.matrix.paths[node.name] = pathmtu.parse(out, [name for name, _ in peers])
         for line in out.splitlines():
             parts = line.split(" ", 4)
             if len(parts) >= 4 and parts[0] == "R":
@@ -175,10 +276,11 @@ def run(
     those ping each other and nothing is started or removed: one command per host."""
     involved = {n.name for n in (sources or nodes)}
     names = [n.name for n in nodes]
+    checks = ANCHORED if standing else BY
     expected = {
-        (s, d, by) for s in names for d in names if s != d and (s in involved or d in involved) for by in ("ip", "name")
+        (s, d, by) for s in names for d in names if s != d and (s in involved or d in involved) for by in checks
     }
-    matrix = Matrix(names, expected)
+    matrix = Matrix(names, expected, checks)
     pings = _Round(network, nodes, involved, matrix, dict(standing or {}))
     try:
         if standing is None:
@@ -192,7 +294,8 @@ def run(
     finally:
         matrix.addresses = {host: ip for host, (_, ip) in sorted(pings.probes.items()) if ip}
         if standing is None:
-            parallel(nodes, lambda node: node.sh(f"docker rm -f {probe_name(node)} >/dev/null 2>&1; true", check=False))
+            remove = f"timeout {PROBE_START_SECONDS} docker rm -f"
+            parallel(nodes, lambda node: node.sh(f"{remove} {probe_name(node)} >/dev/null 2>&1; true", check=False))
     return matrix
 
 
@@ -211,14 +314,41 @@ def stale_entry(holder: str, addr: str, toward: str, owner: str) -> str:
     )
 
 
+def full_size_lost(src: str, dst: str, detail: str, path: int = 0) -> str:
+    """The hint for a pair whose small pings pass and whose full-size packet does not; with
+    the path's MTU as measured (0: not), the network.mtu that would fit."""
+    mtu, _, last = detail.partition(" ")
+    if not mtu.isdigit() or not any(word in last for word in ("packet loss", "too long", "Frag needed")):
+        return f"the full-size check could not run: {detail}"
+    measured = f" (it carries {path}: set network.mtu to {pathmtu.fits(path)}," if path else " (set network.mtu lower,"
+    return (
+        f"packets of {mtu} bytes (the overlay's MTU) are lost while small pings pass: the path "
+        f"between {src} and {dst} cannot carry {int(mtu) + VXLAN_OVERHEAD} bytes, the MTU plus VXLAN's "
+        f"{VXLAN_OVERHEAD}{measured} or raise the underlay's MTU)"
+    )
+
+
+def stream_lost(src: str, dst: str, detail: str) -> str:
+    """The hint for a pair whose pings all pass, the full-size one too, and whose stream does not."""
+    got, _, last = detail.partition(" ")
+    return (
+        f"small and full-size pings pass, a TCP stream does not ({got} of {STREAM_BYTES} bytes from "
+        f"{dst}'s probe in {STREAM_TRY_SECONDS} s{': ' + last if last else ''}): something on the path "
+        "between the hosts drops or stalls TCP inside the overlay's packets (a firewall that reads "
+        "VXLAN's payload?)"
+    )
+
+
 def diagnose(matrix: Matrix, nodes: list[Node]) -> dict[tuple[str, str], str]:
     """(source, target) -> why a failed pair likely failed, where the facts can tell.
 
     First a stale entry (read before the probes started): one of the two hosts sends the
     other's probe address to a third host, because that address was someone else's before
     (IPAM gives freed addresses again); then the kernel sends the pings, or the replies,
-    there. Else, if each dockerd's gossip last saw the other join, the control plane (7946)
-    works while the data plane does not, which is VXLAN's port."""
+    there. Else, if small pings pass, only the full-size packet failed: the path's MTU; or
+    only the TCP stream: something that reads the overlay's payload. Else,
+    if each dockerd's gossip last saw the other join, the control plane (7946) works while
+    the data plane does not, which is VXLAN's port."""
     by_name = {n.name: n for n in nodes}
     sent_astray = {n.name: peers.stale(n, nodes) for n in nodes}
     hints = {}
@@ -231,6 +361,12 @@ def diagnose(matrix: Matrix, nodes: list[Node]) -> dict[tuple[str, str], str]:
             hints[(src, dst)] = stale_entry(src, to_dst, sent_astray[src][to_dst], dst)
         elif sent_astray[dst].get(to_src, src) != src:
             hints[(src, dst)] = stale_entry(dst, to_src, sent_astray[dst][to_src], src)
+        elif matrix.results.get((src, dst, "ip"), (False, ""))[0]:
+            full, stream = matrix.results.get((src, dst, "mtu")), matrix.results.get((src, dst, "tcp"))
+            if full is not None and not full[0]:
+                hints[(src, dst)] = full_size_lost(src, dst, full[1], matrix.paths.get(src, {}).get(dst, 0))
+            elif stream is not None and not stream[0] and matrix.results.get((src, dst, "name"), (False, ""))[0]:
+                hints[(src, dst)] = stream_lost(src, dst, stream[1])
         elif (b.facts.hostname or b.name) in a.facts.gossip_alive and (
             a.facts.hostname or a.name
         ) in b.facts.gossip_alive:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from overlaylab import certs, dropins, peers, remote, render, storetls
+from overlaylab.checks.verify import ICMP_HEADERS, SERVE, STREAM_BYTES
 from overlaylab.cluster import parallel
 from overlaylab.consulapi import Forward, consul_client
 from overlaylab.facts import DROPIN, ROLE_LABEL
@@ -27,7 +28,12 @@ from overlaylab.steps.network import DEFAULT_MTU, VXLAN_OVERHEAD
 from overlaylab.topology import Topology
 
 LABEL = f"--label {ROLE_LABEL}=smoke"
-ICMP_HEADERS = 28  # IPv4 (20) and ICMP (8): a ping's payload is the MTU less these
+# A probe serves verify's stream (checks/verify.py); it is read once its web server answers,
+# so that no pair's TCP check races the server's start. Then its MTU on the overlay.
+READY = (
+    "for i in $(seq 50); do wget -q -O /dev/null http://127.0.0.1/stream && break; sleep 0.1; done; "
+    "cat /sys/class/net/eth0/mtu"
+)
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,8 @@ def probes(smoke_cluster: Cluster) -> Iterator[dict[str, Probe | str]]:
         fmt = "'{{(index .NetworkSettings.Networks " + f'"{c.inv.network}"' + ").IPAddress}} {{.State.Pid}}'"
         code, out, err = c.result(
             host,
-            f"docker run -d --name {name} {LABEL} --network {net} busybox sleep 900 >/dev/null && "
-            f"docker inspect -f {fmt} {name} && docker exec {name} cat /sys/class/net/eth0/mtu",
+            f"docker run -d --name {name} {LABEL} --network {net} busybox sh -c {shlex.quote(SERVE)} >/dev/null && "
+            f"docker inspect -f {fmt} {name} && docker exec {name} sh -c {shlex.quote(READY)}",
         )
         words = out.split()
         made[host] = (
@@ -375,6 +381,20 @@ def test_a_full_size_packet_with_dont_fragment_crosses_the_overlay(
     assert code == 0, (
         f"{src} -> {dst}: a ping of {mtu} bytes (the overlay's MTU) with DF failed "
         f"(the path between the hosts cannot carry {mtu + VXLAN_OVERHEAD}?): {last}"
+    )
+
+
+def test_a_tcp_stream_of_1_mib_crosses_the_overlay_by_name(
+    smoke_cluster: Cluster, probes: dict[str, Probe | str], pair: tuple[str, str]
+) -> None:
+    """What a ping does not prove: TCP's full-size segments, both ways, as applications send them."""
+    src, dst = pair
+    fetch = f"timeout 10 wget -q -O - http://{_probe(probes, dst).name}/stream | wc -c"
+    _, out, err = smoke_cluster.result(src, f"docker exec {_probe(probes, src).name} sh -c {shlex.quote(fetch)}")
+    got = out.strip() or "0"
+    assert got == str(STREAM_BYTES), (
+        f"{src} -> {dst}: a TCP stream by name brought {got} of {STREAM_BYTES} bytes within 10 s "
+        f"(small pings may pass: something on the path drops TCP or its full-size segments) {err.strip()[-200:]}"
     )
 
 

@@ -1,0 +1,67 @@
+"""The path MTU between the hosts: the largest packet each path carries whole.
+
+Why: the overlay adds 50 bytes (VXLAN) to every packet, so a path that cannot carry the
+overlay's MTU plus 50 passes every small ping and hangs TCP at its first full-size segment
+(moby/libnetwork#2661; cloud underlays of 1450 bytes, VPNs, GRE tunnels). Measured with the
+hosts' own don't-fragment pings (iputils' `-M do`) of each other's cluster addresses, at a
+ladder of sizes sent in one round, all at once, not one size after another; a size counts
+if one of three tries comes back (a lost packet is not a smaller path), and a size that
+comes back at once is not tried again: on a healthy path the round takes one round trip. ICMP between
+the hosts works on a running cluster too, where the port probe's UDP cannot be used.
+"""
+
+from __future__ import annotations
+
+from overlaylab.steps.network import VXLAN_OVERHEAD
+
+ICMP_HEADERS = 28  # IPv4 (20) and ICMP (8): a ping's payload is the packet's size less these
+STEPS = (1500, 1450, 1400, 1350, 1300, 1200, 1000, 576)  # IP total lengths tried below the need
+SMALLEST = 576  # the smallest MTU an IPv4 host must take; network.mtu's floor
+
+
+def ladder(needed: int) -> tuple[int, ...]:
+    """The sizes tried, largest first: what the overlay needs (its MTU plus VXLAN's 50), and
+    the steps below 1500 (which name what would fit); above 1500, the need alone."""
+    return tuple(sorted({needed, *STEPS}, reverse=True))
+
+
+def script(source_ip: str, peers: list[tuple[str, str]], sizes: tuple[int, ...]) -> str:
+    """Every size to every peer at once, from the host's cluster address: prints
+    `M host size` for each size that came back. For a POSIX shell or bash."""
+    parts = [
+        f"( for try in 1 2 3; do ping -n -q -M do -c 1 -W 1 -I {source_ip} -s {size - ICMP_HEADERS} {ip} "
+        f">/dev/null 2>&1 && {{ echo 'M {host} {size}'; break; }}; done ) &"
+        for host, ip in peers
+        for size in sizes
+    ]
+    return "\n".join([*parts, "wait"])
+
+
+def parse(output: str, peers: list[str]) -> dict[str, int]:
+    """host -> the largest size that came back (0: none did, the path is down or ICMP is blocked)."""
+    found = dict.fromkeys(peers, 0)
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "M" and parts[1] in found and parts[2].isdigit():
+            found[parts[1]] = max(found[parts[1]], int(parts[2]))
+    return found
+
+
+def fits(path: int) -> int:
+    """The largest network.mtu a path of this size carries."""
+    return path - VXLAN_OVERHEAD
+
+
+def too_narrow(source: str, target: str, path: int, mtu: int) -> str | None:
+    """Why the path from source to target cannot carry the overlay of this MTU; None if it can
+    (or if nothing came back at all: a down path or blocked ICMP is not a size, and the port
+    probe and verify name those)."""
+    if path == 0 or path >= mtu + VXLAN_OVERHEAD:
+        return None
+    fit = fits(path)
+    advice = f"set network.mtu to {fit}" if fit >= SMALLEST else f"no overlay MTU of at least {SMALLEST} fits"
+    return (
+        f"{source} -> {target}: the path carries packets of at most {path} bytes (don't-fragment pings of the "
+        f"cluster addresses), the overlay needs {mtu + VXLAN_OVERHEAD} (its MTU {mtu} plus VXLAN's "
+        f"{VXLAN_OVERHEAD}): {advice}, or raise the underlay's MTU"
+    )
