@@ -53,7 +53,17 @@ TLS_SCRIPT = (
 )
 
 # all `fab verify` reads before its probes
-VERIFY_SECTIONS = ("hostname", "active", "addrs", "network", "gossip_events", "deaf_sandboxes", "peers", "dropin")
+VERIFY_SECTIONS = (
+    "hostname",
+    "active",
+    "addrs",
+    "network",
+    "gossip_events",
+    "deaf_sandboxes",
+    "peers",
+    "dropin",
+    "ping",
+)
 
 
 def attached_format(network: str) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import shlex
 import sys
+from typing import Any
 
 from fabric import Connection
 
 from overlaylab import certs, peers, render, repairs, storetls
-from overlaylab.checks import probe
+from overlaylab.checks import pathmtu, probe
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError
 from overlaylab.facts import VERIFY_SECTIONS
@@ -20,7 +21,7 @@ from overlaylab.pipelines import kv, swarm
 from overlaylab.plan import Context, RunInput
 from overlaylab.report import RunReport, columns
 from overlaylab.run import mode_step, preflight_step, run_steps, run_task, verify_step
-from overlaylab.steps import consul, holdback, tls
+from overlaylab.steps import consul, holdback, network, tls
 from overlaylab.topology import Topology
 
 __all__ = ["Options", "bootstrap", "docker_env", "join_node", "status", "teardown", "verify_only"]
@@ -113,9 +114,12 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
             report.note(f"Consul not readable: {exc}")
     rows = []
     needs = mends(inv, opts, nodes, report, registered)
+    made = next((network.effective_mtu(n.facts.network) for n in nodes if n.facts.network), None)
+    paths, links = pathmtu.measure(nodes, made or inv.mtu or network.DEFAULT_MTU)
     for node in nodes:
         f = node.facts
         is_registered = None if registered is None else f"{node.advertise_ip}:2376" in registered
+        narrow = pathmtu.narrowest(paths.get(node.name, {}))
         rows.append(
             {
                 "host": node.name,
@@ -131,6 +135,9 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
                 "swarm": f.swarm_state,
                 "stray_threads": f.stray_threads,
                 "tls_expires": tls.expiry(node),
+                "link_mtu": links.get(node.name) or None,  # of the interface holding the cluster address
+                "network_mtu": network.effective_mtu(f.network) if f.network else None,
+                "narrowest_path": {"to": narrow[0], "mtu": narrow[1]} if narrow else None,
                 "repair": needs[node.name],
             }
         )
@@ -147,21 +154,37 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
             "registered",
             "stray_threads",
             *(["tls_expires"] if any(r["tls_expires"] for r in rows) or inv.tls.docker_api else []),
+            "link_mtu",
+            "network_mtu",
         ]
-        table = [[str(r[c]) for c in cols] + [",".join(r["overlay_networks"]) or "-"] for r in rows]  # type: ignore[arg-type]
-        print("\n".join(columns([[c.upper() for c in cols] + ["OVERLAYS"], *table])), file=sys.stdout)
+
+        def path(row: dict[str, Any]) -> str:
+            found = row["narrowest_path"]
+            return f"{found['mtu']} (to {found['to']})" if found else "-"
+
+        table = [[str(r[c]) for c in cols] + [path(r), ",".join(r["overlay_networks"]) or "-"] for r in rows]  # type: ignore[arg-type]
+        print("\n".join(columns([[c.upper() for c in cols] + ["NARROWEST_PATH", "OVERLAYS"], *table])), file=sys.stdout)
     if inv.tls.docker_api:
         report.note(admin_line(inv))
     broken = [f"{name} ({', '.join(why)})" for name, why in needs.items() if why]
     if broken:  # said after the table, on stderr with --json
         report.note("a re-run of bootstrap-cluster repairs: " + "; ".join(broken))
+    carried = made or inv.mtu or network.DEFAULT_MTU
+    too_narrow = [
+        said
+        for src, found in paths.items()
+        for dst, size in found.items()
+        if (said := pathmtu.too_narrow(src, dst, size, carried))
+    ]
+    for said in too_narrow:  # no re-run mends the path: the underlay, or network.mtu
+        report.note(said)
     if Topology.of(inv).ha and inv.mode != Mode.SWARM:
         by_name = {n.name: n for n in nodes}
         report.extra["consul"] = line = consul.quorum_line(inv, by_name)
         report.note(line)
         if not consul.leader(inv, by_name):
             return 1  # the store can be neither read nor written: nothing on the overlay changes
-    return 0
+    return 1 if too_narrow else 0
 
 
 def admin_line(inv: Inventory) -> str:

@@ -249,10 +249,10 @@ def verify_step(
     before = time.monotonic()
     report.extra["seconds_to_verify"] = round(before - report.started, 2)
     standing = standing_anchors(inv, nodes, set(made)) if anchored else None
-    matrix = verify.run(inv.network, nodes, sources, standing) if standing else None
+    matrix = verify.run(inv.network, nodes, sources, standing, inv.mtu) if standing else None
     report.extra["verified_with"] = "anchors" if matrix is not None and matrix.ok else "probes"
     if matrix is None or not matrix.ok:
-        matrix = verify.run(inv.network, nodes, sources)
+        matrix = verify.run(inv.network, nodes, sources, mtu=inv.mtu)
     report.extra["seconds_verify"] = round(time.monotonic() - before, 2)
     report.note(matrix.render())
     for host, lines in sorted(matrix.journals.items()):

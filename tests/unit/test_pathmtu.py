@@ -58,3 +58,11 @@ def test_a_path_below_the_overlays_need_is_named_with_the_mtu_that_fits() -> Non
     small = pathmtu.too_narrow("a", "b", 576, 1450)
     assert small is not None and "no overlay MTU of at least 576 fits" in small
     assert pathmtu.parse("M b 1500\nM b 1400\ngarbage\nM x 9000\nM b big\n", ["b", "c"]) == {"b": 1500, "c": 0}
+
+
+def test_the_link_line_and_the_narrowest_path() -> None:
+    assert pathmtu.parse_link("M b 1500\nI 1500\n") == 1500
+    assert pathmtu.parse_link("I \n") == 0 and pathmtu.parse_link("") == 0
+    assert "ip -o -4 addr show to 10.0.0.1" in pathmtu.link_command("10.0.0.1")
+    assert pathmtu.narrowest({"b": 1500, "c": 1400, "d": 0}) == ("c", 1400)
+    assert pathmtu.narrowest({"d": 0}) is None and pathmtu.narrowest({}) is None

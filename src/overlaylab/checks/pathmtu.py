@@ -12,6 +12,7 @@ the hosts works on a running cluster too, where the port probe's UDP cannot be u
 
 from __future__ import annotations
 
+from overlaylab.cluster import Node, parallel
 from overlaylab.steps.network import VXLAN_OVERHEAD
 
 ICMP_HEADERS = 28  # IPv4 (20) and ICMP (8): a ping's payload is the packet's size less these
@@ -30,7 +31,7 @@ def script(source_ip: str, peers: list[tuple[str, str]], sizes: tuple[int, ...])
     `M host size` for each size that came back. For a POSIX shell or bash."""
     parts = [
         f"( for try in 1 2 3; do ping -n -q -M do -c 1 -W 1 -I {source_ip} -s {size - ICMP_HEADERS} {ip} "
-        f">/dev/null 2>&1 && {{ echo 'M {host} {size}'; break; }}; done ) &"
+        f">/dev/null 2>&1 && {{ echo 'M {host} {size}'; break; }}; sleep 0.2; done ) &"
         for host, ip in peers
         for size in sizes
     ]
@@ -65,3 +66,40 @@ def too_narrow(source: str, target: str, path: int, mtu: int) -> str | None:
         f"cluster addresses), the overlay needs {mtu + VXLAN_OVERHEAD} (its MTU {mtu} plus VXLAN's "
         f"{VXLAN_OVERHEAD}): {advice}, or raise the underlay's MTU"
     )
+
+
+def link_command(address: str) -> str:
+    """Prints `I mtu` for the interface that holds the host's cluster address."""
+    return (
+        f"dev=$(ip -o -4 addr show to {address} 2>/dev/null | awk '{{print $2; exit}}'); "
+        'echo "I $(cat /sys/class/net/"$dev"/mtu 2>/dev/null)"'
+    )
+
+
+def parse_link(output: str) -> int:
+    """The interface's MTU from link_command's line (0: not read)."""
+    found = next((line.split()[1:] for line in output.splitlines() if line.startswith("I ")), [])
+    return int(found[0]) if found and found[0].isdigit() else 0
+
+
+def measure(nodes: list[Node], mtu: int) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """`fab status`'s round, one command a host: the path MTU from each host to every other,
+    and the MTU of the interface that holds each host's cluster address."""
+    paths: dict[str, dict[str, int]] = {}
+    links: dict[str, int] = {}
+    sizes = ladder(mtu + VXLAN_OVERHEAD)
+
+    def one(node: Node) -> None:
+        peers = [(o.name, o.advertise_ip) for o in nodes if o is not node and o.advertise_ip]
+        out = node.sh(link_command(node.advertise_ip) + "\n" + script(node.advertise_ip, peers, sizes), check=False)
+        paths[node.name] = parse(out, [name for name, _ in peers])
+        links[node.name] = parse_link(out)
+
+    parallel([n for n in nodes if n.advertise_ip], one)
+    return paths, links
+
+
+def narrowest(paths: dict[str, int]) -> tuple[str, int] | None:
+    """The narrowest path measured from a host: (toward, size); None if none answered."""
+    answered = [(size, host) for host, size in paths.items() if size]
+    return (min(answered)[1], min(answered)[0]) if answered else None

@@ -118,7 +118,7 @@ def send_command(source: Node, targets: list[tuple[str, str, Port]], ladder: str
     """targets: (host, its cluster IP, port). UDP: three datagrams carrying the sender's name;
     TCP: a connect, judged here (`T host port ok|fail`). ``ladder``: the path MTU's pings
     (pathmtu.script), sent in the same round."""
-    parts = [ladder] if ladder else []
+    parts = []
     for host, ip, p in targets:
         if p.proto == "udp":
             send = f"echo {source.name} > /dev/udp/{ip}/{p.number}"
@@ -129,7 +129,8 @@ def send_command(source: Node, targets: list[tuple[str, str, Port]], ladder: str
                 f"( if timeout {SEND_TIMEOUT} bash -c {connect} 2>/dev/null; then echo 'T {host} {p.number} ok'; "
                 f"else echo 'T {host} {p.number} fail'; fi ) &"
             )
-    return "bash -c " + shlex.quote("\n".join([*parts, "wait"]))
+    after = [ladder] if ladder else []  # after the sends: its pings add no load to their 2 s connects
+    return "bash -c " + shlex.quote("\n".join([*parts, "wait", *after]))
 
 
 def collect_command(expected: dict[Port, list[str]]) -> str:

@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from overlaylab import peers
-from overlaylab.checks import pathmtu
+from overlaylab.checks import pathmtu, preflight
 from overlaylab.cluster import Node, journal, parallel
 from overlaylab.facts import PROBE_PREFIX, ROLE_LABEL
 from overlaylab.report import columns
@@ -54,9 +54,14 @@ STALLED = (
     f"docker run did not return within {PROBE_START_SECONDS} s: dockerd is waiting on something, such as its "
     "cluster store over a path that stalls TCP (an MTU black hole toward the store's host?)"
 )
+
+
 # A probe's command: the stream it serves every other probe (busybox's httpd, which forks per
 # connection), then it waits to be removed.
-SERVE = f"mkdir -p /www && head -c {STREAM_BYTES} /dev/urandom > /www/stream && httpd -p 80 -h /www && exec sleep 600"
+def serve(lifetime: int) -> str:
+    """A probe's command: the stream, served; then it waits ``lifetime`` seconds to be removed."""
+    stream = f"head -c {STREAM_BYTES} /dev/urandom > /www/stream"
+    return f"mkdir -p /www && {stream} && httpd -p 80 -h /www && exec sleep {lifetime}"
 
 
 def probe_name(node: Node) -> str:
@@ -195,9 +200,9 @@ def ping_script(
                 "break; fi; "
                 "sleep 0.5; done ) &"
             )
-    if ladder:
-        outer.append(f"( {ladder} ) &")
     outer.append("wait")
+    if ladder:  # after the checks: its pings decide nothing there, and add no load to them
+        outer += [ladder]
     return "\n".join(outer)
 
 
@@ -210,6 +215,7 @@ class _Round:
     involved: set[str]  # the hosts whose pairs are proved
     matrix: Matrix
     probes: dict[str, tuple[str, str]]  # host -> (container, its address)
+    mtu: int | None = None  # the overlay's MTU as the run wants it (network.mtu); None: as the host's facts read it
     scopes: set[str] = field(default_factory=set)  # the network's scope, as each probe's host says it
 
     def start(self, node: Node) -> None:
@@ -218,7 +224,7 @@ class _Round:
         fmt = "'{{(index .NetworkSettings.Networks " + f'"{self.network}"' + ").IPAddress}}'"
         run = (
             f"timeout {PROBE_START_SECONDS} docker run -d --name {probe} --label {ROLE_LABEL}=probe "
-            f"--network {net} busybox sh -c {shlex.quote(SERVE)} >/dev/null"
+            f"--rm --network {net} busybox sh -c {shlex.quote(serve(600))} >/dev/null"
         )
         out = node.sh(
             f"{run} || {{ rc=$?; [ $rc -eq 124 ] && echo {shlex.quote(STALLED)} >&2; exit $rc; }}; "
@@ -242,7 +248,8 @@ class _Round:
             return
         window = SWARM_CONVERGE_SECONDS if "swarm" in self.scopes else CONVERGE_SECONDS
         peers = [(o.name, o.advertise_ip) for o in self.nodes if o is not node and o.advertise_ip]
-        needed = (network.effective_mtu(node.facts.network) if node.facts.network else DEFAULT_MTU) + VXLAN_OVERHEAD
+        made = network.effective_mtu(node.facts.network) if node.facts.network else None
+        needed = (self.mtu or made or DEFAULT_MTU) + VXLAN_OVERHEAD
         ladder = pathmtu.script(node.advertise_ip, peers, pathmtu.ladder(needed)) if node.advertise_ip else ""
         out = node.sh(ping_script(self.probes[node.name][0], targets, window, ladder if peers else ""), check=False)
         if peers and ladder:
@@ -269,6 +276,7 @@ def run(
     nodes: list[Node],
     sources: list[Node] | None = None,
     standing: dict[str, tuple[str, str]] | None = None,
+    mtu: int | None = None,
 ) -> Matrix:
     """Ping matrix over ``nodes``; with ``sources``, only pairs that involve one of them.
 
@@ -281,7 +289,7 @@ def run(
         (s, d, by) for s in names for d in names if s != d and (s in involved or d in involved) for by in checks
     }
     matrix = Matrix(names, expected, checks)
-    pings = _Round(network, nodes, involved, matrix, dict(standing or {}))
+    pings = _Round(network, nodes, involved, matrix, dict(standing or {}), mtu)
     try:
         if standing is None:
             for name, exc in parallel(nodes, pings.start).items():
@@ -364,7 +372,8 @@ def diagnose(matrix: Matrix, nodes: list[Node]) -> dict[tuple[str, str], str]:
         elif matrix.results.get((src, dst, "ip"), (False, ""))[0]:
             full, stream = matrix.results.get((src, dst, "mtu")), matrix.results.get((src, dst, "tcp"))
             if full is not None and not full[0]:
-                hints[(src, dst)] = full_size_lost(src, dst, full[1], matrix.paths.get(src, {}).get(dst, 0))
+                no_ping = preflight.ping_problem(a.facts)  # fab verify alone: no preflight said it
+                hints[(src, dst)] = no_ping or full_size_lost(src, dst, full[1], matrix.paths.get(src, {}).get(dst, 0))
             elif stream is not None and not stream[0] and matrix.results.get((src, dst, "name"), (False, ""))[0]:
                 hints[(src, dst)] = stream_lost(src, dst, stream[1])
         elif (b.facts.hostname or b.name) in a.facts.gossip_alive and (
