@@ -331,8 +331,8 @@ def test_verify_names_an_mtu_black_hole_and_tcp_dropped_inside_the_overlay_each_
         assert f"{src} -> {dst}: small and full-size pings pass, a TCP stream does not" in details[src], err
     assert "udp/4789" not in "".join(details.values()), err
     assert doc["ping_matrix"]["path_mtu"][two] == {one: 1500, three: 1400}, err
-    code, report, err = status  # status measures the paths too, names the narrow one, and exits 1
-    assert code == 1 and f"{two} -> {three}: the path carries packets of at most 1400 bytes" in err, err
+    code, report, said = status  # status measures the paths too, names the narrow one, and exits 1
+    assert code == 1 and f"{two} -> {three}: the path carries packets of at most 1400 bytes" in said, said
     rows = {row["host"]: row for row in report["status"]}
     assert rows[two]["narrowest_path"] == {"to": three, "mtu": 1400} and rows[one]["narrowest_path"]["mtu"] == 1500
     assert {(r["link_mtu"], r["network_mtu"]) for r in rows.values()} == {(1500, 1450)}, rows
