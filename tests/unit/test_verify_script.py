@@ -71,19 +71,19 @@ exit 1
 """
 
 
-def run_script(tmp_path: Path, targets: list[tuple[str, str, str]], window: int) -> tuple[list[str], list[str]]:
+def fakes(tmp_path: Path) -> dict[str, str]:
+    """The environment in which the fake tools come first on PATH, logging to $LOG."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool, text in (
-        ("docker", FAKE_DOCKER),
-        ("ping", FAKE_PING),
-        ("nsenter", FAKE_NSENTER),
-        ("wget", FAKE_WGET),
-    ):
+    for tool, text in (("docker", FAKE_DOCKER), ("ping", FAKE_PING), ("nsenter", FAKE_NSENTER), ("wget", FAKE_WGET)):
         (bin_dir / tool).write_text(text)
         (bin_dir / tool).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(tmp_path / "log")}
+
+
+def run_script(tmp_path: Path, targets: list[tuple[str, str, str]], window: int) -> tuple[list[str], list[str]]:
+    env = fakes(tmp_path)
     log = tmp_path / "log"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log)}
     out = subprocess.run(["sh", "-c", ping_script("probe", targets, window)], capture_output=True, text=True, env=env)
     lines = log.read_text().splitlines()
     assert lines[0] == "exec probe" and lines.count("exec probe") == 1
@@ -224,13 +224,7 @@ def test_the_ladder_runs_after_the_checks_and_prints_a_line_per_size_that_came_b
     from overlaylab.checks import pathmtu
 
     ladder = pathmtu.script("10.0.0.1", [("h2", "good-2")], (1500, 1400))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool, text in (("docker", FAKE_DOCKER), ("ping", FAKE_PING), ("nsenter", FAKE_NSENTER), ("wget", FAKE_WGET)):
-        (bin_dir / tool).write_text(text)
-        (bin_dir / tool).chmod(0o755)
-    log = tmp_path / "log"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log)}
+    env = fakes(tmp_path)
     script = ping_script("probe", [("h2", "ip", "good-2")], 2, ladder)
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env).stdout.splitlines()
     assert sorted(out) == ["M h2 1400", "M h2 1500", "R h2 ip ok"]
