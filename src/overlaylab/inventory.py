@@ -90,6 +90,7 @@ class Inventory:
     network: str = "ov_net1"
     subnet: str | None = None
     mtu: int | None = None  # the overlay's MTU (com.docker.network.driver.mtu); None: Docker's default
+    mtu_auto: bool = False  # network.mtu: auto: the largest every path carries, measured by the run
     extra_flags: tuple[str, ...] = ()
     discovery: tuple[int, int] = (3, 20)  # dockerd's discovery heartbeat and TTL, seconds
     mode: str = "kv"
@@ -407,7 +408,12 @@ def load(path: str | Path) -> Inventory:
     if not NODE_NAME_RE.match(net_name):
         raise r.fail("network.name", f"{net_name!r} is not a valid network name")
     subnet = _cidr(r, network, "subnet", "network")
-    mtu = _typed(r, network, "mtu", "network", int)
+    mtu_auto = network.get("mtu") == "auto"
+    if isinstance(network.get("mtu"), str) and not mtu_auto:
+        raise r.fail(
+            "network.mtu", f"must be a number ({MTU_RANGE[0]} to {MTU_RANGE[1]}) or auto, got {network['mtu']!r}"
+        )
+    mtu = None if mtu_auto else _typed(r, network, "mtu", "network", int)
     if mtu is not None and not MTU_RANGE[0] <= mtu <= MTU_RANGE[1]:
         raise r.fail("network.mtu", f"{mtu} is out of range {MTU_RANGE[0]}-{MTU_RANGE[1]} (bytes; IPv4 needs 576)")
     flags, heartbeat, ttl = _dockerd(r, dockerd)
@@ -431,6 +437,7 @@ def load(path: str | Path) -> Inventory:
         network=net_name,
         subnet=subnet,
         mtu=mtu,
+        mtu_auto=mtu_auto,
         extra_flags=tuple(flags),
         discovery=(heartbeat, ttl),
         min_free_disk_mb=min_free,

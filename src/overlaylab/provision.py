@@ -20,7 +20,7 @@ from overlaylab.options import Options
 from overlaylab.pipelines import kv, swarm
 from overlaylab.plan import Context, RunInput
 from overlaylab.report import RunReport, columns
-from overlaylab.run import mode_step, preflight_step, run_steps, run_task, verify_step
+from overlaylab.run import auto_mtu, mode_step, preflight_step, run_steps, run_task, verify_step
 from overlaylab.steps import consul, holdback, network, tls
 from overlaylab.topology import Topology
 
@@ -49,6 +49,8 @@ def _bootstrap(
         report.extra["may_restart"] = {}
     mode = mode_step(inv, nodes, report)
     preflight_step(inv, nodes, report, mode)
+    if inv.mtu_auto:
+        inv = auto_mtu(inv, nodes, report)
     targets = [only] if only else [h.name for h in inv.hosts]
     ports = lambda: probe.check(inv, nodes, mode)  # noqa: E731
     backend = BACKENDS[mode]

@@ -7,6 +7,7 @@ refused preflight/plan, in which case nothing was changed anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 from overlaylab import certs, cluster, gather
 from overlaylab import mode as modes
-from overlaylab.checks import preflight, probe, verify
+from overlaylab.checks import pathmtu, preflight, probe, verify
 from overlaylab.cluster import Node
 from overlaylab.errors import InputError, OverlaylabError
 from overlaylab.inventory import Inventory
@@ -25,6 +26,7 @@ from overlaylab.options import Options
 from overlaylab.plan import Context, RunInput, Step, execute, preview, replay
 from overlaylab.report import RunReport
 from overlaylab.steps import anchor, consul
+from overlaylab.steps.network import VXLAN_OVERHEAD
 from overlaylab.topology import Topology
 
 Pipeline = Callable[..., int]
@@ -76,6 +78,24 @@ def preflight_step(inv: Inventory, nodes: list[Node], report: RunReport, mode: M
             )
     if problems:
         raise Refused("preflight refused: " + "; ".join(f"{h}: {'; '.join(p)}" for h, p in problems.items()))
+
+
+def auto_mtu(inv: Inventory, nodes: list[Node], report: RunReport) -> Inventory:
+    """network.mtu: auto, sized before the plan (the network step's action needs the value):
+    the path MTU from every host to every other, one command a host, and the largest overlay
+    MTU they all carry. A path that cannot be sized or fits none refuses the run (exit 2)."""
+    paths, _ = pathmtu.measure(nodes, pathmtu.AUTO_CEILING - VXLAN_OVERHEAD)
+    report.extra["path_mtu"] = paths
+    mtu, said = pathmtu.choose(paths)
+    if mtu is None:
+        for node in nodes:
+            mine = [line for line in said if line.startswith(f"{node.name} -> ")]
+            if mine:
+                report.record(node.name, "preflight", "failed", "; ".join(mine))
+        raise Refused("preflight refused: " + "; ".join(said))
+    report.note(said[0])
+    report.extra["mtu_auto"] = mtu
+    return dataclasses.replace(inv, mtu=mtu)
 
 
 def run_task(

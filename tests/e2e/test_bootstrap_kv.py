@@ -341,6 +341,31 @@ def test_verify_names_an_mtu_black_hole_and_tcp_dropped_inside_the_overlay_each_
     assert code == 0, err
 
 
+def test_network_mtu_auto_keeps_the_network_that_fits_and_refuses_what_the_paths_cannot_carry(lab: Lab) -> None:
+    """network.mtu: auto, sized by the run from the paths it measures: on the healthy lab every
+    path carries 1500 bytes, so auto is 1450, the network's own, and the re-run changes nothing
+    and says what it chose. With packets over 1400 dropped between the workers 02 and 03
+    (`fab lab-impair --mtu 1400`), auto is 1350, which the network made already (1450) is not:
+    refused (exit 2) naming both values, nothing changed on any host."""
+    auto = str(lab.inventory("abc-auto", [1, 2, 3], network={"mtu": "auto"}))
+    before = host_state(lab, [1, 2, 3])
+    code, doc, err = fab("bootstrap-cluster", "--inventory", auto)
+    assert code == 0 and doc["changes"] == 0 and doc["mtu_auto"] == 1450, err
+    assert "network.mtu auto: 1450, the largest every path carries" in err, err
+    assert doc["path_mtu"]["bm-docker-02"] == {"bm-docker-01": 1500, "bm-docker-03": 1500}, doc["path_mtu"]
+    code, _, err = lab_impair("--node", "bm-docker-03", "--peer", "bm-docker-02", "--mtu", "1400")
+    assert code == 0, err
+    try:
+        code, doc, err = fab("bootstrap-cluster", "--inventory", auto)
+    finally:
+        reset = lab_impair("--reset")
+    assert reset[0] == 0, reset[2]
+    assert code == 2 and doc["changes"] == 0 and doc["mtu_auto"] == 1350, err
+    assert "network.mtu auto: 1350, the largest every path carries (the narrowest, bm-docker-02 -> bm-docker-03" in err
+    assert "MTU 1450, wanted 1350" in err, err
+    assert host_state(lab, [1, 2, 3]) == before
+
+
 def test_the_smoke_suite_passes_on_the_bootstrapped_cluster(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     junit = lab.dir / "smoke.xml"
     passed, failures, took = run_smoke(lab.inventory("abc", [1, 2, 3]), junit)

@@ -56,6 +56,8 @@ def test_an_mtu_in_range_is_the_networks(tmp_path: Path) -> None:
     for mtu in (576, 1400, 9000):
         text = GOOD.replace("subnet: 10.0.9.0/24}", f"subnet: 10.0.9.0/24, mtu: {mtu}}}")
         assert inventory.load(write(tmp_path, text)).mtu == mtu
+    auto = inventory.load(write(tmp_path, GOOD.replace("subnet: 10.0.9.0/24}", "subnet: 10.0.9.0/24, mtu: auto}")))
+    assert auto.mtu is None and auto.mtu_auto  # sized by the run (checks/pathmtu.py)
 
 
 BAD = [
@@ -87,7 +89,7 @@ BAD = [
     ("bad subnet", GOOD.replace("10.0.9.0/24", "10.0.9.0/99"), r":4: network\.subnet: '10\.0\.9\.0/99' is not a network"),
     ("mtu range", GOOD.replace("subnet: 10.0.9.0/24}", "subnet: 10.0.9.0/24, mtu: 9001}"), r":4: network\.mtu: 9001 is out of range 576-9000"),
     ("mtu small", GOOD.replace("subnet: 10.0.9.0/24}", "subnet: 10.0.9.0/24, mtu: 575}"), r":4: network\.mtu: 575 is out of range"),
-    ("mtu word", GOOD.replace("subnet: 10.0.9.0/24}", "subnet: 10.0.9.0/24, mtu: big}"), r":4: network\.mtu: must be an integer, got str 'big'"),
+    ("mtu word", GOOD.replace("subnet: 10.0.9.0/24}", "subnet: 10.0.9.0/24, mtu: big}"), r":4: network\.mtu: must be a number \(576 to 9000\) or auto, got 'big'"),
     ("bad flavor", GOOD.replace("flavor: progrium", "flavor: etcd"), r":3: consul\.flavor: 'etcd' is not one of"),
     ("cluster flag", GOOD.replace('["--log-level=warn"]', '["--cluster-store=x"]'), r":5: dockerd\.extra_flags: --cluster-\* flags"),
     ("flag type", GOOD.replace('["--log-level=warn"]', "--debug"), r":5: dockerd\.extra_flags: must be a list"),

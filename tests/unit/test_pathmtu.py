@@ -66,3 +66,22 @@ def test_the_link_line_and_the_narrowest_path() -> None:
     assert "ip -o -4 addr show to 10.0.0.1" in pathmtu.link_command("10.0.0.1")
     assert pathmtu.narrowest({"b": 1500, "c": 1400, "d": 0}) == ("c", 1400)
     assert pathmtu.narrowest({"d": 0}) is None and pathmtu.narrowest({}) is None
+
+
+def test_auto_takes_the_largest_mtu_every_path_carries_or_refuses_naming_the_paths() -> None:
+    paths = {"a": {"b": 1500, "c": 1400}, "b": {"a": 1500, "c": 9000}, "c": {"a": 1400, "b": 9000}}
+    mtu, said = pathmtu.choose(paths)
+    assert mtu == 1350 and said == [
+        "network.mtu auto: 1350, the largest every path carries (the narrowest, a -> c, carries 1400 bytes, "
+        "less VXLAN's 50)"
+    ]
+    assert pathmtu.choose({"a": {"b": 9000}, "b": {"a": 9000}})[0] == 8950  # jumbo frames
+    assert pathmtu.choose({"a": {}})[0] == 1450  # one host: Docker's own
+    mtu, said = pathmtu.choose({"a": {"b": 1500, "c": 0}, "c": {"a": 1500}})
+    assert mtu is None and said == [
+        "a -> c: no don't-fragment ping came back (ICMP blocked, or the path down): network.mtu: auto cannot "
+        "size it; set network.mtu to a number"
+    ]
+    mtu, said = pathmtu.choose({"a": {"b": 576}, "b": {"a": 1500}})
+    assert mtu is None and len(said) == 1 and said[0].startswith("a -> b: the path carries packets of at most 576")
+    assert pathmtu.ladder(pathmtu.AUTO_CEILING)[:2] == (9000, 1500)

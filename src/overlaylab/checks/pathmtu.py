@@ -13,7 +13,7 @@ the hosts works on a running cluster too, where the port probe's UDP cannot be u
 from __future__ import annotations
 
 from overlaylab.cluster import Node, parallel
-from overlaylab.steps.network import VXLAN_OVERHEAD
+from overlaylab.steps.network import DEFAULT_MTU, VXLAN_OVERHEAD
 
 ICMP_HEADERS = 28  # IPv4 (20) and ICMP (8): a ping's payload is the packet's size less these
 STEPS = (1500, 1450, 1400, 1350, 1300, 1200, 1000, 576)  # IP total lengths tried below the need
@@ -103,3 +103,36 @@ def narrowest(paths: dict[str, int]) -> tuple[str, int] | None:
     """The narrowest path measured from a host: (toward, size); None if none answered."""
     answered = [(size, host) for host, size in paths.items() if size]
     return (min(answered)[1], min(answered)[0]) if answered else None
+
+
+AUTO_CEILING = 9000  # network.mtu: auto tries up to jumbo frames' size
+DEFAULT_AUTO = DEFAULT_MTU
+
+
+def choose(paths: dict[str, dict[str, int]]) -> tuple[int | None, list[str]]:
+    """network.mtu: auto: the largest MTU every measured path carries, and why; or None and
+    the refusals (a path nothing came back on cannot be sized; one under 576 + 50 fits none)."""
+    silent = [
+        f"{src} -> {dst}: no don't-fragment ping came back (ICMP blocked, or the path down): network.mtu: auto "
+        "cannot size it; set network.mtu to a number"
+        for src, found in sorted(paths.items())
+        for dst, size in sorted(found.items())
+        if size == 0
+    ]
+    if silent:
+        return None, silent
+    sizes = sorted((size, src, dst) for src, found in paths.items() for dst, size in found.items())
+    if not sizes:
+        return DEFAULT_AUTO, [f"network.mtu auto: {DEFAULT_AUTO}, Docker's own (one host: no path to measure)"]
+    size, src, dst = sizes[0]
+    if fits(size) < SMALLEST:
+        return None, [
+            f"{a} -> {b}: the path carries packets of at most {n} bytes: no overlay MTU of at least {SMALLEST} "
+            "fits (network.mtu: auto); raise the underlay's MTU"
+            for n, a, b in sizes
+            if fits(n) < SMALLEST
+        ]
+    return fits(size), [
+        f"network.mtu auto: {fits(size)}, the largest every path carries (the narrowest, {src} -> {dst}, "
+        f"carries {size} bytes, less VXLAN's {VXLAN_OVERHEAD})"
+    ]
