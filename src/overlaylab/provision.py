@@ -117,7 +117,8 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
     rows = []
     needs = mends(inv, opts, nodes, report, registered)
     made = next((network.effective_mtu(n.facts.network) for n in nodes if n.facts.network), None)
-    paths, links = pathmtu.measure(nodes, made or inv.mtu or network.DEFAULT_MTU)
+    carried = made or inv.mtu or network.DEFAULT_MTU  # the network's, else the one a run would make
+    paths, links = pathmtu.measure(nodes, carried)
     for node in nodes:
         f = node.facts
         is_registered = None if registered is None else f"{node.advertise_ip}:2376" in registered
@@ -171,7 +172,6 @@ def _status_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
     broken = [f"{name} ({', '.join(why)})" for name, why in needs.items() if why]
     if broken:  # said after the table, on stderr with --json
         report.note("a re-run of bootstrap-cluster repairs: " + "; ".join(broken))
-    carried = made or inv.mtu or network.DEFAULT_MTU
     too_narrow = [
         said
         for src, found in paths.items()

@@ -117,7 +117,7 @@ def listen_command(node: Node, ports: list[Port]) -> str:
 def send_command(source: Node, targets: list[tuple[str, str, Port]], ladder: str = "") -> str:
     """targets: (host, its cluster IP, port). UDP: three datagrams carrying the sender's name;
     TCP: a connect, judged here (`T host port ok|fail`). ``ladder``: the path MTU's pings
-    (pathmtu.script), sent in the same round."""
+    (pathmtu.script), sent in the same command once the sends are done."""
     parts = []
     for host, ip, p in targets:
         if p.proto == "udp":

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from overlaylab import peers
 from overlaylab.checks import pathmtu, preflight
+from overlaylab.checks.pathmtu import ICMP_HEADERS
 from overlaylab.cluster import Node, journal, parallel
 from overlaylab.facts import PROBE_PREFIX, ROLE_LABEL
 from overlaylab.report import columns
@@ -36,10 +37,11 @@ SWARM_CONVERGE_SECONDS = 60
 BY = ("ip", "name", "mtu", "tcp")  # the checks of each ordered pair, in the matrix's cell order
 # The standing anchors (a no-op re-run) run no web server: their pairs get the pings alone.
 ANCHORED = ("ip", "name", "mtu")
+# each check as the matrix's legend names it, and as a passed host's line says it
 NAMES = {"ip": "by IP", "name": "by name", "mtu": "a full-size packet", "tcp": "1 MiB over TCP"}
+DONE = {**NAMES, "mtu": "with " + NAMES["mtu"], "tcp": "with " + NAMES["tcp"]}
 STREAM_BYTES = 1 << 20  # what each probe serves and every other one fetches, by name, over TCP
 STREAM_TRY_SECONDS = 5  # one fetch's limit: a stream that stalls (a full-size segment lost) fails
-ICMP_HEADERS = 28  # IPv4 (20) and ICMP (8): a ping's payload is the packet's size less these
 
 
 RUN_ID = secrets.token_hex(3)
@@ -105,8 +107,7 @@ class Matrix:
 
     def passed(self) -> str:
         """What a host whose every pair passed is said to do."""
-        done = {"ip": "by IP", "name": "by name", "mtu": "with a full-size packet", "tcp": "with 1 MiB over TCP"}
-        ways = [done[by] for by in self.checks]
+        ways = [DONE[by] for by in self.checks]
         return f"reaches every other host {', '.join(ways[:-1])} and {ways[-1]}"
 
     def render(self) -> str:

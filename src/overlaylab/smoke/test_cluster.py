@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from overlaylab import certs, dropins, peers, remote, render, storetls
-from overlaylab.checks.verify import ICMP_HEADERS, STREAM_BYTES, serve
+from overlaylab.checks.pathmtu import ICMP_HEADERS
+from overlaylab.checks.verify import STREAM_BYTES, serve
 from overlaylab.cluster import parallel
 from overlaylab.consulapi import Forward, consul_client
 from overlaylab.facts import DROPIN, ROLE_LABEL
