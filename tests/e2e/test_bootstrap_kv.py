@@ -682,6 +682,31 @@ def test_a_changed_inventory_then_teardown_brings_back_the_original_state(lab: L
     assert code == 0 and doc["changes"] == 0, err
 
 
+def test_network_mtu_auto_on_a_narrow_path_makes_the_network_that_fits_and_every_check_passes(lab: Lab) -> None:
+    """From the torn-down cluster, with packets over 1400 bytes dropped between the workers 02
+    and 03 (`fab lab-impair --mtu 1400`, both ways), network.mtu: auto sizes the new network to
+    1350, the largest the narrow path carries, and the bootstrap passes; `fab verify` with fresh
+    probes then passes all four checks of every pair through that path, the TCP stream
+    included, while its own ladder still measures the path at 1400 (the fault was in force)."""
+    auto = str(lab.inventory("abc-auto", [1, 2, 3], network={"mtu": "auto"}))
+    code, _, err = lab_impair("--node", "bm-docker-03", "--peer", "bm-docker-02", "--mtu", "1400")
+    assert code == 0, err
+    try:
+        code, made, err = fab("bootstrap-cluster", "--inventory", auto)
+        assert code == 0 and made["mtu_auto"] == 1350, err
+        assert "network.mtu auto: 1350, the largest every path carries" in err, err
+        option = on(lab, 1, "docker network inspect -f '{{index .Options \"com.docker.network.driver.mtu\"}}' ov_net1")
+        assert option == "1400", option  # what its containers get (1350) and VXLAN's 50 bytes
+        code, doc, err = fab("verify", "--inventory", auto)
+    finally:
+        reset = lab_impair("--reset")
+    assert reset[0] == 0, reset[2]
+    names = ["bm-docker-01", "bm-docker-02", "bm-docker-03"]
+    assert code == 0 and "tcp" in checks(doc) and ping_pairs(doc) == every_pair(doc, names), err
+    assert doc["ping_matrix"]["path_mtu"]["bm-docker-02"] == {"bm-docker-01": 1500, "bm-docker-03": 1400}, doc
+    assert doc["ping_matrix"]["path_mtu"]["bm-docker-03"]["bm-docker-02"] == 1400, doc
+
+
 def test_switching_the_cluster_from_kv_to_swarm_mode_on_docker_20_10(lab: Lab) -> None:
     code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
     assert code == 0, err
