@@ -114,6 +114,9 @@ class Ledger:
     consul_made: set[str] = field(default_factory=set)  # hosts whose Consul this pass (re)makes: the store goes away
     anchors_made: set[str] = field(default_factory=set)  # hosts whose anchor this pass made (again)
     held_addresses: dict[str, str] = field(default_factory=dict)  # host -> its anchor's address before our restart
+    # hosts whose containers on the network this pass stops and starts again (a restart with any
+    # there, an anchor made again, a container reconnected): only theirs can change address
+    moved: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -253,7 +256,7 @@ def apply_one(ctx: Context, step: Step[Any], action: Action[Any]) -> bool:
         ctx.report.record(action.host, step.name, "ok", action.detail)
         return True
     if action.restart:  # even if it then fails: its PID may change
-        add_restart(ctx.ledger.restarts, action.host, action.restart)
+        restarting(ctx, action.host, action.restart)
     if action.diff:
         ctx.ledger.diffs[action.host] = action.diff
     try:
@@ -282,7 +285,7 @@ def _record_planned(ctx: Context, step: Step[Any], action: Action[Any]) -> None:
             if not ctx.report.json_mode:
                 ctx.report.note(action.diff.rstrip())
         if action.restart:
-            add_restart(ctx.ledger.restarts, action.host, action.restart)
+            restarting(ctx, action.host, action.restart)
     elif action.refusal:
         ctx.report.record(action.host, step.name, "failed", action.refusal)
     else:
@@ -292,6 +295,14 @@ def _record_planned(ctx: Context, step: Step[Any], action: Action[Any]) -> None:
         ctx.ledger.refusals[action.host] = action.refusal
     if action.change and action.project is not None:
         action.project(ctx.nodes[action.host].facts)
+
+
+def restarting(ctx: Context, host: str, why: str) -> None:
+    """A restart of this pass, in the ledger; with the containers on the network its facts
+    show before it (a restart stops and starts them: their addresses may move)."""
+    add_restart(ctx.ledger.restarts, host, why)
+    if ctx.nodes[host].facts.attached:
+        ctx.ledger.moved.add(host)
 
 
 def add_restart(restarts: dict[str, str], host: str, why: str) -> None:

@@ -102,6 +102,12 @@ class Anchor(Step[None]):
     scope = Scope.ALL
 
     def plan(self, ctx: Context, node: Node) -> Action[None]:
+        action = self._action(ctx, node)
+        if action.change and node.facts.attached.get(name(node)):  # one there already, made again
+            ctx.ledger.moved.add(node.name)
+        return action
+
+    def _action(self, ctx: Context, node: Node) -> Action[None]:
         def made(_: HostFacts) -> None:  # for the steps after it: the peers step, verify
             ctx.ledger.anchors_made.add(node.name)
 

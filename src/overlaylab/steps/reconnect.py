@@ -30,6 +30,7 @@ class Reconnect(Step[tuple[dict[str, Attachment], list[str]]]):
         ids = ", ".join(sorted({a.network_id[:12] for a in mine.values()}))
         then = f", then start {', '.join(start)}" if start else ""
         why = f"reconnect {', '.join(mine)} to {ctx.inv.network} (on the lost {ids}){then}"
+        ctx.ledger.moved.add(node.name)  # the peers step reads again after them
         return Action(node.name, True, why, data=(mine, start))
 
     def apply(self, ctx: Context, node: Node, action: Action[tuple[dict[str, Attachment], list[str]]]) -> str:

@@ -1,6 +1,7 @@
-"""The peers step (kv, only after a run that restarted a dockerd or made an anchor): the
-peers read again on every host, and a host the run's own changes left with stale peers
-restarted too.
+"""The peers step (kv, only after a run that stopped and started a container on the network
+again: a restart with any there, an anchor made again, a container reconnected): the peers
+read again on every host, and a host the run's own changes left with stale peers restarted
+too.
 
 Why: a restart of ours stops the host's containers and starts them again, and Docker
 20.10's IPAM gives each the first free address, not the one it had (the free ones
@@ -70,8 +71,12 @@ class MendPeers(Dockerd):
 
     @staticmethod
     def moved(ctx: Context) -> list[str]:
-        """The hosts whose containers this run starts again: restarted, or an anchor made."""
-        return sorted(set(ctx.ledger.restarts) | ctx.ledger.anchors_made)
+        """The hosts whose containers on the network this run stops and starts again (a
+        restart with any there, an anchor made again, a container reconnected). None on a
+        fresh bootstrap, or where the restarts held no container: then every address on the
+        network was given once, after its host's last restart, and none can be stale; the
+        entries that were stale before the run are the facts' (repairs/stale_peers.py)."""
+        return sorted(ctx.ledger.moved)
 
     def apply_all(self, ctx: Context, actions: list[Action[DropIn]]) -> None:
         if not actions:  # nothing restarted or made: no read at all (a no-op re-run's two commands a host)
