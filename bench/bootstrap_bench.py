@@ -1,25 +1,29 @@
-"""Prints bootstrap-cluster figures on the lab, for 3, 6 and 12 hosts (OVERLAYLAB_BENCH_HOSTS): from clean;
+"""Prints bootstrap-cluster figures on the lab, for 3, 12 and 24 hosts (OVERLAYLAB_BENCH_HOSTS): from clean;
 a blocked port refused, against a dry run on the same lab; a re-run with nothing to change (in all, steps 1-7 and verify apart, remote commands
-per host); `fab verify` alone (fresh probes) against the same work by hand; and, as the floor, the tutorial's own commands scripted over plain ssh in
-an order that works, with no checks, as it is and tuned (the floor's commands with
-the two timing settings overlaylab applies). Ratios are against both, from one run. Figures only: nothing passes or
-fails here. Run as root: `make bench`. Uses a lab named "bench" and removes it. Last, HA
-Consul's 3 servers against one, at 3 and 5 hosts (OVERLAYLAB_BENCH_HA; OVERLAYLAB_BENCH_ONLY=ha
-prints those rows alone).
+per host); `fab verify` alone (fresh probes) against the same work by hand; and, as the floor, the tutorial's own commands scripted over plain ssh,
+every host's at once where the tutorial permits (the workers restart together; a run that split the overlay is made again, and counted), with no
+checks, as it is and tuned (the floor's commands with the two timing settings overlaylab applies). Ratios are against both, from one run; then
+lab-up, bootstrap, no-op re-run, `fab verify` and the lab's memory per host count, each as a multiple of the smallest's. Figures only: nothing
+passes or fails here. Run as root: `make bench`. Uses a lab named "bench" and removes it. Last, HA Consul's 3 servers against one, at 3 and 5
+hosts (OVERLAYLAB_BENCH_HA; OVERLAYLAB_BENCH_ONLY=ha prints those rows alone, =bootstrap all but them and the modes'). OVERLAYLAB_BENCH_BEFORE=REV instead sets another commit's
+preflight, no-op re-run and `fab verify` against this clone's, alternated on one lab.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from overlaylab.lab import keys, lifecycle
+from overlaylab.lab import engine as lab_engine
+from overlaylab.lab import hosts, keys, lifecycle
 from overlaylab.lab.spec import build_spec
 from overlaylab.report import Steps
 
@@ -33,17 +37,34 @@ class Quiet(Steps):
         pass
 
 
-def fresh_lab(count: int, inventory: Path, engine: str = "legacy", mode: str = "kv") -> None:
+def fresh_lab(count: int, inventory: Path, engine: str = "legacy", mode: str = "kv") -> float:
+    """A new lab of ``count`` hosts (the old one removed first): the seconds lab-up took."""
     lifecycle.down(NAME, steps=Quiet())
+    start = time.monotonic()
     lifecycle.up(NAME, count=count, engine_opt=engine, inventory=inventory, addr_range=RANGE, steps=Quiet())
+    took = time.monotonic() - start
     if mode != "kv":
         inventory.write_text(f"mode: {mode}\n" + inventory.read_text())
+    return took
 
 
-def fab(*args: str) -> tuple[float, dict[str, object]]:
+def lab_memory_mib() -> float:
+    """What the lab's hosts take in all (`docker stats` of the host containers, page cache included)."""
+    eng = lab_engine.find(start=False)
+    assert eng is not None
+    total = 0.0
+    for obs in hosts.observe(eng.docker, NAME).values():
+        usage = eng.docker.out("stats", "--no-stream", "--format", "{{.MemUsage}}", obs.container).split("/")[0].strip()
+        total += float(usage[:-3]) * {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}.get(usage[-3:], 1)
+    return total
+
+
+def fab(*args: str, root: Path = ROOT) -> tuple[float, dict[str, object]]:
+    """One task of the clone at ``root`` (another commit's: its own package, by PYTHONPATH)."""
+    env = {**os.environ, "PYTHONPATH": str(root / "src")} if root != ROOT else None
     start = time.monotonic()
     proc = subprocess.run(
-        [FAB, "-r", str(ROOT), *args, "--json"], capture_output=True, text=True, stdin=subprocess.DEVNULL
+        [FAB, "-r", str(root), *args, "--json"], capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env
     )
     took = time.monotonic() - start
     if proc.returncode != 0:
@@ -67,7 +88,9 @@ def ssh_command() -> list[str]:
 def verify_floor(count: int) -> float:
     """`fab verify`'s work by hand, on the bootstrapped cluster: a busybox per host started at
     once, every host pinging every other by IP and by name at once (each until it answers),
-    then all removed at once. No facts, no report: the floor for a fresh-probe verify."""
+    a don't-fragment ping at the overlay's MTU from the probe's namespace (the host's ping,
+    as verify's), and 1 MiB fetched over TCP from every other probe's httpd, then all removed
+    at once. No facts, no report, no diagnosis: the floor for a fresh-probe verify."""
     spec = build_spec(NAME, "legacy", count, addr_range=RANGE)
     ssh = ssh_command()
 
@@ -77,25 +100,39 @@ def verify_floor(count: int) -> float:
             for h, c in commands.items()
         }
         out = {h: p.communicate()[0] for h, p in procs.items()}
-        assert all(p.returncode == 0 for p in procs.values())
+        assert all(p.returncode == 0 for p in procs.values()), out
         return out
 
-    fmt = "'{{(index .NetworkSettings.Networks \"ov_net1\").IPAddress}}'"
+    fmt = "'{{(index .NetworkSettings.Networks \"ov_net1\").IPAddress}} {{.State.Pid}}'"
+    serve = "mkdir -p /www && head -c 1048576 /dev/zero > /www/blob && httpd -f -p 80 -h /www"
     start = time.monotonic()
-    ips = on_all(
+    started = on_all(
         {
-            h.mgmt_ip: f"sudo docker run -d --name vf-{h.name} --network ov_net1 busybox sleep 600 >/dev/null && "
-            f"sudo docker inspect -f {fmt} vf-{h.name}"
+            h.mgmt_ip: f"sudo docker run -d --name vf-{h.name} --network ov_net1 busybox sh -c '{serve}' >/dev/null && "
+            f"sudo docker inspect -f {fmt} vf-{h.name} && sudo docker exec vf-{h.name} cat /sys/class/net/eth0/mtu"
             for h in spec.hosts
         }
     )
-    targets = {h.name: [f"vf-{h.name}", ips[h.mgmt_ip].strip()] for h in spec.hosts}
+    ips, pids, mtus = ({h.name: started[h.mgmt_ip].split()[k] for h in spec.hosts} for k in range(3))
     loop = "until ping -c 1 -W 1 {0} >/dev/null 2>&1; do sleep 0.5; done &"
     on_all(
         {
             h.mgmt_ip: f"sudo docker exec vf-{h.name} sh -c '"
-            + " ".join(loop.format(t) for o in spec.hosts if o is not h for t in targets[o.name])
+            + " ".join(loop.format(t) for o in spec.hosts if o is not h for t in (f"vf-{o.name}", ips[o.name]))
             + " wait'"
+            for h in spec.hosts
+        }
+    )
+    full = "sudo nsenter -t {0} -n ping -c 1 -W 1 -M do -s $(( {1} - 28 )) {2} >/dev/null &"
+    fetch = "sudo docker exec vf-{0} wget -q -O - http://vf-{1}/blob | wc -c | grep -qx 1048576 &"
+    on_all(
+        {
+            h.mgmt_ip: " ".join(
+                full.format(pids[h.name], mtus[h.name], ips[o.name]) + " " + fetch.format(h.name, o.name)
+                for o in spec.hosts
+                if o is not h
+            )
+            + " for job in $(jobs -p); do wait $job || exit 1; done"
             for h in spec.hosts
         }
     )
@@ -103,10 +140,26 @@ def verify_floor(count: int) -> float:
     return time.monotonic() - start
 
 
-def floor(count: int, tuned: bool = False) -> float:
-    """The tutorial by hand, scripted: no facts, no checks, the order that works. ``tuned``:
-    the same commands with the two timing settings overlaylab applies (Consul's
-    raft_multiplier 1, dockerd's discovery heartbeat 3 s and TTL 20 s): the limit."""
+def floor(count: int, inventory: Path, tuned: bool = False) -> tuple[float, int]:
+    """The tutorial by hand, scripted: no facts, no checks, every host's commands at once where
+    the tutorial permits (the drop-ins, the workers' restarts, the containers, the pings),
+    the manager's restart first. ``tuned``: the same commands with the two timing settings
+    overlaylab applies (Consul's raft_multiplier 1, dockerd's discovery heartbeat 3 s and TTL
+    20 s): the limit. Parallel restarts can split the overlay (two daemons each picking the
+    other as their one gossip neighbour): a run whose pings do not all pass within 20 s is
+    thrown away and made again on a fresh lab. Returns its seconds and how many were made again."""
+    repeated = 0
+    while True:
+        fresh_lab(count, inventory)
+        took = _floor_once(count, tuned)
+        if took is not None:
+            return took, repeated
+        repeated += 1
+        if repeated > 5:
+            raise SystemExit(f"the floor split the overlay {repeated} times in a row at {count} hosts")
+
+
+def _floor_once(count: int, tuned: bool) -> float | None:
     spec = build_spec(NAME, "legacy", count, addr_range=RANGE)
     ssh = ssh_command()
     manager, ip = spec.hosts[0], spec.hosts[0].cluster_ip
@@ -114,12 +167,12 @@ def floor(count: int, tuned: bool = False) -> float:
     def on(host: str, command: str) -> None:
         subprocess.run([*ssh, f"admin@{host}", command], check=True, capture_output=True, stdin=subprocess.DEVNULL)
 
-    def parallel(command: str, hosts: list[str]) -> None:
+    def parallel(command: str, hosts: list[str]) -> bool:
         procs = [
             subprocess.Popen([*ssh, f"admin@{h}", command], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
             for h in hosts
         ]
-        assert all(p.wait() == 0 for p in procs)
+        return all([p.wait() == 0 for p in procs])
 
     leader = f"until sudo docker exec consul wget -qO- http://{ip}:8500/v1/status/leader 2>/dev/null | grep -q 8300; do sleep 0.5; done"
     gossip = "until ss -Hltn 'sport = :7946' | grep -q .; do sleep 0.5; done"
@@ -131,28 +184,33 @@ def floor(count: int, tuned: bool = False) -> float:
         f"{opts}\\n' {ip} | sudo tee /etc/systemd/system/docker.service.d/10-machine.conf >/dev/null && "
         "sudo systemctl daemon-reload"
     )
-    workers = [h.mgmt_ip for h in spec.hosts[1:]]
+    everyone = [h.mgmt_ip for h in spec.hosts]
     start = time.monotonic()
-    parallel("sudo docker swarm leave --force 2>/dev/null; true", [h.mgmt_ip for h in spec.hosts])
+    parallel("sudo docker swarm leave --force 2>/dev/null; true", everyone)
     on(
         manager.mgmt_ip,
         f"sudo docker run -d --name consul --network host --restart always progrium/consul -server -bootstrap -bind={ip} -advertise={ip} -client={ip}{raft} >/dev/null && {leader}",
     )
-    parallel(dropin, [h.mgmt_ip for h in spec.hosts])
+    parallel(dropin, everyone)
     on(manager.mgmt_ip, f"sudo systemctl restart docker && {leader} && {gossip}")
-    for worker in workers:  # one at a time: parallel restarts can split gossip (see provision.py)
-        on(worker, f"sudo systemctl restart docker && {gossip}")
+    parallel(f"sudo systemctl restart docker && {gossip}", everyone[1:])
     on(manager.mgmt_ip, "sudo docker network create -d overlay ov_net1 >/dev/null")
-    parallel(
-        "sudo docker run -d --name bbox-$(hostname) --network ov_net1 busybox sleep 600 >/dev/null",
-        [h.mgmt_ip for h in spec.hosts],
+    parallel("sudo docker run -d --name bbox-$(hostname) --network ov_net1 busybox sleep 600 >/dev/null", everyone)
+    converge = (
+        "end=$(( $(date +%s) + 20 )); for peer in {0}; do until sudo docker exec bbox-$(hostname) ping -c 1 -W 1 "
+        "bbox-$peer >/dev/null 2>&1; do [ $(date +%s) -ge $end ] && exit 1; sleep 0.5; done; done"
     )
-    converge = "end=$(( $(date +%s) + 20 )); until sudo docker exec bbox-{0} ping -c 1 -W 1 bbox-{1} >/dev/null 2>&1; do [ $(date +%s) -ge $end ] && exit 1; sleep 0.5; done"
-    for src in spec.hosts:
-        for dst in spec.hosts:
-            if src is not dst:
-                on(src.mgmt_ip, converge.format(src.name, dst.name))
-    return time.monotonic() - start
+    procs = {
+        h.name: subprocess.Popen(
+            [*ssh, f"admin@{h.mgmt_ip}", converge.format(" ".join(o.name for o in spec.hosts if o is not h))],
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        for h in spec.hosts
+    }
+    joined = all([p.wait() == 0 for p in procs.values()])
+    took = time.monotonic() - start
+    return took if joined else None
 
 
 def with_servers(inventory: Path, servers: int) -> None:
@@ -203,26 +261,74 @@ def refusal(count: int, inventory: Path) -> tuple[float, float]:
     return took, dry
 
 
+def before_after(inventory: Path, rev: str) -> None:
+    """This clone against another commit (OVERLAYLAB_BENCH_BEFORE=REV), on one lab per host
+    count, each task run three times alternately (the same minute's noise for both): a dry
+    run on the fresh lab (the healthy preflight: facts, checks, the port probe and, since
+    issue 30, the path-MTU ladder), then on the bootstrapped cluster the no-op re-run and
+    `fab verify` (fresh probes). Medians, and after/before."""
+    with tempfile.TemporaryDirectory(prefix="overlaylab-before-") as tmp:
+        old = Path(tmp)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        print(f"before = {rev}, after = this clone; medians of 3, alternated on one lab")
+        print(f"{'hosts':>5}  {'task':<22}  {'before':>7}  {'after':>7}  {'ratio':>5}  {'port probe before/after':>23}")
+        for count in [int(n) for n in os.environ.get("OVERLAYLAB_BENCH_HOSTS", "3,12").split(",")]:
+            fresh_lab(count, inventory)
+            tasks = {"preflight (dry run)": ("bootstrap-cluster", "--dry-run", "--inventory", str(inventory))}
+            rows = {task: compare(args, old) for task, args in tasks.items()}
+            fab("bootstrap-cluster", "--inventory", str(inventory))
+            tasks = {
+                "no-op re-run": ("bootstrap-cluster", "--inventory", str(inventory)),
+                "fab verify": ("verify", "--inventory", str(inventory)),
+            }
+            rows.update({task: compare(args, old) for task, args in tasks.items()})
+            for task, (before, after, probes) in rows.items():
+                probe = f"{probes[0]:.2f}s / {probes[1]:.2f}s" if task.startswith("preflight") else ""
+                print(
+                    f"{count:>5}  {task:<22}  {before:>6.2f}s  {after:>6.2f}s  {after / before:>5.2f}  {probe:>23}",
+                    flush=True,
+                )
+
+
+def compare(args: tuple[str, ...], old: Path) -> tuple[float, float, tuple[float, float]]:
+    """Medians of three alternated runs of one task, the old commit's and this clone's, and
+    the medians of the port probe's seconds each reported (0 where it did not run)."""
+    took: dict[Path, list[float]] = {old: [], ROOT: []}
+    probe: dict[Path, list[float]] = {old: [], ROOT: []}
+    for _ in range(3):
+        for root in (old, ROOT):
+            seconds, doc = fab(*args, root=root)
+            took[root].append(seconds)
+            probe[root].append(float(doc.get("seconds_port_probe", 0) or 0))  # type: ignore[arg-type]
+    median = statistics.median
+    return median(took[old]), median(took[ROOT]), (median(probe[old]), median(probe[ROOT]))
+
+
 def main() -> None:
     inventory = Path("/tmp/overlaylab-bench.yaml")
     if os.environ.get("OVERLAYLAB_BENCH_ONLY") == "ha":
         ha_rows(inventory)
         lifecycle.down(NAME, steps=Quiet())
         return
+    if os.environ.get("OVERLAYLAB_BENCH_BEFORE"):
+        before_after(inventory, os.environ["OVERLAYLAB_BENCH_BEFORE"])
+        lifecycle.down(NAME, steps=Quiet())
+        return
     print(
         f"{'hosts':>5}  {'floor':>7}  {'tuned':>7}  {'bootstrap':>9}  {'/floor':>6}  {'/tuned':>6}  {'no-op':>6}  "
         f"{'1-7':>6}  {'verify':>6}  {'cmds/host':>9}  {'fab verify':>10}  {'by hand':>7}  {'/hand':>5}"
     )
-    results = {}
     phases = {}
-    counts = [int(n) for n in os.environ.get("OVERLAYLAB_BENCH_HOSTS", "3,6,12").split(",")]
+    counts = [int(n) for n in os.environ.get("OVERLAYLAB_BENCH_HOSTS", "3,12,24").split(",")]
     refused = {}
+    repeats: dict[int, tuple[int, int]] = {}
+    scale: dict[int, tuple[float, float, float, float, float]] = {}  # lab-up, bootstrap, no-op, verify, MiB
     for count in counts:
-        fresh_lab(count, inventory)
-        bottom = floor(count)
-        fresh_lab(count, inventory)
-        tuned = floor(count, tuned=True)
-        fresh_lab(count, inventory)
+        bottom, again_plain = floor(count, inventory)
+        tuned, again_tuned = floor(count, inventory, tuned=True)
+        repeats[count] = (again_plain, again_tuned)
+        up = fresh_lab(count, inventory)
         refused[count] = refusal(count, inventory)
         first, boot = fab("bootstrap-cluster", "--inventory", str(inventory))
         phases[count] = {**boot["step_seconds"], "port probe": boot.get("seconds_port_probe", 0)}
@@ -230,17 +336,28 @@ def main() -> None:
         cmds = again["remote_commands"]
         assert isinstance(cmds, dict)
         per_host = max(cmds.values())
-        results[count] = first
         alone, _ = fab("verify", "--inventory", str(inventory))
         by_hand = verify_floor(count)
+        scale[count] = (up, first, noop, alone, lab_memory_mib())
         print(
             f"{count:>5}  {bottom:>6.1f}s  {tuned:>6.1f}s  {first:>8.1f}s  {first / bottom:>6.2f}  {first / tuned:>6.2f}  "
             f"{noop:>5.1f}s  {again['seconds_to_verify']:>5}s  {again['seconds_verify']:>5}s  {per_host:>9}  "
             f"{alone:>9.1f}s  {by_hand:>6.1f}s  {alone / by_hand:>5.2f}",
             flush=True,
         )
-    for count in counts[1:]:
-        print(f"{count} hosts / {counts[0]} hosts bootstrap: {results[count] / results[counts[0]]:.2f}x")
+    print("the floor's runs thrown away for a split overlay (its workers restart at once), plain / tuned:")
+    for count, (plain, tuned_again) in repeats.items():
+        print(f"{count:>5}  {plain} / {tuned_again}", flush=True)
+    print(
+        f"{'hosts':>5}  {'lab-up':>7}  {'bootstrap':>9}  {'no-op':>6}  {'verify':>6}  {'lab MiB':>8}  (each / {counts[0]} hosts)"
+    )
+    base = scale[counts[0]]
+    for count, row in scale.items():
+        growth = "  ".join(f"{v / b:.2f}x" for v, b in zip(row, base, strict=True))
+        print(
+            f"{count:>5}  {row[0]:>6.1f}s  {row[1]:>8.1f}s  {row[2]:>5.1f}s  {row[3]:>5.1f}s  {row[4]:>8.0f}  ({growth})",
+            flush=True,
+        )
     print("a healthy preflight (SSH, facts and the checks from them; then the port probe between the hosts):")
     for count, steps in phases.items():
         print(f"{count:>5}  {steps['preflight']:.1f}s + port probe {steps['port probe']:.1f}s", flush=True)
@@ -255,6 +372,9 @@ def main() -> None:
             parts.append(f"{'facts+' if not parts else ''}{step} {at - last:.1f}")
             last = at
         print(f"{count:>5}  " + ", ".join(parts), flush=True)
+    if os.environ.get("OVERLAYLAB_BENCH_ONLY") == "bootstrap":  # the rows above alone
+        lifecycle.down(NAME, steps=Quiet())
+        return
     print(f"{'mode':>5}  {'engine':>6}  {'bootstrap':>9}  {'re-run 1-7':>10}  {'verify':>6}")
     for mode, engine in (("kv", "legacy"), ("swarm", "modern"), ("swarm", "legacy")):
         fresh_lab(3, inventory, engine, mode)

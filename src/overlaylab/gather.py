@@ -27,7 +27,7 @@ def read_one(inv: Inventory, node: Node, only: tuple[str, ...] | None = None) ->
     _, out, err = node.result(script)
     if facts.MARK + "end" not in out:
         raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
-    node.facts = facts.parse(out, node.host.advertise)
+    node.facts = facts.parse(out, node.host.advertise, inv.network)
     if store is not None and (manager or server) and not node.facts.store_leader:
         node.facts.store_leader = leader_over_https(inv, node)
 

@@ -125,6 +125,10 @@ def run_task(
     if not nodes:
         report.note("error: no host answered")
         return finish(report, 1)
+    report.extra["facts_via"] = {n.name: n.facts.facts_via for n in nodes}
+    slow = [n.name for n in nodes if n.facts.facts_via == "cli"]
+    if slow:
+        report.note(f"facts: {', '.join(slow)} read by the docker CLI (no curl there, for the Engine API: slower)")
     try:
         code = fn(inv, opts, nodes, report, *args)
     except Refused as exc:

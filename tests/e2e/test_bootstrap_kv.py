@@ -256,10 +256,19 @@ def test_bootstrap_from_a_clean_lab_and_every_pair_pings_by_ip_and_name(lab: Lab
 
 
 def test_a_second_run_changes_nothing_and_restarts_nothing(lab: Lab) -> None:
+    """Also where a host has no curl (bm-docker-03's hidden for this run): its facts come from
+    the docker CLI, the others' from dockerd's Engine API, and the run says which."""
     before = host_state(lab, [1, 2, 3])
-    code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
+    on(lab, 3, "mv /usr/bin/curl /usr/bin/curl.hidden")
+    try:
+        code, doc, err = fab("bootstrap-cluster", "--inventory", str(lab.inventory("abc", [1, 2, 3])))
+    finally:
+        on(lab, 3, "mv /usr/bin/curl.hidden /usr/bin/curl")
     assert code == 0, err
     assert doc["changes"] == 0
+    assert doc["facts_via"] == {"bm-docker-01": "api", "bm-docker-02": "api", "bm-docker-03": "cli"}, err
+    assert "facts: bm-docker-03 read by the docker CLI" in err
+    assert doc["remote_commands"] == dict.fromkeys(["bm-docker-01", "bm-docker-02", "bm-docker-03"], 2)
     assert set(statuses(doc, "dockerd").values()) == {"ok"}
     assert host_state(lab, [1, 2, 3]) == before  # same dockerd PIDs, drop-ins, containers
     assert set(statuses(doc, "anchor").values()) == {"ok"}

@@ -102,6 +102,12 @@ def remove(docker: Docker, spec: LabSpec, host_name: str) -> None:
     docker.run("volume", "rm", "-f", f"olab-{spec.name}-{host_name}-docker", check=False)
 
 
+# A veth hands the bridge TCP's super-packets whole (GSO, up to 64 KiB), where a real NIC puts
+# packets of at most its MTU on the wire: a length rule of lab-impair's (--mtu) would drop a
+# stream whose every packet fits. One segment per packet: the host's stack cuts them to size.
+WIRE_SIZE = "ip link set gso_max_segs 1 dev"
+
+
 def create(docker: Docker, spec: LabSpec, host: HostSpec, image: str) -> None:
     """Create and boot one host; its cluster NIC is hot-plugged after start so it is always eth1."""
     labels = ["--label", f"{LABEL_LAB}={spec.name}", "--label", f"{LABEL_HOST}={host.name}"]
@@ -117,8 +123,11 @@ def create(docker: Docker, spec: LabSpec, host: HostSpec, image: str) -> None:
     docker.run("cp", "-", f"{spec.container(host)}:/", input=keys.identity_tar(spec, host))
     docker.run("start", spec.container(host))
     docker.run("network", "connect", "--ip", host.cluster_ip, spec.network_cluster, spec.container(host))
-    # Connecting may bring a gateway back: the host keeps no route out of the lab.
-    docker.run("exec", spec.container(host), "sh", "-c", "ip route del default 2>/dev/null; true")
+    # Connecting may bring a gateway back: the host keeps no route out of the lab. Its cluster
+    # NIC sends wire-size packets, as a real NIC's segmentation does (entrypoint.sh: wire_size).
+    docker.run(
+        "exec", spec.container(host), "sh", "-c", f"ip route del default 2>/dev/null; {WIRE_SIZE} eth1"
+    )  # fmt: skip
 
 
 def _ssh_banner(address: str, timeout: float = 2.0) -> bool:

@@ -30,7 +30,7 @@ SCHEMA = "1"  # bump to force every image to rebuild
 NODE_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "iptables",
     "ca-certificates", "docker.io", "procps", "iputils-ping", "sudo", "util-linux",
-    "kmod", "less",
+    "kmod", "less", "curl",
 )  # fmt: skip
 SUITE_EXTRA = {"trixie": ("docker-cli",)}  # trixie's docker.io only recommends its CLI
 ENTRYPOINT = "/usr/local/sbin/overlaylab-entrypoint"

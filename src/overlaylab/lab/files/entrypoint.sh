@@ -56,6 +56,14 @@ fix_interfaces() {
     done < /etc/overlaylab/interfaces
 }
 
+wire_size() {
+    # As lab-up does for a new host (lab/hosts.py, WIRE_SIZE): its cluster NIC sends packets of
+    # at most its MTU, as a real NIC does, never a veth's 64 KiB super-packets, so that
+    # lab-impair's length rules (--mtu) see what a wire would carry.
+    if ip link show eth1 >/dev/null 2>&1; then ip link set gso_max_segs 1 dev eth1; fi
+    return 0
+}
+
 isolate() {
     # No default route: traffic can only go to the lab's own networks.
     ip route del default 2>/dev/null || true
@@ -69,6 +77,7 @@ fix_ssh_key_owner() {
 fix_mounts
 fix_etc_files
 fix_interfaces
+wire_size
 isolate
 fix_ssh_key_owner
 touch /etc/overlaylab/booted

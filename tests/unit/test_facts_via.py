@@ -1,0 +1,72 @@
+"""Unit (no hosts): the facts read through dockerd's Engine API (curl on its unix socket) are
+the facts read through the docker CLI. Recorded on a bootstrapped 3-host kv lab, each host's
+script run twice at once, as it is (the host has curl: the API) and with the API turned off
+(the CLI, as on a host without curl): tests/unit/data/facts-kv-{manager,worker}-{api,cli}.txt.
+On the lab then: the anchors, the Consul container on the manager, and on the worker a
+user's container on the overlay with a fixed address, an alias and `--restart on-failure:3`,
+and a stopped one."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from overlaylab import facts
+from overlaylab.facts import HostFacts
+
+DATA = Path(__file__).parent / "data"
+# what `docker info` says that moves between two reads (counters, clocks) or only the CLI has
+MOVING = {"SystemTime", "NGoroutines", "NFd", "NEventsListener", "ClientInfo", "ServerErrors"}
+
+
+def read(role: str, via: str) -> HostFacts:
+    return facts.parse((DATA / f"facts-kv-{role}-{via}.txt").read_text(), "eth1", "ov_net1")
+
+
+@pytest.mark.parametrize("role", ["manager", "worker"])
+def test_the_engine_api_and_the_cli_read_the_same_facts(role: str) -> None:
+    api, cli = read(role, "api"), read(role, "cli")
+    assert (api.facts_via, cli.facts_via) == ("api", "cli")
+    # free space and dockerd's start (now less its age, to the second) move between the two reads
+    fields = {f.name for f in dataclasses.fields(HostFacts)} - {"facts_via", "info", "disk", "docker_started"}
+    differ = {
+        name: (getattr(api, name), getattr(cli, name)) for name in fields if getattr(api, name) != getattr(cli, name)
+    }
+    assert differ == {}
+    assert {k: v for k, v in api.info.items() if k not in MOVING} == {
+        k: v for k, v in cli.info.items() if k not in MOVING
+    }
+    # what the equality above is worth: the sections the docker CLI answered were not empty
+    assert api.info["ServerVersion"] and api.containers and api.attached and api.network and api.images
+    assert api.overlays == ["ov_net1"]
+    if role == "manager":
+        assert api.consul and api.consul_volume and api.store_leader
+    else:
+        users = api.attached["users_app"]
+        assert (users.ip, users.aliases, users.policy) == ("10.214.9.200", ("db",), "on-failure:3")
+        assert "users_stopped" in api.stopped
+
+
+def section(name: str, curl_exit: int, tmp_path: Path) -> str:
+    """One section's command of the real script, run here by sh with the API chosen and a
+    curl that fails as told (28: its --max-time ran out; 22: an HTTP error under -f)."""
+    fake = tmp_path / "curl"
+    fake.write_text(f"#!/bin/sh\nexit {curl_exit}\n")
+    fake.chmod(0o755)
+    command = next(f for f in facts.FACTS if f.name == name).command(facts.Where("eth1", network="ov_net1"))
+    script = f"_api=1\n{facts.API_PRELUDE[1]}\n{command}"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, check=False).stdout
+
+
+def test_a_failed_api_call_reads_as_the_cli_failing(tmp_path: Path) -> None:
+    """curl's timeout is said as timeout's (124), which mode.engine_problem names as a dockerd
+    that did not answer; an HTTP error prints nothing, as the CLI's 2>/dev/null did."""
+    assert section("info", 28, tmp_path).strip() == "docker info exited 124"
+    assert section("info", 22, tmp_path).strip() == "docker info exited 22"
+    text = f"{facts.MARK}info\n{section('info', 28, tmp_path)}{facts.MARK}network\n{section('network', 22, tmp_path)}"
+    parsed = facts.parse(text + f"{facts.MARK}end\n", "eth1", "ov_net1")
+    assert parsed.info == {} and parsed.info_error == "docker info exited 124" and parsed.network is None
