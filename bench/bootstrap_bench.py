@@ -167,12 +167,14 @@ def _floor_once(count: int, tuned: bool) -> float | None:
     def on(host: str, command: str) -> None:
         subprocess.run([*ssh, f"admin@{host}", command], check=True, capture_output=True, stdin=subprocess.DEVNULL)
 
-    def parallel(command: str, hosts: list[str]) -> bool:
+    def parallel(command: str, hosts: list[str]) -> None:
+        """On every host at once; a failure here is the floor's own (not a split): the bench stops."""
         procs = [
             subprocess.Popen([*ssh, f"admin@{h}", command], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
             for h in hosts
         ]
-        return all([p.wait() == 0 for p in procs])
+        if not all([p.wait() == 0 for p in procs]):
+            raise SystemExit(f"the floor's command failed on a host: {command}")
 
     leader = f"until sudo docker exec consul wget -qO- http://{ip}:8500/v1/status/leader 2>/dev/null | grep -q 8300; do sleep 0.5; done"
     gossip = "until ss -Hltn 'sport = :7946' | grep -q .; do sleep 0.5; done"

@@ -52,7 +52,8 @@ class Store:
 DOCKER_SOCKET = "/var/run/docker.sock"
 API_PRELUDE = (
     f"if command -v curl >/dev/null 2>&1 && [ -S {DOCKER_SOCKET} ]; then _api=1; else _api=; fi",
-    f'api() {{ curl -sf --max-time 20 --unix-socket {DOCKER_SOCKET} "http://docker$1"; }}',
+    # -q first: root's ~/.curlrc (-i, -L, --write-out) must not change what is read
+    f'api() {{ curl -q -sf --max-time {INFO_TIMEOUT} --unix-socket {DOCKER_SOCKET} "http://docker$1"; }}',
 )
 
 
@@ -740,9 +741,11 @@ def _attached_command(w: Where) -> str:
     attached by, also once the store lost it), each inspected."""
     net = shlex.quote(w.network)
     listed = f"api '/containers/json?all=1&{api_filters(network=w.network)}'"
-    ids = f'{listed} | grep -o \'"Id":"[0-9a-f]*"\' | cut -d\'"\' -f4'
+    ids = f'{listed} | grep -o \'{{"Id":"[0-9a-f]\\{{64\\}}"\' | cut -d\'"\' -f4'  # each entry's own, not a label
+    deadline = f"end=$(( $(date +%s) + {INFO_TIMEOUT} ))"  # as the CLI's: what answered within it
     return either(
-        f"for id in $({ids}); do api /containers/$id/json; echo; done",
+        f'{deadline}; for id in $({ids}); do [ "$(date +%s)" -lt "$end" ] || break; '
+        "api /containers/$id/json; echo; done",
         f"timeout 20 docker ps -aq --filter network={net} | xargs -r timeout 20 "
         f"docker inspect -f {shlex.quote(attached_format(w.network))} 2>/dev/null",
     )
@@ -767,7 +770,8 @@ FACTS: tuple[Fact, ...] = (
         "info",
         fixed(
             either(  # curl's timeout (28) said as timeout's (124): mode.engine_problem
-                'api /info || { rc=$?; [ "$rc" = 28 ] && rc=124; echo "docker info exited $rc"; }',
+                'api /info || { rc=$?; [ "$rc" = 28 ] && rc=124; [ "$rc" = 7 ] && rc="7 (nothing answers on '
+                f'{DOCKER_SOCKET})"; echo "docker info exited $rc"; }}',
                 f"timeout {INFO_TIMEOUT} docker info --format '{{{{json .}}}}' 2>&1 || echo \"docker info exited $?\"",
             )
         ),

@@ -299,9 +299,12 @@ def _record_planned(ctx: Context, step: Step[Any], action: Action[Any]) -> None:
 
 def restarting(ctx: Context, host: str, why: str) -> None:
     """A restart of this pass, in the ledger; with the containers on the network its facts
-    show before it (a restart stops and starts them: their addresses may move)."""
+    show before it (a restart stops and starts them: their addresses may move), or with
+    containers unknown: a dockerd that was stopped or did not answer listed none, and those
+    it starts again take the first free addresses all the same."""
     add_restart(ctx.ledger.restarts, host, why)
-    if ctx.nodes[host].facts.attached:
+    f = ctx.nodes[host].facts
+    if f.attached or f.docker_active != "active" or not f.info.get("ServerVersion"):
         ctx.ledger.moved.add(host)
 
 

@@ -9,7 +9,9 @@ and a stopped one."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,37 @@ def test_a_failed_api_call_reads_as_the_cli_failing(tmp_path: Path) -> None:
     that did not answer; an HTTP error prints nothing, as the CLI's 2>/dev/null did."""
     assert section("info", 28, tmp_path).strip() == "docker info exited 124"
     assert section("info", 22, tmp_path).strip() == "docker info exited 22"
+    assert section("info", 7, tmp_path).strip() == "docker info exited 7 (nothing answers on /var/run/docker.sock)"
     text = f"{facts.MARK}info\n{section('info', 28, tmp_path)}{facts.MARK}network\n{section('network', 22, tmp_path)}"
     parsed = facts.parse(text + f"{facts.MARK}end\n", "eth1", "ov_net1")
     assert parsed.info == {} and parsed.info_error == "docker info exited 124" and parsed.network is None
+
+
+def test_each_section_asks_the_engine_api_for_what_the_cli_asked(tmp_path: Path) -> None:
+    """The URLs the sections give curl (a curl here that prints its arguments): the socket,
+    curl's own config ignored (-q first), and each list's filters as the CLI's --filter."""
+    fake = tmp_path / "curl"
+    log = tmp_path / "asked"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {log}\n')
+    fake.chmod(0o755)
+    where = facts.Where("eth1", facts.Store("overlaylab-consul", "overlaylab-consul-data", 8500), "ov_net1")
+    asked = {}
+    for name in ("info", "containers", "consul", "consul_volume", "network", "attached", "overlays", "images"):
+        command = next(f for f in facts.FACTS if f.name == name).command(where)
+        script = f"_api=1\n{facts.API_PRELUDE[1]}\n{command}"
+        env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+        log.unlink(missing_ok=True)
+        subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, check=True)
+        asked[name] = log.read_text().split()  # the section's first call (attached: its list)
+    for argv in asked.values():
+        assert argv[:6] == ["-q", "-sf", "--max-time", "20", "--unix-socket", "/var/run/docker.sock"], argv
+    urls = {name: argv[6] for name, argv in asked.items()}
+    assert urls["info"] == "http://docker/info"
+    assert urls["containers"] == "http://docker/containers/json?all=1"
+    assert urls["consul"] == "http://docker/containers/overlaylab-consul/json"
+    assert urls["network"] == "http://docker/networks/ov_net1"
+    assert urls["images"] == "http://docker/images/json"
+    assert urls["consul_volume"] == "http://docker/volumes/overlaylab-consul-data"
+    query = {name: urllib.parse.parse_qs(urllib.parse.urlsplit(urls[name]).query) for name in ("attached", "overlays")}
+    assert json.loads(query["attached"]["filters"][0]) == {"network": ["ov_net1"]} and query["attached"]["all"] == ["1"]
+    assert json.loads(query["overlays"]["filters"][0]) == {"driver": ["overlay"]}

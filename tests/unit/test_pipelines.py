@@ -951,3 +951,46 @@ def test_a_run_that_takes_the_store_away_says_every_hosts_watch_may_change_and_r
     assert code == 0 and done == {"m": "ok", "w1": "ok", "w2": "changed"}, real.outcomes
     assert written == [("put", watches.NUDGE_KEY, ""), ("delete", watches.NUDGE_KEY)]
     dry_run_rule.check(dry.document(0), real.document(0), left_out=("verify",))
+
+
+def anchored_cluster() -> tuple[Inventory, list[FakeNode], Log]:
+    """A bootstrapped cluster, each host with its anchor, gossip up."""
+    inv, nodes, log = cluster("bootstrapped")
+    for node in nodes:
+        node.facts.containers[f"overlaylab-anchor-{node.name}"] = "anchor"
+        node.facts.gossip = True
+    nodes[0].facts.containers.pop("overlaylab-anchor-bm-docker-01", None)
+    return inv, nodes, log
+
+
+def test_a_stopped_dockerd_started_again_has_the_peers_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dockerd that did not answer listed no container, yet those it starts again take the
+    first free addresses: the dry run says the peers will be read after it, and the run does."""
+    inv, nodes, log = anchored_cluster()
+    nodes[1].facts.docker_active, nodes[1].facts.info = "inactive", {}
+    reads: list[str] = []
+    monkeypatch.setattr(gather, "read_one", lambda inv, node: reads.append(node.name))
+    code, dry = go(inv, nodes, kv.BOOTSTRAP, dry_run=True)
+    maybe = {o["host"]: o["detail"] for o in dry.outcomes if o["step"] == "peers" and o["status"] == "may change"}
+    assert code == 0 and dry.extra["restarts"] == {"w1": "docker.service is inactive"}, dry.outcomes
+    assert set(maybe) == set(NAMES) and all("(on w1)" in d for d in maybe.values()), maybe
+    code, _ = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 0 and log.commands("systemctl restart") == ["w1"] and set(reads) >= set(NAMES), reads
+
+
+def test_an_anchor_made_again_where_one_was_on_the_network_has_the_peers_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No restart: w2's anchor is stopped (its address still on record), so it is made again,
+    and whoever had looked its address up may hold it stale: the peers are read again."""
+    inv, nodes, log = anchored_cluster()
+    net = str((nodes[0].facts.network or {})["Id"])
+    nodes[2].facts.containers.pop("overlaylab-anchor-w2")
+    nodes[2].facts.attached = {"overlaylab-anchor-w2": Attachment("b" * 64, net, False, (), "10.210.9.4")}
+    reads: list[str] = []
+    monkeypatch.setattr(gather, "read_one", lambda inv, node: reads.append(node.name))
+    code, real = go(inv, nodes, kv.BOOTSTRAP)
+    assert code == 0 and log.commands("systemctl restart") == [], real.outcomes
+    assert real.extra["restarts"] == {} and set(reads) >= set(NAMES), reads
+    peers = {o["host"]: o["status"] for o in real.outcomes if o["step"] == "peers"}
+    assert peers == dict.fromkeys(NAMES, "ok"), peers

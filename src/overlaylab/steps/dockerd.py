@@ -203,6 +203,7 @@ def restart_held_late(ctx: Context, node: Node) -> str:
     held = holdback.parse_came_back(node.sh(holdback.came_back_deaf_command(ctx.inv.network), check=False))
     if not held:
         return ""
+    ctx.ledger.moved.add(node.name)  # they came back with addresses of their own: the peers step reads again
     node.sh(holdback.hold_command(held))
     code, out, err = node.result(_restart_command(node.name != ctx.topo.manager))
     if code != 0:  # the drop-in is the one that just worked: dockerd is started again, as it was
