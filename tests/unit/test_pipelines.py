@@ -21,11 +21,13 @@ import pytest
 
 from overlaylab import dropins, gather, run
 from overlaylab.cluster import Node
+from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ROLE_LABEL, Attachment, HostFacts
 from overlaylab.inventory import Host, Inventory
 from overlaylab.mode import Mode
 from overlaylab.options import Options
 from overlaylab.pipelines import kv, swarm
+from overlaylab.plan import Action
 from overlaylab.report import RunReport
 from overlaylab.run import Refused, run_steps
 from overlaylab.steps import consul, dockerd, watches
@@ -994,3 +996,41 @@ def test_an_anchor_made_again_where_one_was_on_the_network_has_the_peers_read_ag
     assert real.extra["restarts"] == {} and set(reads) >= set(NAMES), reads
     peers = {o["host"]: o["status"] for o in real.outcomes if o["step"] == "peers"}
     assert peers == dict.fromkeys(NAMES, "ok"), peers
+
+
+class Releasing:
+    """A manager whose dockerd says the network has active endpoints the first ``busy`` times."""
+
+    name = "m"
+
+    def __init__(self, busy: int, said: str = "has active endpoints") -> None:
+        self.busy, self.said, self.tries = busy, said, 0
+
+    def result(self, command: str) -> tuple[int, str, str]:
+        assert command == "docker network rm ov_net1 >/dev/null"
+        self.tries += 1
+        if self.tries <= self.busy:
+            return (
+                1,
+                "",
+                f"Error response from daemon: error while removing network: network ov_net1 id 0123 {self.said}",
+            )
+        return 0, "", ""
+
+
+def test_teardown_waits_for_the_endpoints_of_containers_just_removed_to_leave(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker rm -f` returns before the daemon releases the container's endpoint (seen in CI
+    right after the anchors went): the removal waits for it, and only for that error."""
+    monkeypatch.setattr("overlaylab.steps.network.time.sleep", lambda s: None)
+    ctx: Any = dataclasses.make_dataclass("Ctx", ["inv"])(Inventory(path=Path("inv.yaml"), cluster="lab", hosts=()))
+    node = Releasing(busy=2)
+    done = network_step.RemoveNetwork().apply(ctx, node, Action("m", True, "remove ov_net1"))  # type: ignore[arg-type]
+    assert done.startswith("removed ov_net1") and node.tries == 3
+    other = Releasing(busy=1, said="is in use by a plugin")
+    with pytest.raises(OverlaylabError, match="is in use by a plugin"):
+        network_step.RemoveNetwork().apply(ctx, other, Action("m", True, "remove ov_net1"))  # type: ignore[arg-type]
+    assert other.tries == 1  # any other error at once
+    monkeypatch.setattr(network_step, "RELEASE_WAIT", 0.0)
+    stuck = Releasing(busy=99)
+    with pytest.raises(OverlaylabError, match="has active endpoints"):
+        network_step.RemoveNetwork().apply(ctx, stuck, Action("m", True, "remove ov_net1"))  # type: ignore[arg-type]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 from typing import Any
 
 from overlaylab.cluster import Node
+from overlaylab.errors import OverlaylabError
 from overlaylab.facts import ANCHOR_PREFIX, PROBE_PREFIX, ROLE_LABEL
 from overlaylab.inventory import Inventory
 from overlaylab.plan import Action, Context, Scope, Step
@@ -169,6 +171,9 @@ def users(ctx: Context) -> list[str]:
     return sorted(set(found))
 
 
+RELEASE_WAIT = 30.0  # seconds teardown waits for the endpoints of containers just removed to leave the store
+
+
 class RemoveNetwork(Step[None]):
     """Teardown: the network goes only when overlaylab made it and no container of the user is on it."""
 
@@ -187,5 +192,21 @@ class RemoveNetwork(Step[None]):
         return Action(node.name, True, f"remove {inv.network}")
 
     def apply(self, ctx: Context, node: Node, action: Action[None]) -> str:
-        node.sh(f"docker network rm {shlex.quote(ctx.inv.network)} >/dev/null")
-        return f"removed {ctx.inv.network}"
+        """A container's endpoint leaves the store after `docker rm -f` returned (its daemon
+        releases the network when it sees the exit): right after the anchors went, a host's
+        may still count (seen in CI on the 5-host HA lab, 2 s after). No container of the
+        user's is on it (the plan's read), so the removal waits for theirs to go, up to
+        RELEASE_WAIT seconds, and then says what still holds it."""
+        command = f"docker network rm {shlex.quote(ctx.inv.network)} >/dev/null"
+        start = time.monotonic()
+        while True:
+            code, out, err = node.result(command)
+            if code == 0:
+                waited = time.monotonic() - start
+                return f"removed {ctx.inv.network}" + (
+                    f" (its last endpoints left in {waited:.1f}s)" if waited > 1 else ""
+                )
+            said = (err or out).strip()
+            if "active endpoints" not in said or time.monotonic() - start > RELEASE_WAIT:
+                raise OverlaylabError(f"{node.name}: `{command}` exited {code}: {said[-300:]}")
+            time.sleep(1)
