@@ -5,7 +5,7 @@ every host's at once where the tutorial permits (the workers restart together; a
 checks, as it is and tuned (the floor's commands with the two timing settings overlaylab applies). Ratios are against both, from one run; then
 lab-up, bootstrap, no-op re-run, `fab verify` and the lab's memory per host count, each as a multiple of the smallest's. Figures only: nothing
 passes or fails here. Run as root: `make bench`. Uses a lab named "bench" and removes it. Last, HA Consul's 3 servers against one, at 3 and 5
-hosts (OVERLAYLAB_BENCH_HA; OVERLAYLAB_BENCH_ONLY=ha prints those rows alone, =bootstrap all but them and the modes'). OVERLAYLAB_BENCH_BEFORE=REV instead sets another commit's
+hosts (OVERLAYLAB_BENCH_HA; OVERLAYLAB_BENCH_ONLY=ha prints those rows alone, =bootstrap all but them and the modes'). OVERLAYLAB_BENCH_BEFORE=REV[,REV] instead sets other commits'
 preflight, no-op re-run and `fab verify` against this clone's, alternated on one lab.
 """
 
@@ -263,48 +263,54 @@ def refusal(count: int, inventory: Path) -> tuple[float, float]:
     return took, dry
 
 
-def before_after(inventory: Path, rev: str) -> None:
-    """This clone against another commit (OVERLAYLAB_BENCH_BEFORE=REV), on one lab per host
-    count, each task run three times alternately (the same minute's noise for both): a dry
-    run on the fresh lab (the healthy preflight: facts, checks, the port probe and, since
-    issue 30, the path-MTU ladder), then on the bootstrapped cluster the no-op re-run and
-    `fab verify` (fresh probes). Medians, and after/before."""
+def before_after(inventory: Path, revs: list[str]) -> None:
+    """Other commits against this clone (OVERLAYLAB_BENCH_BEFORE=REV[,REV...]), on one lab per
+    host count, each task run three times by each, alternately (the same minute's noise for
+    all): a dry run on the fresh lab (the healthy preflight: facts, checks, the port probe
+    and, since issue 30, the path-MTU ladder), then on the bootstrapped cluster the no-op
+    re-run and `fab verify` (fresh probes). Medians, each as a multiple of the first's."""
     with tempfile.TemporaryDirectory(prefix="overlaylab-before-") as tmp:
-        old = Path(tmp)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-        print(f"before = {rev}, after = this clone; medians of 3, alternated on one lab")
-        print(f"{'hosts':>5}  {'task':<22}  {'before':>7}  {'after':>7}  {'ratio':>5}  {'port probe before/after':>23}")
+        roots = []
+        for rev in revs:
+            old = Path(tmp) / rev
+            old.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+            roots.append(old)
+        roots.append(ROOT)
+        names = [*revs, "this clone"]
+        print(f"{', '.join(names)}: medians of 3, alternated on one lab (each / {names[0]}; port probe's own seconds)")
         for count in [int(n) for n in os.environ.get("OVERLAYLAB_BENCH_HOSTS", "3,12").split(",")]:
             fresh_lab(count, inventory)
             tasks = {"preflight (dry run)": ("bootstrap-cluster", "--dry-run", "--inventory", str(inventory))}
-            rows = {task: compare(args, old) for task, args in tasks.items()}
+            rows = {task: compare(args, roots) for task, args in tasks.items()}
             fab("bootstrap-cluster", "--inventory", str(inventory))
             tasks = {
                 "no-op re-run": ("bootstrap-cluster", "--inventory", str(inventory)),
                 "fab verify": ("verify", "--inventory", str(inventory)),
             }
-            rows.update({task: compare(args, old) for task, args in tasks.items()})
-            for task, (before, after, probes) in rows.items():
-                probe = f"{probes[0]:.2f}s / {probes[1]:.2f}s" if task.startswith("preflight") else ""
-                print(
-                    f"{count:>5}  {task:<22}  {before:>6.2f}s  {after:>6.2f}s  {after / before:>5.2f}  {probe:>23}",
-                    flush=True,
+            rows.update({task: compare(args, roots) for task, args in tasks.items()})
+            for task, (took, probes) in rows.items():
+                cells = "  ".join(
+                    f"{name} {t:.2f}s ({t / took[0]:.2f})"
+                    + (f" probe {p:.2f}s" if task.startswith("preflight") else "")
+                    for name, t, p in zip(names, took, probes, strict=True)
                 )
+                print(f"{count:>5}  {task:<20}  {cells}", flush=True)
 
 
-def compare(args: tuple[str, ...], old: Path) -> tuple[float, float, tuple[float, float]]:
-    """Medians of three alternated runs of one task, the old commit's and this clone's, and
-    the medians of the port probe's seconds each reported (0 where it did not run)."""
-    took: dict[Path, list[float]] = {old: [], ROOT: []}
-    probe: dict[Path, list[float]] = {old: [], ROOT: []}
+def compare(args: tuple[str, ...], roots: list[Path]) -> tuple[list[float], list[float]]:
+    """Medians of three alternated runs of one task by each clone, and the medians of the port
+    probe's seconds each reported (0 where it did not run)."""
+    took: dict[Path, list[float]] = {root: [] for root in roots}
+    probe: dict[Path, list[float]] = {root: [] for root in roots}
     for _ in range(3):
-        for root in (old, ROOT):
+        for root in roots:
             seconds, doc = fab(*args, root=root)
             took[root].append(seconds)
             probe[root].append(float(doc.get("seconds_port_probe", 0) or 0))  # type: ignore[arg-type]
     median = statistics.median
-    return median(took[old]), median(took[ROOT]), (median(probe[old]), median(probe[ROOT]))
+    return [median(took[r]) for r in roots], [median(probe[r]) for r in roots]
 
 
 def main() -> None:
@@ -314,7 +320,7 @@ def main() -> None:
         lifecycle.down(NAME, steps=Quiet())
         return
     if os.environ.get("OVERLAYLAB_BENCH_BEFORE"):
-        before_after(inventory, os.environ["OVERLAYLAB_BENCH_BEFORE"])
+        before_after(inventory, os.environ["OVERLAYLAB_BENCH_BEFORE"].split(","))
         lifecycle.down(NAME, steps=Quiet())
         return
     print(
