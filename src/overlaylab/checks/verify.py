@@ -35,7 +35,8 @@ CONVERGE_SECONDS = 20
 # come from the store's watch, and 20 s holds.
 SWARM_CONVERGE_SECONDS = 60
 BY = ("ip", "name", "mtu", "tcp")  # the checks of each ordered pair, in the matrix's cell order
-# The standing anchors (a no-op re-run) run no web server: their pairs get the pings alone.
+# A no-op re-run's standing anchors: the pings alone (nothing changed: no stream to prove, and
+# the run stays at two commands a host); after a run that changed something, all of BY.
 ANCHORED = ("ip", "name", "mtu")
 # each check as the matrix's legend names it, and as a passed host's line says it
 NAMES = {"ip": "by IP", "name": "by name", "mtu": "a full-size packet", "tcp": "1 MiB over TCP"}
@@ -60,10 +61,13 @@ STALLED = (
 
 # A probe's command: the stream it serves every other probe (busybox's httpd, which forks per
 # connection), then it waits to be removed.
+# The stream every probe and every anchor serves by busybox's httpd (it daemonizes), for the TCP checks
+SERVE_STREAM = f"mkdir -p /www && head -c {STREAM_BYTES} /dev/urandom > /www/stream && httpd -p 80 -h /www"
+
+
 def serve(lifetime: int) -> str:
     """A probe's command: the stream, served; then it waits ``lifetime`` seconds to be removed."""
-    stream = f"head -c {STREAM_BYTES} /dev/urandom > /www/stream"
-    return f"mkdir -p /www && {stream} && httpd -p 80 -h /www && exec sleep {lifetime}"
+    return f"{SERVE_STREAM} && exec sleep {lifetime}"
 
 
 def probe_name(node: Node) -> str:
@@ -278,14 +282,16 @@ def run(
     sources: list[Node] | None = None,
     standing: dict[str, tuple[str, str]] | None = None,
     mtu: int | None = None,
+    stream: bool = False,
 ) -> Matrix:
     """Ping matrix over ``nodes``; with ``sources``, only pairs that involve one of them.
 
     With ``standing`` (host -> a running container on the network and its IP: the anchors),
-    those ping each other and nothing is started or removed: one command per host."""
+    those ping each other and nothing is started or removed: one command per host; with
+    ``stream`` (a run that changed something) they fetch each other's stream too (TCP)."""
     involved = {n.name for n in (sources or nodes)}
     names = [n.name for n in nodes]
-    checks = ANCHORED if standing else BY
+    checks = ANCHORED if standing and not stream else BY
     expected = {
         (s, d, by) for s in names for d in names if s != d and (s in involved or d in involved) for by in checks
     }

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import shlex
 
+from overlaylab.checks import verify
 from overlaylab.cluster import Node
 from overlaylab.facts import ANCHOR_PREFIX, ROLE_LABEL, HostFacts
 from overlaylab.plan import Action, Context, Scope, Step
 from overlaylab.steps import consul, network
 
 PREFIX = ANCHOR_PREFIX
-# PID 1 must exit on SIGTERM, or every dockerd restart waits the 10 s stop timeout.
-COMMAND = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"
+# It serves verify's stream (a run that changed something fetches it over TCP between the
+# anchors). PID 1 must exit on SIGTERM, or every dockerd restart waits the 10 s stop timeout.
+COMMAND = f"{verify.SERVE_STREAM}; trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"
 
 
 def name(node: Node) -> str:
