@@ -123,8 +123,8 @@ def verify_floor(count: int) -> float:
             for h in spec.hosts
         }
     )
-    full = "sudo nsenter -t {0} -n ping -c 1 -W 1 -M do -s $(( {1} - 28 )) {2} >/dev/null &"
-    fetch = "sudo docker exec vf-{0} wget -q -O - http://vf-{1}/blob | wc -c | grep -qx 1048576 &"
+    full = 'sudo nsenter -t {0} -n ping -c 1 -W 1 -M do -s $(( {1} - 28 )) {2} >/dev/null & bg="$bg $!";'
+    fetch = 'sudo docker exec vf-{0} wget -q -O - http://vf-{1}/blob | wc -c | grep -qx 1048576 & bg="$bg $!";'
     on_all(
         {
             h.mgmt_ip: " ".join(
@@ -132,7 +132,7 @@ def verify_floor(count: int) -> float:
                 for o in spec.hosts
                 if o is not h
             )
-            + " for job in $(jobs -p); do wait $job || exit 1; done"
+            + " for job in $bg; do wait $job || exit 1; done"
             for h in spec.hosts
         }
     )
