@@ -128,7 +128,10 @@ def run_task(
     report.extra["facts_via"] = {n.name: n.facts.facts_via for n in nodes}
     slow = [n.name for n in nodes if n.facts.facts_via == "cli"]
     if slow:
-        report.note(f"facts: {', '.join(slow)} read by the docker CLI (no curl there, for the Engine API: slower)")
+        report.note(
+            f"facts: {', '.join(slow)} read by the docker CLI (slower): no curl there, or no /var/run/docker.sock "
+            "for dockerd's Engine API"
+        )
     try:
         code = fn(inv, opts, nodes, report, *args)
     except Refused as exc:
