@@ -86,7 +86,8 @@ def _verify_task(inv: Inventory, opts: Options, nodes: list[Node], report: RunRe
 
 DEAF = (
     "its overlay sandbox was made before dockerd's gossip was up (a restart) and never looks up peers: "
-    "its containers neither reach nor are reached by those they did not see join (fresh probes still ping); "
+    "its containers neither reach nor are reached by those they did not see join "
+    "(fresh probes ping, as long as each one's join event reaches it); "
     "a bootstrap-cluster re-run with --allow-restart restarts its dockerd, with them started after gossip"
 )
 

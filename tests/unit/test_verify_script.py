@@ -229,3 +229,77 @@ def test_the_ladder_runs_after_the_checks_and_prints_a_line_per_size_that_came_b
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env).stdout.splitlines()
     assert sorted(out) == ["M h2 1400", "M h2 1500", "R h2 ip ok"]
     assert out[0] == "R h2 ip ok"  # the checks first, then the ladder
+
+
+def test_a_pair_one_end_never_learned_names_that_end_and_an_empty_read_names_none() -> None:
+    """diagnose(): a pair failed by IP whose one end's table (read after the pings) lacks the
+    other's probe; the other direction names the same end (a ping needs both ways). A table
+    read empty is no reading: the hint falls through to gossip's (udp/4789)."""
+    from overlaylab.checks.verify import LIKELY_VXLAN, Matrix, diagnose, never_learned
+    from overlaylab.facts import HostFacts
+    from tests.unit.test_facts_render import FakeConn
+
+    def node(name: str) -> Node:
+        return Node(
+            Host(name, name, "worker", "eth1"), FakeConn(), HostFacts(hostname=name, gossip_alive=["a", "b", "c"])
+        )
+
+    lost = (False, "1 packets transmitted, 0 packets received, 100% packet loss")
+    matrix = Matrix(["a", "b", "c"], set())
+    matrix.addresses = {"a": "10.9.0.1", "b": "10.9.0.2", "c": "10.9.0.3"}
+    matrix.results = {
+        ("a", "b", "ip"): lost,
+        ("b", "a", "ip"): lost,
+        ("a", "c", "ip"): lost,
+        ("c", "b", "ip"): (True, ""),
+    }
+    matrix.learned = {"a": {"10.9.0.3": "vtep-c"}, "b": {"10.9.0.1": "vtep-a", "10.9.0.3": "vtep-c"}, "c": {}}
+    hints = diagnose(matrix, [node("a"), node("b"), node("c")])
+    assert hints[("a", "b")] == hints[("b", "a")] == never_learned("a", "10.9.0.2", "b")
+    assert hints[("a", "c")] == LIKELY_VXLAN  # a has c's probe, c's table read empty: no claim
+    assert "a has no entry for b's probe (10.9.0.2)" in hints[("a", "b")]
+
+
+class TableNode(Node):
+    """A fake host whose pings fail toward h2 and whose overlay's table lists only the peers given."""
+
+    def __init__(self, index: int, knows: list[int]) -> None:
+        super().__init__(Host(f"h{index}", f"10.0.0.{index}", "worker", "eth1"), conn=None)
+        self.index, self.knows = index, knows
+
+    def sh(self, command: str, check: bool = True) -> str:
+        if "docker run" in command:
+            return f"10.9.0.{self.index}\nglobal 0123456789abcdef\n"
+        if "docker exec" in command:
+            return "\n".join(
+                f"R h{j} ip {'fail 100% packet loss' if 2 in (j, self.index) else 'ok'}"
+                for j in (1, 2, 3)
+                if j != self.index
+            )
+        if "bridge fdb show" in command:
+            sandbox = "1-0123456789"
+            return (
+                "".join(
+                    f"{sandbox} neigh 10.9.0.{j} 02:42:0a:09:00:0{j}\n{sandbox} fdb 02:42:0a:09:00:0{j} 10.0.0.{j}\n"
+                    for j in self.knows
+                )
+                + "1-ffffffffff neigh 10.9.0.2 02:42:0a:09:00:02\n"
+            )  # another network's sandbox: not this one's
+        return ""
+
+
+def test_a_failed_round_reads_the_tables_of_its_pairs_ends_before_the_probes_go() -> None:
+    """run(): the failed pairs' hosts' tables are read (PEERS_SCRIPT, the probe's network only),
+    and diagnose names h1, which has no entry for h2's probe, for both directions."""
+    from overlaylab.checks.verify import diagnose, never_learned
+
+    nodes = [TableNode(1, [3]), TableNode(2, [1, 3]), TableNode(3, [1, 2])]
+    matrix = run("ov_net1", list(nodes), mtu=1450)
+    assert matrix.learned == {
+        "h1": {"10.9.0.3": "10.0.0.3"},
+        "h2": {"10.9.0.1": "10.0.0.1", "10.9.0.3": "10.0.0.3"},
+        "h3": {"10.9.0.1": "10.0.0.1", "10.9.0.2": "10.0.0.2"},
+    }
+    hints = diagnose(matrix, list(nodes))
+    assert hints[("h1", "h2")] == hints[("h2", "h1")] == never_learned("h1", "10.9.0.2", "h2")
+    assert ("h3", "h2") not in hints and ("h2", "h3") not in hints  # both ends know: nothing said

@@ -19,7 +19,7 @@ from overlaylab import peers
 from overlaylab.checks import pathmtu, preflight
 from overlaylab.checks.pathmtu import ICMP_HEADERS
 from overlaylab.cluster import Node, journal, parallel
-from overlaylab.facts import PROBE_PREFIX, ROLE_LABEL
+from overlaylab.facts import PEERS_SCRIPT, PROBE_PREFIX, ROLE_LABEL, parse_peers
 from overlaylab.report import columns
 from overlaylab.steps import network
 from overlaylab.steps.network import DEFAULT_MTU, VXLAN_OVERHEAD
@@ -96,6 +96,9 @@ class Matrix:
     journals: dict[str, str] = field(default_factory=dict)  # dockerd's last lines, for failed hosts
     addresses: dict[str, str] = field(default_factory=dict)  # host -> its probe's (or anchor's) address
     paths: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> target -> path MTU (0: no answer)
+    # host -> the peer addresses its sandbox of the network sends somewhere (address -> VTEP),
+    # read on the hosts of failed pairs before the probes are removed
+    learned: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -143,6 +146,7 @@ class Matrix:
             "addresses": self.addresses,
             "checks": list(self.checks),
             "path_mtu": self.paths,
+            "learned": self.learned,
         }
 
 
@@ -222,6 +226,7 @@ class _Round:
     probes: dict[str, tuple[str, str]]  # host -> (container, its address)
     mtu: int | None = None  # the overlay's MTU as the run wants it (network.mtu); None: as the host's facts read it
     scopes: set[str] = field(default_factory=set)  # the network's scope, as each probe's host says it
+    ids: dict[str, str] = field(default_factory=dict)  # host -> the network's ID (10 chars), as it says it
 
     def start(self, node: Node) -> None:
         probe = probe_name(node)
@@ -233,11 +238,13 @@ class _Round:
         )
         out = node.sh(
             f"{run} || {{ rc=$?; [ $rc -eq 124 ] && echo {shlex.quote(STALLED)} >&2; exit $rc; }}; "
-            f"docker inspect -f {fmt} {probe} && docker network inspect -f '{{{{.Scope}}}}' {net}"
+            f"docker inspect -f {fmt} {probe} && docker network inspect -f '{{{{.Scope}}}} {{{{.Id}}}}' {net}"
         )
-        ip, _, scope = out.strip().partition("\n")
+        ip, _, said = out.strip().partition("\n")
+        scope, _, nid = said.strip().partition(" ")
         self.probes[node.name] = (probe, ip.strip())
-        self.scopes.add(scope.strip())
+        self.scopes.add(scope)
+        self.ids[node.name] = nid[:10]
 
     def ping(self, node: Node) -> None:
         """Every target of this host at once, in one command; each judged after the window."""
@@ -266,12 +273,18 @@ class _Round:
                 self.matrix.results[(node.name, parts[1], parts[2])] = (parts[3] == "ok", detail)
 
     def read_journals(self) -> None:
-        """dockerd's last lines on every host in a failed pair, read before anything is cleaned up."""
+        """dockerd's last lines on every host in a failed pair, and where its overlay sends
+        each peer address (diagnose: an end that never learned the other's probe), read
+        before anything is cleaned up."""
         failing = {f.split(" ", 1)[0].rstrip(":") for f in self.matrix.failures()}
         failing |= {d for (_, d, _), (ok, _) in self.matrix.results.items() if not ok}
 
         def read(node: Node) -> None:
             self.matrix.journals[node.name] = journal(node, 15)
+            nid = self.ids.get(node.name, "")
+            if nid:
+                out = node.sh(PEERS_SCRIPT, check=False)
+                self.matrix.learned[node.name] = parse_peers(out).get(nid, {})
 
         parallel([n for n in self.nodes if n.name in failing], read)
 
@@ -329,6 +342,26 @@ def stale_entry(holder: str, addr: str, toward: str, owner: str) -> str:
     )
 
 
+def never_learned(holder: str, addr: str, owner: str) -> str:
+    """The hint for a pair one of whose ends has no entry for the other's probe: a ping needs
+    both ways, so both directions fail whichever end lacks it."""
+    return (
+        f"{holder} has no entry for {owner}'s probe ({addr}): its overlay never learned that "
+        f"container (its join's gossip event did not reach {holder}, and no lookup found it; a "
+        "sandbox made before gossip does not look up at all), so the pair has no way either direction"
+    )
+
+
+def unlearned(matrix: Matrix, src: str, dst: str) -> str | None:
+    """never_learned() for the end, if either, whose table (read after the pings) lacks the
+    other's probe. A table read empty proves nothing: it is no reading."""
+    for holder, owner in ((src, dst), (dst, src)):
+        table, addr = matrix.learned.get(holder), matrix.addresses.get(owner, "")
+        if table and addr and addr not in table:
+            return never_learned(holder, addr, owner)
+    return None
+
+
 def full_size_lost(src: str, dst: str, detail: str, path: int = 0) -> str:
     """The hint for a pair whose small pings pass and whose full-size packet does not; with
     the path's MTU as measured (0: not), the network.mtu that would fit."""
@@ -360,9 +393,10 @@ def diagnose(matrix: Matrix, nodes: list[Node]) -> dict[tuple[str, str], str]:
     First a stale entry (read before the probes started): one of the two hosts sends the
     other's probe address to a third host, because that address was someone else's before
     (IPAM gives freed addresses again); then the kernel sends the pings, or the replies,
-    there. Else, if small pings pass, only the full-size packet failed: the path's MTU; or
-    only the TCP stream: something that reads the overlay's payload. Else,
-    if each dockerd's gossip last saw the other join, the control plane (7946) works while
+    there. Else, if pings by IP fail and one end's table (read after them) has no entry for
+    the other's probe, that end never learned it. Else, if small pings pass, only the
+    full-size packet failed: the path's MTU; or only the TCP stream: something that reads
+    the overlay's payload. Else, if each dockerd's gossip last saw the other join, the control plane (7946) works while
     the data plane does not, which is VXLAN's port."""
     by_name = {n.name: n for n in nodes}
     sent_astray = {n.name: peers.stale(n, nodes) for n in nodes}
@@ -376,6 +410,8 @@ def diagnose(matrix: Matrix, nodes: list[Node]) -> dict[tuple[str, str], str]:
             hints[(src, dst)] = stale_entry(src, to_dst, sent_astray[src][to_dst], dst)
         elif sent_astray[dst].get(to_src, src) != src:
             hints[(src, dst)] = stale_entry(dst, to_src, sent_astray[dst][to_src], src)
+        elif not matrix.results.get((src, dst, "ip"), (False, ""))[0] and (missing := unlearned(matrix, src, dst)):
+            hints[(src, dst)] = missing
         elif matrix.results.get((src, dst, "ip"), (False, ""))[0]:
             full, stream = matrix.results.get((src, dst, "mtu")), matrix.results.get((src, dst, "tcp"))
             if full is not None and not full[0]:
