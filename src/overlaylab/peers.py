@@ -60,6 +60,27 @@ def stale(node: Node, nodes: Iterable[Node]) -> dict[str, str]:
     }
 
 
+def toward_gone(node: Node, gone: dict[str, str]) -> dict[str, str]:
+    """address -> the old cluster address (VTEP) this host's overlay still sends it to, of a
+    host whose address moved and which this run restarted under its new one (``gone``: old
+    address -> that host). The entries judged by stale() are toward live addresses only;
+    these are toward one no host has any more, so only the run that saw the move knows them."""
+    f = node.facts
+    nid = str((f.network or {}).get("Id") or "")[:10]
+    if not nid or not gone or f.docker_active != "active":
+        return {}
+    return {ip: vtep for ip, vtep in sorted(f.peers.get(nid, {}).items()) if gone.get(vtep, node.name) != node.name}
+
+
+def describe_gone(found: dict[str, str], gone: dict[str, str]) -> str:
+    where = ", ".join(f"{ip} to {gone[vtep]}'s old address {vtep}" for ip, vtep in found.items())
+    return (
+        f"its overlay still sends {where}, which that host no longer has (it moved, and its "
+        "containers' leaves did not reach this host's table): traffic to those containers "
+        "goes to an address no host holds; only a restart of its dockerd forgets them"
+    )
+
+
 def describe(found: dict[str, str]) -> str:
     """The reason, as the plan, `fab verify` and `fab status` say it."""
     where = ", ".join(f"{ip} to {host}" for ip, host in found.items())

@@ -117,6 +117,9 @@ class Ledger:
     # hosts whose containers on the network this pass stops and starts again (a restart with any
     # there, an anchor made again, a container reconnected): only theirs can change address
     moved: set[str] = field(default_factory=set)
+    # old cluster address -> the host that had it: hosts this pass restarted under a moved
+    # address (DHCP); other hosts' overlays may still send its containers' addresses there
+    gone: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -301,10 +304,13 @@ def restarting(ctx: Context, host: str, why: str) -> None:
     """A restart of this pass, in the ledger; with the containers on the network its facts
     show before it (a restart stops and starts them: their addresses may move), or with
     containers unknown: a dockerd that was stopped or did not answer listed none, and those
-    it starts again take the first free addresses all the same."""
+    it starts again take the first free addresses all the same. A host whose cluster address
+    moved too: the other hosts' entries toward its old address are read after its restart."""
     add_restart(ctx.ledger.restarts, host, why)
     f = ctx.nodes[host].facts
     if f.attached or f.docker_active != "active" or not f.info.get("ServerVersion"):
+        ctx.ledger.moved.add(host)
+    if ctx.nodes[host].address_moved():
         ctx.ledger.moved.add(host)
 
 

@@ -274,6 +274,71 @@ def move_address(lab: Lab, i: int, new: str) -> str:
     return old.split("/")[0]
 
 
+def sent_to(lab: Lab, address: str) -> dict[str, int]:
+    """host -> how many FDB entries of its overlay sandboxes send a MAC to ``address``, read by
+    the test itself; every host answers (an unread host fails the test)."""
+    read = (
+        'n=0; for f in /run/docker/netns/*-*; do [ -e "$f" ] || continue; '
+        f"n=$((n + $(nsenter --net=$f bridge fdb show 2>/dev/null | grep -c ' dst {address} '))); done; echo $n"
+    )
+    return {name(i): int(on(lab, i, read)) for i in HOSTS}
+
+
+def moved_and_healed(lab: Lab, i: int, new: str) -> str:
+    """Host i's address moves to ``new`` and one `bootstrap-cluster --allow-restart` heals:
+    host i restarts for its move, any other only for entries toward its old address (or
+    stale peers, as heal() allows); afterwards no host sends to the old address, and fresh
+    containers and the users' own ping every pair. Returns the old address."""
+    now = on(lab, i, "ip -4 -o addr show dev eth1 | awk '{print $4}' | cut -d/ -f1")
+    before = sent_to(lab, now)
+    assert all(n > 0 for h, n in before.items() if h != name(i)), before  # the others send its containers there
+    old = move_address(lab, i, new)
+    assert old == now
+    listening = on(lab, i, "ss -Hltn 'sport = :7946' | awk '{print $4}'")
+    assert listening == f"{old}:7946", listening  # the fault as made: its gossip on the old address alone
+    code, doc, err = fab("bootstrap-cluster", "--allow-restart", "--inventory", str(lab.inventory("abc", HOSTS)))
+    assert code == 0, err
+    assert " blocked" not in err and " rejected" not in err, err  # the probe listened at the new address
+    restarts: dict[str, str] = doc["restarts"]
+    assert f"dockerd advertises {old}, but eth1 now has {new}" in restarts[name(i)], restarts
+    for host, why in restarts.items():
+        if host != name(i):
+            assert why.startswith(healing.PEERS_REASON) and f"{name(i)}'s old address {old}" in why, restarts
+    assert sent_to(lab, old) == dict.fromkeys(map(name, HOSTS), 0)
+    assert healing.users_running(lab, HOSTS) == dict.fromkeys(map(name, HOSTS), "true")
+    failed = healing.pings(lab, HOSTS) + healing.users_pings(lab, HOSTS)
+    assert not failed, f"after {name(i)} moved from {old} to {new} and a re-run restarted {restarts}:\n" + "\n".join(
+        failed
+    )
+    print(f"{name(i)} moved from {old} to {new}: the re-run restarted {sorted(restarts)}")
+    return old
+
+
+def test_a_moved_workers_address_is_healed_by_one_re_run_and_so_is_its_move_back(lab: Lab) -> None:
+    """bm-docker-02's address moves, as a DHCP lease can. Its dockerd still gossips, and
+    registers, under the old one, and the other hosts' overlays send its containers' addresses
+    there. First the dry run: its port probe listens on the new address itself (a connection
+    there was refused, by nobody, and the preflight said "tcp/7946 (gossip) blocked"): no
+    path is blocked, and 02 is planned to restart for its move; nothing changes. Then one
+    re-run heals it (moved_and_healed()); then the address moves back, which is a move too,
+    and one re-run heals that."""
+    before = dockerd_pids(lab)
+    old = move_address(lab, 2, "10.217.1.112")
+    try:
+        code, doc, err = fab(
+            "bootstrap-cluster", "--dry-run", "--allow-restart", "--inventory", str(lab.inventory("abc", HOSTS))
+        )
+    finally:
+        move_address(lab, 2, old)
+    assert code == 0 and doc["changes"] == 0, err
+    assert " blocked" not in err and " rejected" not in err, err
+    planned = json.dumps(doc["hosts"][name(2)])
+    assert f"dockerd advertises {old}, but eth1 now has 10.217.1.112" in planned, planned
+    assert dockerd_pids(lab) == before
+    moved_and_healed(lab, 2, "10.217.1.112")
+    moved_and_healed(lab, 2, old)
+
+
 def test_a_moved_manager_address_is_refused(lab: Lab) -> None:
     """The manager's address moves: refused (exit 2), both addresses named, nothing changed.
     Moved back, one re-run mends what its absence did to gossip (the workers saw it fail,

@@ -112,3 +112,30 @@ def test_a_failed_pair_whose_probe_address_one_host_sends_elsewhere_is_named_a_s
     matrix.results = {("bm-docker-02", "bm-docker-03", "ip"): (False, "100% packet loss")}
     assert diagnose(matrix, nodes) == {("bm-docker-02", "bm-docker-03"): LIKELY_VXLAN}
     assert matrix.as_dict()["addresses"] == matrix.addresses
+
+
+def test_entries_toward_the_old_address_of_a_host_that_moved_are_named_only_by_the_run_that_saw_it() -> None:
+    """bm-docker-03 moved from 10.218.1.13 to 10.218.1.43 and the run restarted it: bm-docker-02
+    still sends .6 and .3 to the old address. stale() leaves them alone (toward no live host);
+    toward_gone() names them from the run's ledger, and the peers step gives both reasons."""
+    from overlaylab.steps.stale import MendPeers
+
+    one = node("bm-docker-01", host("10.218.1.11", ["10.218.9.2"]), "manager")
+    two = node("bm-docker-02", host("10.218.1.12", [], RECORDED))
+    three = node("bm-docker-03", host("10.218.1.43", ["10.218.9.3", "10.218.9.6"], RECORDED))
+    nodes = [one, two, three]
+    gone = {"10.218.1.13": "bm-docker-03"}
+    assert peers.stale(two, nodes) == {}
+    assert peers.toward_gone(two, gone) == {"10.218.9.3": "10.218.1.13", "10.218.9.6": "10.218.1.13"}
+    assert peers.toward_gone(two, {}) == {} and peers.toward_gone(one, gone) == {}
+    assert peers.toward_gone(three, gone) == {}  # entries toward its own old address are not a peer's
+    inventory = inv(*(n.host for n in nodes))
+    given = RunInput(inventory, Options(), Topology.of(inventory), tuple(n.name for n in nodes))
+    ctx = Context(given, {n.name: n for n in nodes}, RunReport("bootstrap-cluster", [n.name for n in nodes]), dry=False)
+    ctx.ledger.gone.update(gone)
+    why = MendPeers.stale(ctx, two, nodes)
+    assert why is not None and why.startswith(
+        "its overlay still sends 10.218.9.3 to bm-docker-03's old address 10.218.1.13, "
+        "10.218.9.6 to bm-docker-03's old address 10.218.1.13, which that host no longer has"
+    ), why
+    assert MendPeers.stale(ctx, one, nodes) is None

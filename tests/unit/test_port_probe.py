@@ -9,8 +9,9 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+from dataclasses import replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -84,3 +85,101 @@ def test_a_listener_that_cannot_bind_is_not_probed_and_says_why(probe_dir: Path)
     line = next(line for line in out.splitlines() if line.startswith(f"N tcp {port.number} "))
     assert "did not bind" in line and "Address already in use" in line and "held by" in line, out
     assert f"L tcp {port.number}" not in out
+
+
+def test_a_refused_connect_is_told_from_one_that_connects() -> None:
+    """send_command(): a connect to a port where nothing listens on loopback is `refused` (a
+    reset), not `fail` (no answer: a dropped path); one to a listener is `ok`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as up:
+        up.bind(("127.0.0.1", 0))
+        up.listen()
+        listening = table.Port("tcp", up.getsockname()[1], "t", table.DOCKERD, "t")
+        closed = table.Port("tcp", free_port(socket.SOCK_STREAM), "t", table.DOCKERD, "t")
+        sent = bash(
+            ports.send_command(
+                cast(Node, Local("sender")), [("up", "127.0.0.1", listening), ("closed", "127.0.0.1", closed)]
+            )
+        )
+    assert sorted(sent.splitlines()) == sorted([f"T up {listening.number} ok", f"T closed {closed.number} refused"]), (
+        sent
+    )
+
+
+def test_a_dockerd_port_held_on_another_address_is_probed_by_a_listener_on_the_new_one(probe_dir: Path) -> None:
+    """A dockerd whose cluster address moved still listens on the old one: the probe's own
+    listener binds the new address beside it (the kernel allows it), so the path to the new
+    address is probed, not refused by nobody (issue 31: "tcp/7946 blocked" where none was)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as old:
+        old.bind(("127.0.0.2", 0))
+        old.listen()
+        port = table.Port("tcp", old.getsockname()[1], "gossip", table.DOCKERD, "t")
+        try:
+            out = bash(ports.listen_command(cast(Node, Local("receiver")), [port]))
+            sent = bash(ports.send_command(cast(Node, Local("sender")), [("receiver", "127.0.0.1", port)]))
+        finally:
+            bash(ports.collect_command({}))
+    assert f"L tcp {port.number}" in out.splitlines(), out
+    assert sent.split() == ["T", "receiver", str(port.number), "ok"]
+
+
+class Moved(Node):
+    """A fake kv host at 10.0.0.2 whose dockerd (active, --cluster-advertise) holds tcp/7946 on
+    ``held_at``; the commands it is sent are kept, and its listeners bind."""
+
+    def __init__(self, held_at: str) -> None:
+        from overlaylab.facts import HostFacts, Socket
+        from overlaylab.inventory import Host
+
+        sockets = [Socket("tcp", held_at, 7946, "dockerd", 42)]
+        facts = HostFacts(
+            docker_active="active",
+            exec_start="dockerd --cluster-advertise=eth1:2376",
+            info={"ClusterAdvertise": f"{held_at}:2376"},  # what dockerd resolved at its start
+            advertise_ips=["10.0.0.2"],
+            sockets=sockets,
+        )
+        super().__init__(Host("w", "10.0.0.2", "worker", "eth1"), conn=cast(Any, None), facts=facts)
+        self.ran: list[str] = []
+
+    def sh(self, command: str, check: bool = True) -> str:
+        self.ran.append(command)
+        return "L tcp 7946\n" if "systemd-socket-activate" in command else ""
+
+
+@pytest.mark.parametrize(("held_at", "ours"), [("10.0.0.9", True), ("10.0.0.2", False), ("0.0.0.0", False)])
+def test_only_a_dockerd_port_held_on_another_address_gets_the_probes_listener(held_at: str, ours: bool) -> None:
+    """_Round.listen(): held on the host's cluster address or on every address, the port is
+    its holder's, probed against it; held on another address only, the probe listens there."""
+    from collections import defaultdict
+
+    from overlaylab.topology import Topology
+
+    gossip = table.Port("tcp", 7946, "gossip", table.DOCKERD, "dockerd's gossip")
+    node = Moved(held_at)
+    topo = cast(Topology, type("T", (), {"manager": "m"})())
+    found = ports.Probed(defaultdict(list), defaultdict(list), {}, defaultdict(list))
+    rnd = ports._Round(topo, [node], [gossip], found, 1450)
+    rnd.listen(node)
+    assert any("systemd-socket-activate" in c and "10.0.0.2:7946" in c for c in node.ran) is ours, node.ran
+    assert rnd.probed["w"] == [gossip]  # probed either way: through ours, or against its holder
+
+
+def test_a_refused_probe_is_said_rejected_and_a_silent_one_blocked() -> None:
+    """judge(): a reset where a listener is up is a firewall's reject; no answer is a drop."""
+    from collections import defaultdict
+
+    from overlaylab.topology import Topology
+
+    gossip = table.Port("tcp", 7946, "gossip", table.DOCKERD, "dockerd's gossip")
+    a, b, c = Moved("10.0.0.2"), Moved("10.0.0.2"), Moved("10.0.0.2")
+    a.host, b.host, c.host = (replace(a.host, name=n) for n in ("a", "b", "c"))
+    topo = cast(Topology, type("T", (), {"manager": "m"})())
+    found = ports.Probed(defaultdict(list), defaultdict(list), {}, defaultdict(list))
+    rnd = ports._Round(topo, [a, b, c], [gossip], found, 1450)
+    rnd.probed = {"a": [gossip], "b": [], "c": []}
+    rnd.results = {("b", "a", 7946): "refused", ("c", "a", 7946): "fail"}
+    rnd.judge()
+    said = found.blocked["a"]
+    assert len(said) == 2, said
+    assert said[0].startswith("b -> a: tcp/7946") and "rejected" in said[0] and "dockerd (PID 42) listens" in said[0]
+    assert said[1].startswith("c -> a: tcp/7946") and " blocked: " in said[1]

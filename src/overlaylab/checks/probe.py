@@ -58,8 +58,28 @@ def served(topo: Topology, node: Node, ports: list[Port]) -> list[Port]:
     return on_host(ports, node.name == topo.manager)
 
 
+WILDCARD = {"0.0.0.0", "*", "::", ""}  # as `ss` prints an address that is every address
+
+
 def held(node: Node, port: Port) -> bool:
-    return any((s.proto, s.port) == (port.proto, port.number) for s in node.facts.sockets)
+    """Something listens on the port on the host's cluster address, or on every address."""
+    return any(
+        (s.proto, s.port) == (port.proto, port.number) and (s.address in WILDCARD or s.address == node.advertise_ip)
+        for s in node.facts.sockets
+    )
+
+
+def held_elsewhere(node: Node, port: Port) -> bool:
+    """dockerd's port is held, on another address only: a dockerd whose cluster address moved (its
+    gossip listens on the address it had; the plan restarts it, and it listens on the new
+    one). A connection to the new address is refused there, which is no blocked path: the
+    probe listens on the new address itself (a bind the kernel allows beside the other)."""
+    return (
+        port.owner == DOCKERD
+        and node.address_moved() is not None
+        and not held(node, port)
+        and any((s.proto, s.port) == (port.proto, port.number) for s in node.facts.sockets)
+    )
 
 
 def claimed(node: Node, port: Port) -> bool:
@@ -116,7 +136,8 @@ def listen_command(node: Node, ports: list[Port]) -> str:
 
 def send_command(source: Node, targets: list[tuple[str, str, Port]], ladder: str = "") -> str:
     """targets: (host, its cluster IP, port). UDP: three datagrams carrying the sender's name;
-    TCP: a connect, judged here (`T host port ok|fail`). ``ladder``: the path MTU's pings
+    TCP: a connect, judged here (`T host port ok|refused|fail`: refused is a reset, fail no
+    answer within SEND_TIMEOUT or another error). ``ladder``: the path MTU's pings
     (pathmtu.script), sent in the same command once the sends are done."""
     parts = []
     for host, ip, p in targets:
@@ -126,7 +147,8 @@ def send_command(source: Node, targets: list[tuple[str, str, Port]], ladder: str
         else:
             connect = shlex.quote(f"echo {source.name} > /dev/tcp/{ip}/{p.number}")
             parts.append(
-                f"( if timeout {SEND_TIMEOUT} bash -c {connect} 2>/dev/null; then echo 'T {host} {p.number} ok'; "
+                f"( if err=$(timeout {SEND_TIMEOUT} bash -c {connect} 2>&1); then echo 'T {host} {p.number} ok'; "
+                f"elif [[ $err == *'Connection refused'* ]]; then echo 'T {host} {p.number} refused'; "
                 f"else echo 'T {host} {p.number} fail'; fi ) &"
             )
     after = [ladder] if ladder else []  # after the sends: its pings add no load to their 2 s connects
@@ -172,13 +194,15 @@ class _Round:
     started: set[str] = field(default_factory=set)  # hosts where listeners were started: each is collected
     listening: dict[str, set[Port]] = field(default_factory=lambda: defaultdict(set))  # through our listener
     probed: dict[str, list[Port]] = field(default_factory=dict)  # every port tried on a host (ours, or TCP held)
-    results: dict[tuple[str, str, int], bool] = field(default_factory=dict)  # (source, target, tcp port) -> connected
+    results: dict[tuple[str, str, int], str] = field(
+        default_factory=dict
+    )  # (source, target, tcp port) -> ok|refused|fail
     received: dict[tuple[str, str, int], set[str]] = field(default_factory=dict)  # (target, proto, port) -> senders
     sent: bool = False
 
     def listen(self, node: Node) -> None:
         served_here = served(self.topo, node, self.ports)
-        free = [p for p in served_here if not held(node, p) and not claimed(node, p)]
+        free = [p for p in served_here if not held(node, p) and (held_elsewhere(node, p) or not claimed(node, p))]
         if free:
             self.started.add(node.name)
             out = node.sh(listen_command(node, free), check=False).splitlines()
@@ -205,7 +229,7 @@ class _Round:
         for line in out.splitlines():
             parts = line.split()
             if len(parts) == 4 and parts[0] == "T":
-                self.results[(node.name, parts[1], int(parts[2]))] = parts[3] == "ok"
+                self.results[(node.name, parts[1], int(parts[2]))] = parts[3]
 
     def collect(self, node: Node) -> None:
         senders = [n.name for n in self.nodes if n is not node]
@@ -232,14 +256,27 @@ class _Round:
             for p in self.probed.get(target.name, []):
                 for source in (n for n in self.nodes if n is not target):
                     if p.proto == "tcp":
-                        ok = self.results.get((source.name, target.name, p.number), False)
+                        said = self.results.get((source.name, target.name, p.number), "fail")
                     else:
-                        ok = source.name in self.received.get((target.name, p.proto, p.number), set())
-                    if not ok:
+                        said = "ok" if source.name in self.received.get((target.name, p.proto, p.number), set()) else ""
+                    if said == "refused":  # a listener is up on that address (ours, or its holder): a reject
+                        self.found.blocked[target.name].append(
+                            f"{source.name} -> {target.name}: {p.label} rejected (its connection refused at "
+                            f"{target.advertise_ip}, where {self.listener(target, p)} listens): allow it in "
+                            f"{target.name}'s firewall and any between"
+                        )
+                    elif said != "ok":
                         self.found.blocked[target.name].append(
                             f"{source.name} -> {target.name}: {p.label} blocked: allow it in {target.name}'s "
                             "firewall and any between"
                         )
+
+    def listener(self, node: Node, port: Port) -> str:
+        """Who listens on the port where the probe connected: ours, or the daemon holding it."""
+        if port in self.listening.get(node.name, set()):
+            return "the probe's listener"
+        found = next((s for s in node.facts.sockets if (s.proto, s.port) == (port.proto, port.number)), None)
+        return found.holder() if found else "its holder"
 
 
 def check(inv: Inventory, nodes: list[Node], mode: str) -> Probed:

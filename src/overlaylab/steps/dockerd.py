@@ -286,6 +286,7 @@ class Dockerd(Step[DropIn]):
         if d.store_move:
             done += f"; its store now {d.store_move}"
         if between is not None:
+            ctx.ledger.gone[old] = node.name
             wait_rejoined(ctx, node)
             done += f"; the other hosts' gossip took it in as {node.advertise_ip}"
         if held:

@@ -52,7 +52,7 @@ class MendPeers(Dockerd):
             False,
             f"after the restarts and anchors of this run (on {', '.join(moved)}): read its overlay's peers again, "
             "and restart dockerd if they send an address to a host where no container has it (a container "
-            "started again takes the first free address)",
+            "started again takes the first free address), or to the old address of a host that moved",
             check=True,
         )
 
@@ -65,7 +65,7 @@ class MendPeers(Dockerd):
         return Maybe(
             f"if, after the restarts and anchors of this run (on {', '.join(moved)}), its overlay sends an address "
             "to a host where no container has it any more (a container started again takes the first free "
-            f"address){rule}",
+            f"address), or to the old address of a host that moved{rule}",
             restart=True,
         )
 
@@ -89,20 +89,30 @@ class MendPeers(Dockerd):
             for name, exc in parallel(live, lambda n: gather.read_one(ctx.inv, n)).items():
                 fail(ctx, "facts", name, f"reading facts again failed: {type(exc).__name__}: {exc}")
             live = [n for n in live if n.name not in ctx.ledger.failed]
-            found = {n.name: f for n in live if n.name in order and (f := peers.stale(n, live))}
+            found = {n.name: why for n in live if n.name in order and (why := self.stale(ctx, n, live))}
             if not found or done == PASSES:
                 break
             for host in order:
                 if ctx.topo.manager in ctx.ledger.failed:
                     return  # as in the Dockerd step: a manager that failed to come up stops the run
                 if host in found and host not in ctx.ledger.failed:
-                    self.restart(ctx, ctx.nodes[host], peers.describe(found[host]))
+                    self.restart(ctx, ctx.nodes[host], found[host])
                     mended.add(host)
         for host in ctx.live(order):
             if host in found:
-                fail(ctx, self.name, host, f"still, after {PASSES} passes of restarts: {peers.describe(found[host])}")
+                fail(ctx, self.name, host, f"still, after {PASSES} passes of restarts: {found[host]}")
             elif host not in mended:  # a mended host's line is its restart
                 ctx.report.record(host, self.name, "ok", "its overlay sends no address to a host where none runs")
+
+    @staticmethod
+    def stale(ctx: Context, node: Node, live: list[Node]) -> str | None:
+        """Why this host's peers are stale, if they are: addresses sent to a live host where no
+        container has them, or to the old address of a host this run restarted after it moved."""
+        found, gone = peers.stale(node, live), peers.toward_gone(node, ctx.ledger.gone)
+        said = ([peers.describe(found)] if found else []) + (
+            [peers.describe_gone(gone, ctx.ledger.gone)] if gone else []
+        )
+        return "; ".join(said) or None
 
     def restart(self, ctx: Context, node: Node, reason: str) -> None:
         d, _ = self.wanted(ctx, node)
