@@ -564,6 +564,17 @@ class HostFacts:
         return parse_version(self.version)
 
     @property
+    def gossip_left_behind(self) -> str:
+        """The address dockerd's gossip listens on, where the host no longer has it (its
+        cluster address moved: dockerd resolved it once, at its start), else ""."""
+        held = (s.address for s in self.sockets if (s.proto, s.port, s.process) == ("tcp", 7946, "dockerd"))
+        return next((a for a in held if a not in ("0.0.0.0", "*", "::", "") and a not in self.advertise_ips), "")
+
+    @property
+    def info_stalled(self) -> bool:
+        return self.info_error.endswith("exited 124")
+
+    @property
     def cluster_store(self) -> str:
         return str(self.info.get("ClusterStore") or "")
 

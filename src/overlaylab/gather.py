@@ -24,10 +24,15 @@ def read_one(inv: Inventory, node: Node, only: tuple[str, ...] | None = None) ->
         else None
     )
     script = facts.script(node.host.advertise, store, inv.network, ports.watched(inv), only)
-    _, out, err = node.result(script)
-    if facts.MARK + "end" not in out:
-        raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
-    node.facts = facts.parse(out, node.host.advertise, inv.network)
+    for _ in range(2):
+        _, out, err = node.result(script)
+        if facts.MARK + "end" not in out:
+            raise InputError(f"{node.name}: reading facts failed (sudo?): {(err or out).strip()[-300:]}")
+        node.facts = facts.parse(out, node.host.advertise, inv.network)
+        # its cluster address moved: dockerd's store connections from the old address hang,
+        # and the request that took one stalls (~5-20 s on the lab); the next gets a new one
+        if not (node.facts.info_stalled and node.facts.gossip_left_behind):
+            break
     if store is not None and (manager or server) and not node.facts.store_leader:
         node.facts.store_leader = leader_over_https(inv, node)
 

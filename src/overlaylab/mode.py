@@ -39,7 +39,14 @@ def engine_problem(node: Node) -> str | None:
     f = node.facts
     version = f.version_tuple
     if version is None:
-        if f.info_error.endswith("exited 124"):
+        if f.info_stalled and f.gossip_left_behind:
+            return (
+                f"docker info did not answer in {INFO_TIMEOUT} s, twice: its dockerd still gossips on "
+                f"{f.gossip_left_behind}, which its cluster interface no longer has "
+                f"({', '.join(f.advertise_ips) or 'no address'} now), and its store connections from there hang: "
+                "restart its dockerd (`systemctl restart docker`), then re-run"
+            )
+        if f.info_stalled:
             return (
                 f"docker info did not answer in {INFO_TIMEOUT} s (a dockerd with a cluster store stalls while it "
                 "cannot reach the store: is the manager's Consul reachable at the address its drop-in names?)"

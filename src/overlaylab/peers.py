@@ -24,8 +24,12 @@ reason (steps/dockerd.py), under the --allow-restart rule.
 
 An entry is judged only against a host of the run whose facts were read and whose dockerd
 runs (its own containers on the network are the truth); one toward a host that does not
-answer is left alone. A container started on the other host between the two hosts'
-facts would look stale here for that moment: a restart more, reported, never a loss."""
+answer is left alone, and so is one toward an address no host has, except the old address
+of a host whose move the run itself saw and restarted it for (toward_gone: the run's
+ledger knows it; measured: after a worker's move every other host still sent its
+containers' addresses to the old one, and their new joins did not replace them). A
+container started on the other host between the two hosts' facts would look stale here
+for that moment: a restart more, reported, never a loss."""
 
 from __future__ import annotations
 

@@ -103,3 +103,74 @@ def test_each_section_asks_the_engine_api_for_what_the_cli_asked(tmp_path: Path)
     query = {name: urllib.parse.parse_qs(urllib.parse.urlsplit(urls[name]).query) for name in ("attached", "overlays")}
     assert json.loads(query["attached"]["filters"][0]) == {"network": ["ov_net1"]} and query["attached"]["all"] == ["1"]
     assert json.loads(query["overlays"]["filters"][0]) == {"driver": ["overlay"]}
+
+
+def moved(text: str, stalled: bool) -> str:
+    """The recorded worker's output as after its cluster address moved from .12 to .42: eth1
+    has the new address, dockerd's gossip still listens on the old one; ``stalled``: its
+    `docker info` section timed out (curl's 28, said as timeout's 124)."""
+    lines = text.splitlines()
+    at = lines.index(facts.MARK + "info")
+    if stalled:
+        lines[at + 1] = "docker info exited 124"
+    out = "\n".join(lines) + "\n"
+    return out.replace('"local":"10.214.1.12"', '"local":"10.214.1.42"')
+
+
+class Stalls:
+    """A fake host (no SSH) that answers the facts script with the given outputs in turn."""
+
+    def __init__(self, *outputs: str) -> None:
+        from overlaylab.inventory import Host
+
+        self.outputs, self.reads = list(outputs), 0
+        self.host, self.facts = Host("bm-docker-02", "10.214.0.12", "worker", "eth1"), HostFacts()
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    def result(self, command: str) -> tuple[int, str, str]:
+        self.reads += 1
+        return 0, self.outputs.pop(0), ""
+
+
+@pytest.mark.parametrize(("outputs", "reads", "stalled"), [(2, 2, False), (3, 2, True), (1, 1, True)])
+def test_a_stall_where_dockerd_gossips_on_an_address_the_host_lost_is_read_once_more(
+    outputs: int, reads: int, stalled: bool
+) -> None:
+    """gather.read_one(): a moved host's first read stalls on a store connection from its old
+    address; it reads once more (2 outputs: stalled, then answered). Stalled twice, the
+    engine check names the address left behind. A stall with no move (1: the recorded
+    output stalled, eth1 unmoved) is read once, and said as before."""
+    from typing import cast
+
+    from overlaylab import gather, mode
+    from overlaylab.cluster import Node
+    from overlaylab.inventory import Host
+    from tests.unit.test_facts_render import inv
+
+    text = (DATA / "facts-kv-worker-api.txt").read_text()
+    if outputs == 1:
+        given = [
+            text.replace(text.splitlines()[text.splitlines().index(facts.MARK + "info") + 1], "docker info exited 124")
+        ]
+    else:
+        given = [moved(text, True), moved(text, outputs == 3)]
+    node = Stalls(*given)
+    manager = Host("bm-docker-01", "10.214.0.11", "manager", "eth1")
+    gather.read_one(inv(manager, node.host), cast(Node, node))
+    assert node.reads == reads and node.facts.info_stalled is stalled
+    problem = mode.engine_problem(cast(Node, node))
+    if outputs == 1:
+        assert node.facts.gossip_left_behind == "" and problem is not None and "is the manager's Consul" in problem
+    elif stalled:
+        assert node.facts.gossip_left_behind == "10.214.1.12" and node.facts.advertise_ips == ["10.214.1.42"]
+        assert (
+            problem is not None
+            and "still gossips on 10.214.1.12, which its cluster interface no longer has (10.214.1.42 now)" in problem
+        )
+    else:
+        assert problem is None and node.facts.info["ServerVersion"]
+        # answered: dockerd's own word shows the move (the dockerd step restarts it for it)
+        assert node.facts.cluster_advertise.startswith("10.214.1.12:") and node.facts.advertise_ips == ["10.214.1.42"]
