@@ -12,7 +12,7 @@ import json
 import re
 import shlex
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ ROLE_LABEL = "overlaylab.role"
 ANCHOR_PREFIX = "overlaylab-anchor-"  # + the host: steps/anchor.py
 PROBE_PREFIX = "olab-probe-"  # + the host and the run: checks/verify.py
 MARK = "@@overlaylab:"
+GOSSIP_PORT = 7946  # dockerd's gossip (serf), tcp and udp: ports.py lists it for the cluster
 INFO_TIMEOUT = 20  # seconds `docker info` may take; 124: it did not answer (see mode.engine_problem)
 CONSUL_KEY_FILE = "/etc/overlaylab/consul/gossip.json"  # HA mode's gossip key, root-only (steps/consul.py)
 HOST_TLS = "/etc/overlaylab/tls"  # the docker API's TLS files, root-only (steps/tls.py)
@@ -387,6 +388,13 @@ class Socket:
     def holder(self) -> str:
         return f"{self.process} (PID {self.pid})" if self.process else "the kernel (a VXLAN device)"
 
+    def on(self, addresses: Iterable[str]) -> bool:
+        """Listening on one of these addresses, or on every address."""
+        return self.address in WILDCARD or self.address in addresses
+
+
+WILDCARD = ("0.0.0.0", "*", "::", "")  # as `ss` prints an address that is every address
+
 
 SS_USER = re.compile(r'\(\("([^"]*)",pid=(\d+)')
 
@@ -400,6 +408,7 @@ def parse_sockets(text: str) -> list[Socket]:
         address, _, port = parts[4].rpartition(":")
         if not port.isdigit():
             continue
+        address = address.partition("%")[0]  # `0.0.0.0%eth1`: bound to an interface, every address on it
         user = SS_USER.search(line)
         out.append(
             Socket(parts[0], address.strip("[]"), int(port), user[1] if user else "", int(user[2]) if user else 0)
@@ -567,8 +576,8 @@ class HostFacts:
     def gossip_left_behind(self) -> str:
         """The address dockerd's gossip listens on, where the host no longer has it (its
         cluster address moved: dockerd resolved it once, at its start), else ""."""
-        held = (s.address for s in self.sockets if (s.proto, s.port, s.process) == ("tcp", 7946, "dockerd"))
-        return next((a for a in held if a not in ("0.0.0.0", "*", "::", "") and a not in self.advertise_ips), "")
+        held = (s for s in self.sockets if (s.proto, s.port, s.process) == ("tcp", GOSSIP_PORT, "dockerd"))
+        return next((s.address for s in held if not s.on(self.advertise_ips)), "")
 
     @property
     def info_stalled(self) -> bool:
@@ -842,7 +851,7 @@ FACTS: tuple[Fact, ...] = (
         _attached_command,
         lambda facts, text, w: setattr(facts, "attached", parse_attached(text, w.network)),
     ),
-    Fact("gossip", fixed("ss -Hltn 'sport = :7946' 2>/dev/null"), into("gossip", lambda t: bool(t.strip()))),
+    Fact("gossip", fixed(f"ss -Hltn 'sport = :{GOSSIP_PORT}' 2>/dev/null"), into("gossip", lambda t: bool(t.strip()))),
     Fact(
         "consul_backend",
         # a dockerd running with a cluster store in our drop-in has the backend

@@ -44,7 +44,8 @@ def engine_problem(node: Node) -> str | None:
                 f"docker info did not answer in {INFO_TIMEOUT} s, twice: its dockerd still gossips on "
                 f"{f.gossip_left_behind}, which its cluster interface no longer has "
                 f"({', '.join(f.advertise_ips) or 'no address'} now), and its store connections from there hang: "
-                "restart its dockerd (`systemctl restart docker`), then re-run"
+                "re-run (a hung connection is one request's; a re-run restarts that dockerd, and the hosts "
+                "whose overlay still sends to its old address, which a restart by hand would leave unknown)"
             )
         if f.info_stalled:
             return (

@@ -115,7 +115,8 @@ class Ledger:
     anchors_made: set[str] = field(default_factory=set)  # hosts whose anchor this pass made (again)
     held_addresses: dict[str, str] = field(default_factory=dict)  # host -> its anchor's address before our restart
     # hosts whose containers on the network this pass stops and starts again (a restart with any
-    # there, an anchor made again, a container reconnected): only theirs can change address
+    # there, an anchor made again, a container reconnected): only theirs can change address;
+    # and a host restarted under a moved cluster address (the others' entries toward its old one)
     moved: set[str] = field(default_factory=set)
     # old cluster address -> the host that had it: hosts this pass restarted under a moved
     # address (DHCP); other hosts' overlays may still send its containers' addresses there

@@ -135,14 +135,16 @@ class Stalls:
         return 0, self.outputs.pop(0), ""
 
 
-@pytest.mark.parametrize(("outputs", "reads", "stalled"), [(2, 2, False), (3, 2, True), (1, 1, True)])
+@pytest.mark.parametrize(
+    ("case", "reads", "stalled"), [("answers", 2, False), ("stalls", 2, True), ("unmoved", 1, True)]
+)
 def test_a_stall_where_dockerd_gossips_on_an_address_the_host_lost_is_read_once_more(
-    outputs: int, reads: int, stalled: bool
+    case: str, reads: int, stalled: bool
 ) -> None:
     """gather.read_one(): a moved host's first read stalls on a store connection from its old
-    address; it reads once more (2 outputs: stalled, then answered). Stalled twice, the
-    engine check names the address left behind. A stall with no move (1: the recorded
-    output stalled, eth1 unmoved) is read once, and said as before."""
+    address; it reads once more, which answers, or stalls again ("stalls": the engine check
+    names the address left behind). A stall with no move ("unmoved": the recorded output
+    stalled, eth1 as it was) is read once, and said as before."""
     from typing import cast
 
     from overlaylab import gather, mode
@@ -151,18 +153,18 @@ def test_a_stall_where_dockerd_gossips_on_an_address_the_host_lost_is_read_once_
     from tests.unit.test_facts_render import inv
 
     text = (DATA / "facts-kv-worker-api.txt").read_text()
-    if outputs == 1:
+    if case == "unmoved":
         given = [
             text.replace(text.splitlines()[text.splitlines().index(facts.MARK + "info") + 1], "docker info exited 124")
         ]
     else:
-        given = [moved(text, True), moved(text, outputs == 3)]
+        given = [moved(text, True), moved(text, case == "stalls")]
     node = Stalls(*given)
     manager = Host("bm-docker-01", "10.214.0.11", "manager", "eth1")
     gather.read_one(inv(manager, node.host), cast(Node, node))
     assert node.reads == reads and node.facts.info_stalled is stalled
     problem = mode.engine_problem(cast(Node, node))
-    if outputs == 1:
+    if case == "unmoved":
         assert node.facts.gossip_left_behind == "" and problem is not None and "is the manager's Consul" in problem
     elif stalled:
         assert node.facts.gossip_left_behind == "10.214.1.12" and node.facts.advertise_ips == ["10.214.1.42"]
@@ -174,3 +176,16 @@ def test_a_stall_where_dockerd_gossips_on_an_address_the_host_lost_is_read_once_
         assert problem is None and node.facts.info["ServerVersion"]
         # answered: dockerd's own word shows the move (the dockerd step restarts it for it)
         assert node.facts.cluster_advertise.startswith("10.214.1.12:") and node.facts.advertise_ips == ["10.214.1.42"]
+
+
+def test_a_socket_bound_to_an_interface_is_read_with_its_address_alone() -> None:
+    """`ss` prints `0.0.0.0%eth1:7946` for a socket bound to an interface: every address on it."""
+    found = facts.parse_sockets(
+        'tcp LISTEN 0 4096 0.0.0.0%eth1:7946 0.0.0.0:* users:(("dockerd",pid=5,fd=3))\n'
+        'tcp LISTEN 0 4096 10.0.0.9:7946 0.0.0.0:* users:(("dockerd",pid=5,fd=4))\n'
+    )
+    assert [(s.address, s.port, s.process) for s in found] == [
+        ("0.0.0.0", 7946, "dockerd"),
+        ("10.0.0.9", 7946, "dockerd"),
+    ]
+    assert found[0].on(["10.0.0.2"]) and not found[1].on(["10.0.0.2"]) and found[1].on(["10.0.0.9"])

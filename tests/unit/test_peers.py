@@ -139,3 +139,43 @@ def test_entries_toward_the_old_address_of_a_host_that_moved_are_named_only_by_t
         "10.218.9.6 to bm-docker-03's old address 10.218.1.13, which that host no longer has"
     ), why
     assert MendPeers.stale(ctx, one, nodes) is None
+
+
+def test_a_host_holding_entries_toward_a_moving_host_is_refused_before_the_run_without_allow_restart() -> None:
+    """MendPeers.plan(): bm-docker-03 moved (dockerd advertises 10.218.1.13, eth1 has .43) and
+    the run restarts it; bm-docker-02 sends its containers' addresses to .13 and runs a user's
+    container: refused before anything changes, naming the entries; with --allow-restart, not.
+    An old address a live host has now (given again) is no longer gone: nothing named."""
+    from overlaylab.steps.stale import MendPeers
+
+    one = node("bm-docker-01", host("10.218.1.11", ["10.218.9.2"]), "manager")
+    two = node("bm-docker-02", host("10.218.1.12", [], RECORDED))
+    two.facts.containers = {"users_app2": ""}  # a user's (no role label of ours)
+    three = node("bm-docker-03", host("10.218.1.43", ["10.218.9.3", "10.218.9.6"]))
+    three.facts.info = {"ClusterAdvertise": "10.218.1.13:2376"}
+    nodes = [one, two, three]
+    assert three.address_moved() is not None
+    inventory = inv(*(n.host for n in nodes))
+    for allow in (False, True):
+        given = RunInput(inventory, Options(allow_restart=allow), Topology.of(inventory), tuple(n.name for n in nodes))
+        ctx = Context(
+            given, {n.name: n for n in nodes}, RunReport("bootstrap-cluster", [n.name for n in nodes]), dry=True
+        )
+        ctx.ledger.restarts["bm-docker-03"] = "its address moved"
+        ctx.ledger.moved.add("bm-docker-03")
+        planned = MendPeers().plan(ctx, two)
+        assert planned is not None and planned.check
+        if allow:
+            assert planned.refusal is None
+        else:
+            assert planned.refusal is not None and planned.refusal.startswith(
+                "its overlay still sends 10.218.9.3 to bm-docker-03's old address 10.218.1.13"
+            ), planned.refusal
+            assert planned.refusal.endswith("restarting dockerd stops users_app2; pass --allow-restart to go ahead")
+        for_one = MendPeers().plan(ctx, one)  # no entry toward the old address: nothing certain
+        assert for_one is not None and for_one.refusal is None
+    # after the run: the old address given again to a live host is judged as any other
+    ctx.ledger.gone["10.218.1.13"] = "bm-docker-03"
+    again = node("bm-docker-04", host("10.218.1.13", ["10.218.9.3", "10.218.9.6"]))
+    assert MendPeers.stale(ctx, two, [*nodes, again]) is None
+    assert MendPeers.stale(ctx, two, nodes) is not None

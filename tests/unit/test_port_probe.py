@@ -126,7 +126,7 @@ class Moved(Node):
     """A fake kv host at 10.0.0.2 whose dockerd (active, --cluster-advertise) holds tcp/7946 on
     ``held_at``; the commands it is sent are kept, and its listeners bind."""
 
-    def __init__(self, held_at: str) -> None:
+    def __init__(self, held_at: str, info: bool = True) -> None:
         from overlaylab.facts import HostFacts, Socket
         from overlaylab.inventory import Host
 
@@ -134,7 +134,7 @@ class Moved(Node):
         facts = HostFacts(
             docker_active="active",
             exec_start="dockerd --cluster-advertise=eth1:2376",
-            info={"ClusterAdvertise": f"{held_at}:2376"},  # what dockerd resolved at its start
+            info={"ClusterAdvertise": f"{held_at}:2376"} if info else {},  # {}: its `docker info` stalled
             advertise_ips=["10.0.0.2"],
             sockets=sockets,
         )
@@ -146,8 +146,13 @@ class Moved(Node):
         return "L tcp 7946\n" if "systemd-socket-activate" in command else ""
 
 
-@pytest.mark.parametrize(("held_at", "ours"), [("10.0.0.9", True), ("10.0.0.2", False), ("0.0.0.0", False)])
-def test_only_a_dockerd_port_held_on_another_address_gets_the_probes_listener(held_at: str, ours: bool) -> None:
+@pytest.mark.parametrize(
+    ("held_at", "info", "ours"),
+    [("10.0.0.9", True, True), ("10.0.0.9", False, True), ("10.0.0.2", True, False), ("0.0.0.0", True, False)],
+)
+def test_only_a_dockerd_port_held_on_another_address_gets_the_probes_listener(
+    held_at: str, info: bool, ours: bool
+) -> None:
     """_Round.listen(): held on the host's cluster address or on every address, the port is
     its holder's, probed against it; held on another address only, the probe listens there."""
     from collections import defaultdict
@@ -155,7 +160,7 @@ def test_only_a_dockerd_port_held_on_another_address_gets_the_probes_listener(he
     from overlaylab.topology import Topology
 
     gossip = table.Port("tcp", 7946, "gossip", table.DOCKERD, "dockerd's gossip")
-    node = Moved(held_at)
+    node = Moved(held_at, info)
     topo = cast(Topology, type("T", (), {"manager": "m"})())
     found = ports.Probed(defaultdict(list), defaultdict(list), {}, defaultdict(list))
     rnd = ports._Round(topo, [node], [gossip], found, 1450)

@@ -18,7 +18,6 @@ from overlaylab.topology import Topology
 
 PROBE_IMAGE = "busybox:latest"  # the anchors' and verify's probes
 MIN_KERNEL = (3, 16)  # the oldest kernel Docker's overlay driver supports
-WILDCARD = ("0.0.0.0", "*", "::", "")
 
 
 def kernel_problems(f: HostFacts) -> list[str]:
@@ -92,7 +91,7 @@ def port_problems(inv: Inventory, node: Node, mode: str) -> list[str]:
             sock
             for sock in f.sockets
             if (sock.proto, sock.port) == (port.proto, port.number)
-            and sock.address in (*WILDCARD, node.advertise_ip)
+            and sock.on([node.advertise_ip])
             and sock.process not in ours
             and not (not sock.process and probe.claimed(node, port))
         ]

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from overlaylab.checks import pathmtu
 from overlaylab.cluster import Node, parallel
+from overlaylab.facts import Socket
 from overlaylab.inventory import Inventory
 from overlaylab.ports import CONSUL, DOCKERD, KERNEL, Port, cluster_ports, on_host
 from overlaylab.steps.network import DEFAULT_MTU, VXLAN_OVERHEAD
@@ -58,28 +59,23 @@ def served(topo: Topology, node: Node, ports: list[Port]) -> list[Port]:
     return on_host(ports, node.name == topo.manager)
 
 
-WILDCARD = {"0.0.0.0", "*", "::", ""}  # as `ss` prints an address that is every address
+def sockets(node: Node, port: Port) -> list[Socket]:
+    return [s for s in node.facts.sockets if (s.proto, s.port) == (port.proto, port.number)]
 
 
 def held(node: Node, port: Port) -> bool:
     """Something listens on the port on the host's cluster address, or on every address."""
-    return any(
-        (s.proto, s.port) == (port.proto, port.number) and (s.address in WILDCARD or s.address == node.advertise_ip)
-        for s in node.facts.sockets
-    )
+    return any(s.on(node.facts.advertise_ips) for s in sockets(node, port))
 
 
 def held_elsewhere(node: Node, port: Port) -> bool:
     """dockerd's port is held, on another address only: a dockerd whose cluster address moved (its
     gossip listens on the address it had; the plan restarts it, and it listens on the new
     one). A connection to the new address is refused there, which is no blocked path: the
-    probe listens on the new address itself (a bind the kernel allows beside the other)."""
-    return (
-        port.owner == DOCKERD
-        and node.address_moved() is not None
-        and not held(node, port)
-        and any((s.proto, s.port) == (port.proto, port.number) for s in node.facts.sockets)
-    )
+    probe listens on the new address itself (a bind the kernel allows beside the other). Told
+    by the socket's address against the host's, not by dockerd's word: a moved dockerd's
+    `docker info` may stall (its store connections from the old address hang)."""
+    return port.owner == DOCKERD and bool(sockets(node, port)) and not held(node, port)
 
 
 def claimed(node: Node, port: Port) -> bool:
@@ -147,7 +143,8 @@ def send_command(source: Node, targets: list[tuple[str, str, Port]], ladder: str
         else:
             connect = shlex.quote(f"echo {source.name} > /dev/tcp/{ip}/{p.number}")
             parts.append(
-                f"( if err=$(timeout {SEND_TIMEOUT} bash -c {connect} 2>&1); then echo 'T {host} {p.number} ok'; "
+                f"( if err=$(LC_ALL=C timeout {SEND_TIMEOUT} bash -c {connect} 2>&1); "  # C: bash's words, read below
+                f"then echo 'T {host} {p.number} ok'; "
                 f"elif [[ $err == *'Connection refused'* ]]; then echo 'T {host} {p.number} refused'; "
                 f"else echo 'T {host} {p.number} fail'; fi ) &"
             )
@@ -275,7 +272,7 @@ class _Round:
         """Who listens on the port where the probe connected: ours, or the daemon holding it."""
         if port in self.listening.get(node.name, set()):
             return "the probe's listener"
-        found = next((s for s in node.facts.sockets if (s.proto, s.port) == (port.proto, port.number)), None)
+        found = next((s for s in sockets(node, port) if s.on(node.facts.advertise_ips)), None)
         return found.holder() if found else "its holder"
 
 

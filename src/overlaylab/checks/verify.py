@@ -347,8 +347,8 @@ def never_learned(holder: str, addr: str, owner: str) -> str:
     both ways, so both directions fail whichever end lacks it."""
     return (
         f"{holder} has no entry for {owner}'s probe ({addr}): its overlay never learned that "
-        f"container (its join's gossip event did not reach {holder}, and no lookup found it; a "
-        "sandbox made before gossip does not look up at all), so the pair has no way either direction"
+        f"container (the gossip of its join did not reach {holder}, and no lookup found it), "
+        "so the pair has no way either direction"
     )
 
 

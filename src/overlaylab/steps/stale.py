@@ -47,6 +47,7 @@ class MendPeers(Dockerd):
         moved = self.moved(ctx)
         if not moved:
             return None
+        leaving = self.leaving(ctx, node)
         return Action(
             node.name,
             False,
@@ -54,7 +55,25 @@ class MendPeers(Dockerd):
             "and restart dockerd if they send an address to a host where no container has it (a container "
             "started again takes the first free address), or to the old address of a host that moved",
             check=True,
+            refusal=restart_refusal(node, leaving, ctx.opts.allow_restart) if leaving else None,
         )
+
+    @staticmethod
+    def leaving(ctx: Context, node: Node) -> str | None:
+        """Known before the run: this host's overlay sends addresses to a host whose cluster
+        address moved and which the run restarts for it. After that restart these entries
+        point where no host is, so this host's restart is certain: without --allow-restart,
+        where users' containers run, the run is refused before it changes anything (else the
+        moved host would restart, this one be refused, and a re-run no longer know the old
+        address: it is the run's own record, ctx.ledger.gone)."""
+        hosts = [ctx.nodes[n] for n in ctx.live(ctx.topo.hosts) if n in ctx.nodes and n != node.name]
+        old = {
+            m.facts.cluster_advertise.rpartition(":")[0]: m.name
+            for m in hosts
+            if m.name in ctx.ledger.restarts and m.address_moved()
+        }
+        found = peers.toward_gone(node, old)
+        return peers.describe_gone(found, old) if found else None
 
     def may(self, ctx: Context, node: Node) -> Maybe | None:
         """Which addresses the run's restarts move is known only once they are done."""
@@ -72,10 +91,12 @@ class MendPeers(Dockerd):
     @staticmethod
     def moved(ctx: Context) -> list[str]:
         """The hosts whose containers on the network this run stops and starts again (a
-        restart with any there, an anchor made again, a container reconnected). None on a
-        fresh bootstrap, or where the restarts held no container: then every address on the
-        network was given once, after its host's last restart, and none can be stale; the
-        entries that were stale before the run are the facts' (repairs/stale_peers.py)."""
+        restart with any there, an anchor made again, a container reconnected), and a host
+        restarted under a moved address (the others' entries toward its old one). None on a
+        fresh bootstrap, or where the restarts held no container and moved no host: then
+        every address on the network was given once, after its host's last restart, and none
+        can be stale; the entries that were stale before the run are the facts'
+        (repairs/stale_peers.py)."""
         return sorted(ctx.ledger.moved)
 
     def apply_all(self, ctx: Context, actions: list[Action[DropIn]]) -> None:
@@ -108,10 +129,10 @@ class MendPeers(Dockerd):
     def stale(ctx: Context, node: Node, live: list[Node]) -> str | None:
         """Why this host's peers are stale, if they are: addresses sent to a live host where no
         container has them, or to the old address of a host this run restarted after it moved."""
-        found, gone = peers.stale(node, live), peers.toward_gone(node, ctx.ledger.gone)
-        said = ([peers.describe(found)] if found else []) + (
-            [peers.describe_gone(gone, ctx.ledger.gone)] if gone else []
-        )
+        now = {n.advertise_ip for n in live}  # an old address a live host has now is no longer gone
+        left = {old: host for old, host in ctx.ledger.gone.items() if old not in now}
+        found, gone = peers.stale(node, live), peers.toward_gone(node, left)
+        said = ([peers.describe(found)] if found else []) + ([peers.describe_gone(gone, left)] if gone else [])
         return "; ".join(said) or None
 
     def restart(self, ctx: Context, node: Node, reason: str) -> None:
