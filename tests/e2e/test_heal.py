@@ -284,14 +284,50 @@ def sent_to(lab: Lab, address: str) -> dict[str, int]:
     return {name(i): int(on(lab, i, read)) for i in HOSTS}
 
 
-def moved_and_healed(lab: Lab, i: int, new: str) -> str:
+def registered(lab: Lab) -> list[str]:
+    """The dockerd registrations in the store (docker/nodes), as the manager's Consul lists them."""
+    store = lab.spec.hosts[0].cluster_ip  # Consul listens on the manager's cluster address alone
+    keys = json.loads(on(lab, 1, f"curl -sf http://{store}:8500/v1/kv/docker/nodes/?keys"))
+    assert keys, "no registration read in the store"
+    return sorted(key.rsplit("/", 1)[-1] for key in keys)
+
+
+def reached(lab: Lab, ip: str, container: str, hosts: list[int]) -> list[str]:
+    """The users' container on each of ``hosts`` pings ``container`` by IP and by name; the misses."""
+    return [
+        line
+        for j in hosts
+        for line in on(
+            lab,
+            j,
+            healing.ping_command(f"{USER_APP}{j}", [(f"{USER_APP}{j} -> {container}", t) for t in (ip, container)], 20),
+        ).splitlines()
+        if line
+    ]
+
+
+def moved_and_healed(lab: Lab, i: int, new: str, taker: int | None = None) -> str:
     """Host i's address moves to ``new`` and one `bootstrap-cluster --allow-restart` heals:
-    host i restarts for its move, any other only for entries toward its old address (or
-    stale peers, as heal() allows); afterwards no host sends to the old address, and fresh
-    containers and the users' own ping every pair. Returns the old address."""
+    host i restarts for its move, and exactly the other hosts whose overlay sent to its old
+    address, each for those entries; it is registered under the new address alone; no host
+    sends to the old address any more, and fresh containers and the users' own ping every
+    pair. With ``taker``: a container of the test's own ran on host i at a fixed address
+    (no restart policy: the restart stops it, and its leave goes out from an address host i
+    no longer has); that address, free after the run, is given to a new container on host
+    ``taker``, which every other host must reach. Returns the old address."""
     now = on(lab, i, "ip -4 -o addr show dev eth1 | awk '{print $4}' | cut -d/ -f1")
+    fixed = ""
+    if taker is not None:  # high in the subnet: the run's restarts give the first free addresses
+        fixed = on(lab, i, f"docker inspect -f '{healing.IP_FORMAT}' {USER_APP}{i}").rpartition(".")[0] + ".201"
+        on(
+            lab,
+            i,
+            f'docker run -d --name moving{i} --ip {fixed} --network ov_net1 busybox sh -c "{healing.LOOP}" >/dev/null',
+        )
+        assert reached(lab, fixed, f"moving{i}", [j for j in HOSTS if j != i]) == []  # each other host learned it
     before = sent_to(lab, now)
-    assert all(n > 0 for h, n in before.items() if h != name(i)), before  # the others send its containers there
+    holders = {h for h, n in before.items() if n > 0 and h != name(i)}
+    assert holders == {name(j) for j in HOSTS if j != i}, before  # the others send its containers there
     old = move_address(lab, i, new)
     assert old == now
     listening = on(lab, i, "ss -Hltn 'sport = :7946' | awk '{print $4}'")
@@ -301,15 +337,30 @@ def moved_and_healed(lab: Lab, i: int, new: str) -> str:
     assert " blocked" not in err and " rejected" not in err, err  # the probe listened at the new address
     restarts: dict[str, str] = doc["restarts"]
     assert f"dockerd advertises {old}, but eth1 now has {new}" in restarts[name(i)], restarts
+    assert set(restarts) == holders | {name(i)}, restarts
     for host, why in restarts.items():
         if host != name(i):
             assert why.startswith(healing.PEERS_REASON) and f"{name(i)}'s old address {old}" in why, restarts
     assert sent_to(lab, old) == dict.fromkeys(map(name, HOSTS), 0)
+    nodes = registered(lab)
+    assert f"{new}:2376" in nodes and f"{old}:2376" not in nodes, nodes
     assert healing.users_running(lab, HOSTS) == dict.fromkeys(map(name, HOSTS), "true")
     failed = healing.pings(lab, HOSTS) + healing.users_pings(lab, HOSTS)
     assert not failed, f"after {name(i)} moved from {old} to {new} and a re-run restarted {restarts}:\n" + "\n".join(
         failed
     )
+    if taker is not None:
+        on(lab, i, f"docker rm -f moving{i} >/dev/null")
+        on(
+            lab,
+            taker,
+            f'docker run -d --name took{taker} --ip {fixed} --network ov_net1 busybox sh -c "{healing.LOOP}" >/dev/null',
+        )
+        try:
+            missed = reached(lab, fixed, f"took{taker}", [j for j in HOSTS if j != taker])
+        finally:
+            on(lab, taker, f"docker rm -f took{taker} >/dev/null 2>&1; true")
+        assert not missed, f"{fixed}, moving{i}'s address on {name(i)} before its move, now on {name(taker)}: {missed}"
     print(f"{name(i)} moved from {old} to {new}: the re-run restarted {sorted(restarts)}")
     return old
 
@@ -321,9 +372,10 @@ def test_a_moved_workers_address_is_healed_by_one_re_run_and_so_is_its_move_back
     addresses there. One re-run heals it: the port probe listens on the new address itself
     (a connection there was refused, by nobody, and the preflight said "tcp/7946 (gossip)
     blocked"), 02 restarts for its move, and each other host for its entries toward the old
-    address (moved_and_healed()). The address moves back, which is a move too: one re-run
-    heals that."""
-    moved_and_healed(lab, 2, "10.217.1.112")
+    address (moved_and_healed()), and an address a container of 02 had before the move,
+    given after the run to a new container on 03, is reached from every host. The address
+    moves back, which is a move too: one re-run heals that."""
+    moved_and_healed(lab, 2, "10.217.1.112", taker=3)
     moved_and_healed(lab, 2, lab.spec.hosts[1].cluster_ip)
 
 
