@@ -349,6 +349,10 @@ def moved_and_healed(lab: Lab, i: int, new: str, taker: int | None = None) -> st
     assert not failed, f"after {name(i)} moved from {old} to {new} and a re-run restarted {restarts}:\n" + "\n".join(
         failed
     )
+    # the "none to the old address" read above was not empty: after the pings, every other
+    # host's table sends host i's containers to its new address
+    toward_new = sent_to(lab, new)
+    assert all(n > 0 for h, n in toward_new.items() if h != name(i)), toward_new
     if taker is not None:
         on(lab, i, f"docker rm -f moving{i} >/dev/null")
         on(
